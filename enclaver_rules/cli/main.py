@@ -1,0 +1,74 @@
+"""`enclaver`: argument parsing, dispatch, and the one place errors become text and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from typing import Sequence, TextIO
+
+from enclaver_rules import __version__
+from enclaver_rules.cli import config as config_cmd
+from enclaver_rules.cli import egress as egress_cmd
+from enclaver_rules.cli import manifest as manifest_cmd
+from enclaver_rules.cli.exit_codes import ExitCode, code_for
+from enclaver_rules.cli.options import add_common
+from enclaver_rules.cli.output import Output, setup_logging
+from enclaver_rules.errors import EnclaverError
+
+COMMAND_GROUPS = (manifest_cmd, config_cmd, egress_cmd)
+log = logging.getLogger("enclaver")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    add_common(common)
+    parser = argparse.ArgumentParser(
+        prog="enclaver",
+        description="Build, run and prove AWS Nitro Enclave images from ordinary container images.",
+        epilog="exit codes:\n" + "\n".join(f"  {int(c):<3} {c.doc}" for c in ExitCode),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"enclaver {__version__}")
+    add_common(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for group in COMMAND_GROUPS:
+        group.add_parser(commands, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help/--version (0) or a usage error (2)
+        return int(e.code or 0)
+    out = Output(stdout, stderr, quiet=args.quiet)
+    setup_logging(args.verbose, args.quiet, out.err)
+    try:
+        return int(args.func(args, out))
+    except EnclaverError as e:
+        for d in e.diagnostics:
+            out.diagnostic(d)
+        if args.debug:
+            out.err.print(traceback.format_exc(), markup=False)
+        return code_for(e)
+    except KeyboardInterrupt:
+        out.note("interrupted")
+        return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # `enclaver … | head`: the reader left; not an error worth a traceback
+        return ExitCode.OK
+    except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback unless asked
+        out.err.print(f"internal error: {type(e).__name__}: {e}", style="red", markup=False)
+        if args.debug:
+            out.err.print(traceback.format_exc(), markup=False)
+        else:
+            out.err.print("this is a bug in enclaver: run again with --debug and report the traceback", markup=False)
+        return ExitCode.INTERNAL_ERROR
+
+
+def entrypoint() -> None:
+    sys.exit(main())

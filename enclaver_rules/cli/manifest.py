@@ -1,0 +1,103 @@
+"""`enclaver manifest check` and `enclaver manifest explain`."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.text import Text
+
+from enclaver_rules.cli.exit_codes import ExitCode
+from enclaver_rules.cli.options import add_json, epilog
+from enclaver_rules.cli.output import Output
+from enclaver_rules.errors import InvalidInput
+from enclaver_rules.manifest import DEFAULT_MANIFEST, check_file, load_manifest
+from enclaver_rules.manifest.explain import explain
+
+CHECK_CODES = {
+    ExitCode.OK: "every file is valid (warnings allowed, unless --strict)",
+    ExitCode.INVALID_INPUT: "at least one file is invalid or unreadable",
+}
+EXPLAIN_CODES = {
+    ExitCode.OK: "explained every file",
+    ExitCode.INVALID_INPUT: "a file is invalid (its errors are printed)",
+}
+
+
+def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    group = commands.add_parser("manifest", help="check and explain enclaver.yaml files", parents=[common])
+    sub = group.add_subparsers(dest="manifest_command", metavar="COMMAND", required=True)
+
+    check = sub.add_parser(
+        "check", parents=[common], help="validate manifests and report every problem",
+        description="Validate each manifest against the schema and enclaver's rules, reporting every problem "
+                    "as FILE:LINE:COL: field: problem — fix. Flags and ENC_* variables are not applied: this "
+                    "checks the files as written (see `enclaver config show` for effective values).",
+        epilog=epilog(CHECK_CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
+    check.add_argument("files", nargs="*", metavar="FILE", default=[DEFAULT_MANIFEST],
+                       help=f"manifests to check (default: ./{DEFAULT_MANIFEST}; '-' reads stdin)")
+    check.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    add_json(check)
+    check.set_defaults(func=run_check, exit_codes=CHECK_CODES)
+
+    exp = sub.add_parser(
+        "explain", parents=[common], help="say in plain words what a manifest allows",
+        description="Describe what each manifest runs, what can reach it, what it can reach, and its resources.",
+        epilog=epilog(EXPLAIN_CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("files", nargs="*", metavar="FILE", default=[DEFAULT_MANIFEST], help="manifests to explain")
+    add_json(exp)
+    exp.set_defaults(func=run_explain, exit_codes=EXPLAIN_CODES)
+
+
+def run_check(args: argparse.Namespace, out: Output) -> int:
+    results = [check_file(f) for f in args.files]
+
+    def failed(r: object) -> bool:
+        diags = r.diagnostics  # type: ignore[attr-defined]
+        return any(d.severity == "error" or (args.strict and d.severity == "warning") for d in diags)
+
+    if args.json:
+        out.json({"files": [{"file": r.file, "valid": not failed(r),
+                             "name": r.doc.data.get("name") if r.doc and isinstance(r.doc.data, dict) else None,
+                             "diagnostics": [d.to_json() for d in r.diagnostics]} for r in results]})
+    else:
+        for r in results:
+            for d in r.diagnostics:
+                out.diagnostic(d, to_stdout=True)
+            errors = sum(d.severity == "error" for d in r.diagnostics)
+            warnings = len(r.diagnostics) - errors
+            if failed(r):
+                counts = f"{errors} error{'s' * (errors != 1)}" + (f", {warnings} warning{'s' * (warnings != 1)}" if warnings else "")
+                out.line(Text(f"{r.file}: invalid ({counts})", style="bold red"))
+            elif not out.quiet:
+                name = r.doc.data.get("name") if r.doc else ""
+                extra = f" ({warnings} warning{'s' * (warnings != 1)})" if warnings else ""
+                out.line(Text(f"{r.file}: valid — {name}{extra}", style="green"))
+    return ExitCode.INVALID_INPUT if any(failed(r) for r in results) else ExitCode.OK
+
+
+def run_explain(args: argparse.Namespace, out: Output) -> int:
+    explained = []
+    problems = []
+    for f in args.files:
+        try:
+            manifest, warnings = load_manifest(f)
+        except InvalidInput as e:
+            problems.extend(e.diagnostics)
+            continue
+        for w in warnings:
+            out.diagnostic(w)
+        explained.append((f, manifest))
+    if args.json:
+        out.json({"manifests": [{"file": f, "name": m.name, "explanation": [
+            {"topic": r.topic, "text": r.text, "notes": list(r.notes)} for r in explain(m)]} for f, m in explained]})
+    else:
+        for f, m in explained:
+            out.line(Text(f"{m.name}  ({f})", style="bold"))
+            for row in explain(m):
+                out.line(Text(f"  {row.topic:<16} {row.text}"))
+                for note in row.notes:
+                    out.line(Text(f"  {'':<16} · {note}", style="dim"))
+            out.line("")
+    if problems:
+        raise InvalidInput(diagnostics=problems)
+    return ExitCode.OK
