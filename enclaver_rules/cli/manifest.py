@@ -11,7 +11,7 @@ from enclaver_rules.cli.options import add_json, epilog
 from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import InvalidInput
 from enclaver_rules.manifest import DEFAULT_MANIFEST, check_file, load_manifest
-from enclaver_rules.manifest.explain import explain
+from enclaver_rules.manifest.explain import explain, render_text
 
 CHECK_CODES = {
     ExitCode.OK: "every file is valid (warnings allowed, unless --strict)",
@@ -91,12 +91,11 @@ def run_explain(args: argparse.Namespace, out: Output) -> int:
         out.json({"manifests": [{"file": f, "name": m.name, "explanation": [
             {"topic": r.topic, "text": r.text, "notes": list(r.notes)} for r in explain(m)]} for f, m in explained]})
     else:
-        for f, m in explained:
-            out.line(Text(f"{m.name}  ({f})", style="bold"))
-            for row in explain(m):
-                out.line(Text(f"  {row.topic:<16} {row.text}"))
-                for note in row.notes:
-                    out.line(Text(f"  {'':<16} · {note}", style="dim"))
+        for _, m in explained:
+            title, *rest = render_text(m)
+            out.line(Text(title, style="bold"))
+            for line in rest:
+                out.line(Text(line, style="dim" if line.lstrip().startswith("·") else ""))
             out.line("")
     if problems:
         raise InvalidInput(diagnostics=problems)

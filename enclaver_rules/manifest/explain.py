@@ -78,3 +78,12 @@ def explain(m: Manifest) -> list[Row]:
     rows.append(Row("signature", f"signed with {m.signature.certificate} (PCR8 pins the certificate)"
                     if m.signature else "unsigned (no PCR8)"))
     return rows
+
+
+def render_text(m: Manifest) -> list[str]:
+    """The explanation as plain lines (the CLI adds colour; the doit task prints them as they are)."""
+    lines = [f"{m.name}  ({m.path})"]
+    for row in explain(m):
+        lines.append(f"  {row.topic:<16} {row.text}")
+        lines.extend(f"  {'':<16} · {note}" for note in row.notes)
+    return lines

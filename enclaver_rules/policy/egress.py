@@ -174,7 +174,8 @@ def _parse_ip_rule(text: str) -> IpRule | None:
             if bracketed:
                 raise PolicyError(f"{text!r} is not a valid IPv6 address", "write e.g. [2001:db8::1]") from None
             raise PolicyError(f"{text!r} is neither an IP address nor a host name", "check the entry") from None
-        if addr.ipv4_mapped is not None:
+        mapped_only = not slash or (prefix.isdigit() and int(prefix) >= 96)
+        if addr.ipv4_mapped is not None and mapped_only:
             raise PolicyError(
                 f"{text!r} is an IPv4-mapped IPv6 address",
                 f"write the IPv4 form ({addr.ipv4_mapped}); mapped destinations are checked as IPv4",

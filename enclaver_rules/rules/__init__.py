@@ -1,0 +1,38 @@
+"""doit task generators: the rule set. `dodo.py` imports `tasks()` and declares nothing else.
+
+Each step of the pipeline is a generator in its own module (`check` now; resolve, layer, eif,
+release, push and trust as they arrive), yielding tasks named `<step>:<enclave>`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from enclaver_rules.rules.check import check_tasks, explain_tasks
+from enclaver_rules.rules.discover import Enclave, discover
+
+DOIT_CONFIG: dict[str, Any] = {
+    # sqlite3, not dbm: dbm is single-writer and breaks `doit -n 2`
+    "backend": "sqlite3",
+    "dep_file": "cache/doit.sqlite3",
+    "default_tasks": ["check", "explain"],
+    "verbosity": 1,
+}
+
+
+def tasks(root: str) -> dict[str, Any]:
+    """The task creators for doit, keyed `task_<step>`, over every enclave found below `root`."""
+    enclaves = discover(root)
+
+    def task_check() -> Iterator[dict[str, Any]]:
+        """validate every enclaver.yaml"""
+        yield from check_tasks(enclaves)
+
+    def task_explain() -> Iterator[dict[str, Any]]:
+        """explain every enclaver.yaml"""
+        yield from explain_tasks(enclaves)
+
+    return {"task_check": task_check, "task_explain": task_explain}
+
+
+__all__ = ["DOIT_CONFIG", "Enclave", "discover", "tasks"]
