@@ -57,7 +57,7 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
     return run
 
 
-VALID = """\
+HEAD_VALID = """\
 version: v1
 name: app
 target: "registry.example.com/app:enclave"

@@ -120,10 +120,8 @@ def _explain(error: ValidationError, loc: Locator) -> Iterable[Diagnostic]:
             child = sch.resolve_ref(error.schema.get("properties", {}).get(missing, {}))
             yield diagnostic(loc, path, f"missing required key `{missing}`", _add_fix(path, missing, child), key=True)
         return
-    if kind == "propertyNames":
-        name = value
-        parent = tuple(error.absolute_path)
-        yield diagnostic(loc, parent + (name,), f"{name!r} is not a valid key here", _fix(error, "rename it"), key=True)
+    if "propertyNames" in error.relative_schema_path:  # reported on the map, about one of its keys
+        yield diagnostic(loc, path + (value,), f"{value!r} is not a valid key here", _fix(error, "rename it"), key=True)
         return
     shown = _shown(loc, path, value)
     if kind == "type":
