@@ -7,6 +7,7 @@ rich entirely so it is exactly one JSON document.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ JSON_FORMAT_VERSION = 1
 
 
 def _console(stream: TextIO) -> Console:
-    # soft_wrap: a diagnostic stays on one line, whatever the terminal width, so it stays greppable
-    return Console(file=stream, soft_wrap=True, highlight=False)
+    # soft_wrap: a diagnostic stays on one line, whatever the terminal width, so it stays greppable.
+    # NO_COLOR (no-color.org: set and not empty) turns off every escape code, bold included.
+    plain = bool(os.environ.get("NO_COLOR"))
+    return Console(file=stream, soft_wrap=True, highlight=False, color_system=None if plain else "auto")
 
 
 @dataclass

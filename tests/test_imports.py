@@ -1,0 +1,46 @@
+"""The import rule: pure packages (and odyn) import only the stdlib, allow-listed libraries and other
+pure modules — never adapters (docker, oras, boto3) or the CLI. Checked on the source's AST."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PURE = ["enclaver_rules/policy", "enclaver_rules/manifest", "enclaver_rules/errors.py", "enclaver_rules/ports.py", "odyn"]
+ALLOWED_THIRD_PARTY = {"yaml", "jsonschema"}
+PURE_PREFIXES = ("enclaver_rules.policy", "enclaver_rules.manifest", "enclaver_rules.errors", "enclaver_rules.ports")
+
+
+def _modules(entry: str) -> list[Path]:
+    path = REPO / entry
+    return sorted(path.rglob("*.py")) if path.is_dir() else [path]
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("path", [p for e in PURE for p in _modules(e)], ids=lambda p: str(p.relative_to(REPO)))
+def test_pure_modules_import_only_pure_things(path: Path) -> None:
+    for name in _imports(path):
+        top = name.split(".")[0]
+        if top in sys.stdlib_module_names or top == "__future__" or top in ALLOWED_THIRD_PARTY:
+            continue
+        assert name.startswith(PURE_PREFIXES) or name == "enclaver_rules", f"{path.name} imports {name}"
+
+
+def test_the_rule_can_fail(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("import docker\nfrom enclaver_rules.cli import main\n")
+    assert _imports(bad) == {"docker", "enclaver_rules.cli"}
