@@ -127,3 +127,23 @@ def start_registry(base: Path) -> Iterator[Registry]:
         yield Registry(f"127.0.0.1:{port}", base)
     finally:
         _stop(proc)
+
+
+def preflight() -> int:
+    """Start and stop each service once; used by .ci/run to fail loudly before the suite runs."""
+    import sys
+    import tempfile
+
+    for name, start in (("dockerd", start_dockerd), ("docker-registry", start_registry)):
+        with tempfile.TemporaryDirectory(prefix=f"enclaver-{name}-") as base:
+            try:
+                for service in start(Path(base)):
+                    print(f"preflight: {name} is up ({service})")
+            except ServiceError as e:
+                print(f"preflight: {name} cannot start: {e}", file=sys.stderr)
+                return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(preflight())
