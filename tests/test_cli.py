@@ -110,7 +110,7 @@ def test_internal_error_is_exit_3_with_a_hint(cli, monkeypatch: pytest.MonkeyPat
 
 def test_common_flags_work_after_the_command(tmp_path: Path) -> None:
     path = tmp_path / "enclaver.yaml"
-    path.write_text(open(HELLO).read().replace("cpu_count: 2", "cpu_count: 3"))
+    path.write_text(Path(HELLO).read_text().replace("cpu_count: 2", "cpu_count: 3"))
     loud = run("manifest", "check", str(path))
     quiet = run("manifest", "check", "-q", str(path))
     assert "warning" in loud.stdout and loud.returncode == 0
@@ -119,7 +119,7 @@ def test_common_flags_work_after_the_command(tmp_path: Path) -> None:
 
 
 def test_manifest_from_stdin() -> None:
-    result = run("manifest", "check", "-", stdin=open(HELLO).read())
+    result = run("manifest", "check", "-", stdin=Path(HELLO).read_text())
     assert result.returncode == 0 and result.stdout.strip() == "-: valid — hello"
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from conftest import EXAMPLES, HEAD_VALID as HEAD
+from conftest import EXAMPLES
+from conftest import HEAD_VALID as HEAD
 from enclaver_rules.manifest import Manifest, check_file, load_manifest
 from enclaver_rules.manifest.model import DEFAULT_CPU_COUNT, DEFAULT_MEMORY_MB
 from enclaver_rules.manifest.schema import fields, schema

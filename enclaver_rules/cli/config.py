@@ -9,7 +9,14 @@ import os
 from rich.text import Text
 
 from enclaver_rules.cli.exit_codes import ExitCode
-from enclaver_rules.cli.options import add_json, add_manifest_file, add_overrides, epilog, overrides_from
+from enclaver_rules.cli.options import (
+    add_json,
+    add_manifest_file,
+    add_overrides,
+    command,
+    command_group,
+    overrides_from,
+)
 from enclaver_rules.cli.output import Output
 from enclaver_rules.manifest import resolve
 from enclaver_rules.manifest.config import report_conflicts
@@ -22,19 +29,16 @@ HEADER = ("setting", "value", "origin", "source")
 _ORIGIN_STYLE = {"flag": "bold magenta", "env": "bold cyan", "file": "", "default": "dim"}
 
 
-def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    group = commands.add_parser("config", help="show effective configuration", parents=[common])
-    sub = group.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
-    show = sub.add_parser(
-        "show", parents=[common], help="print every effective value with its origin",
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    group = command_group(commands, common, "config", "show effective configuration")
+    show = command(
+        group, common, "show", help="print every effective value with its origin", codes=SHOW_CODES, run=run_show,
         description="Print every manifest value as enclaver will use it, with its origin: flag, env (ENC_*), "
                     "file (with line and column) or default. Precedence: flag > env > file > default. A value "
-                    "set by more than one source is logged once as a conflict.",
-        epilog=epilog(SHOW_CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "set by more than one source is logged once as a conflict.")
     add_manifest_file(show)
     add_json(show)
     add_overrides(show)
-    show.set_defaults(func=run_show, exit_codes=SHOW_CODES)
 
 
 def run_show(args: argparse.Namespace, out: Output) -> int:
@@ -48,7 +52,7 @@ def run_show(args: argparse.Namespace, out: Output) -> int:
         rows = [(v.setting.key, "—" if v.value is None else v.value if isinstance(v.value, str) else json.dumps(v.value),
                  v.origin + ("" if v.setting.overridable else "*"), v.source, v.origin) for v in config.values]
         widths = [max(len(r[i]) for r in rows + [HEADER]) for i in range(3)]
-        out.line(Text("  ".join(h.ljust(w) for h, w in zip(HEADER, widths)) + "  " + HEADER[3], style="bold"))
+        out.line(Text("  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=False)) + "  " + HEADER[3], style="bold"))
         for key, value, origin, source, kind in rows:
             out.line(Text.assemble(key.ljust(widths[0]), "  ", value.ljust(widths[1]), "  ",
                                    (origin.ljust(widths[2]), _ORIGIN_STYLE[kind]), "  ", (source, "dim")))

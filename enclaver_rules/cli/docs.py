@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.manifest import schema as sch
@@ -33,7 +34,7 @@ def exit_codes() -> str:
 def _commands(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
+            for sub in action.choices.values():
                 has_sub = any(isinstance(a, argparse._SubParsersAction) for a in sub._actions)
                 if has_sub:
                     yield from _commands(sub)

@@ -8,7 +8,7 @@ import os
 from rich.text import Text
 
 from enclaver_rules.cli.exit_codes import ExitCode
-from enclaver_rules.cli.options import add_json, add_manifest_file, epilog
+from enclaver_rules.cli.options import add_json, add_manifest_file, command, command_group
 from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import Diagnostic, InvalidInput
 from enclaver_rules.manifest import resolve
@@ -21,22 +21,19 @@ TEST_CODES = {
 }
 
 
-def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    group = commands.add_parser("egress", help="test the egress policy", parents=[common])
-    sub = group.add_subparsers(dest="egress_command", metavar="COMMAND", required=True)
-    test = sub.add_parser(
-        "test", parents=[common], help="check destinations against the egress policy",
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    group = command_group(commands, common, "egress", "test the egress policy")
+    test = command(
+        group, common, "test", help="check destinations against the egress policy", codes=TEST_CODES, run=run_test,
         description="For each destination say whether the enclave may reach it and which rule decided. "
                     "DEST is host, host:port, ip, ip:port, an IPv6 address, or [v6]:port. The policy has no "
                     "port component: a port is accepted and shown, never checked. With --allow/--deny the "
-                    "policy is exactly those rules and no manifest is read.",
-        epilog=epilog(TEST_CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "policy is exactly those rules and no manifest is read.")
     add_manifest_file(test)
     test.add_argument("destinations", nargs="+", metavar="DEST", help="destinations to test")
     test.add_argument("--allow", action="append", metavar="RULE", help="an allow rule (repeatable); skips the manifest")
     test.add_argument("--deny", action="append", metavar="RULE", help="a deny rule (repeatable); skips the manifest")
     add_json(test)
-    test.set_defaults(func=run_test, exit_codes=TEST_CODES)
 
 
 def _policy(args: argparse.Namespace) -> tuple[EgressPolicy, str]:

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 import traceback
-from typing import Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
 from enclaver_rules import __version__
 from enclaver_rules.cli import config as config_cmd

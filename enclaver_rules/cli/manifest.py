@@ -7,9 +7,9 @@ import argparse
 from rich.text import Text
 
 from enclaver_rules.cli.exit_codes import ExitCode
-from enclaver_rules.cli.options import add_json, epilog
+from enclaver_rules.cli.options import add_json, command, command_group
 from enclaver_rules.cli.output import Output
-from enclaver_rules.errors import InvalidInput
+from enclaver_rules.errors import Diagnostic, InvalidInput
 from enclaver_rules.manifest import DEFAULT_MANIFEST, check_file, load_manifest
 from enclaver_rules.manifest.explain import explain, render_text
 
@@ -23,29 +23,23 @@ EXPLAIN_CODES = {
 }
 
 
-def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    group = commands.add_parser("manifest", help="check and explain enclaver.yaml files", parents=[common])
-    sub = group.add_subparsers(dest="manifest_command", metavar="COMMAND", required=True)
-
-    check = sub.add_parser(
-        "check", parents=[common], help="validate manifests and report every problem",
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    group = command_group(commands, common, "manifest", "check and explain enclaver.yaml files")
+    check = command(
+        group, common, "check", help="validate manifests and report every problem", codes=CHECK_CODES, run=run_check,
         description="Validate each manifest against the schema and enclaver's rules, reporting every problem "
                     "as FILE:LINE:COL: field: problem — fix. Flags and ENC_* variables are not applied: this "
-                    "checks the files as written (see `enclaver config show` for effective values).",
-        epilog=epilog(CHECK_CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "checks the files as written (see `enclaver config show` for effective values).")
     check.add_argument("files", nargs="*", metavar="FILE", default=[DEFAULT_MANIFEST],
                        help=f"manifests to check (default: ./{DEFAULT_MANIFEST}; '-' reads stdin)")
     check.add_argument("--strict", action="store_true", help="treat warnings as errors")
     add_json(check)
-    check.set_defaults(func=run_check, exit_codes=CHECK_CODES)
-
-    exp = sub.add_parser(
-        "explain", parents=[common], help="say in plain words what a manifest allows",
-        description="Describe what each manifest runs, what can reach it, what it can reach, and its resources.",
-        epilog=epilog(EXPLAIN_CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
-    exp.add_argument("files", nargs="*", metavar="FILE", default=[DEFAULT_MANIFEST], help="manifests to explain")
-    add_json(exp)
-    exp.set_defaults(func=run_explain, exit_codes=EXPLAIN_CODES)
+    explain_cmd = command(
+        group, common, "explain", help="say in plain words what a manifest allows", codes=EXPLAIN_CODES,
+        run=run_explain,
+        description="Describe what each manifest runs, what can reach it, what it can reach, and its resources.")
+    explain_cmd.add_argument("files", nargs="*", metavar="FILE", default=[DEFAULT_MANIFEST], help="manifests to explain")
+    add_json(explain_cmd)
 
 
 def run_check(args: argparse.Namespace, out: Output) -> int:
@@ -77,7 +71,7 @@ def run_check(args: argparse.Namespace, out: Output) -> int:
 
 def run_explain(args: argparse.Namespace, out: Output) -> int:
     explained = []
-    problems = []
+    problems: list[Diagnostic] = []
     for f in args.files:
         try:
             manifest, warnings = load_manifest(f)

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.manifest import DEFAULT_MANIFEST, overridable_settings
+
+if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
 
 
 def add_common(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
@@ -44,3 +50,25 @@ def overrides_from(args: argparse.Namespace) -> dict[str, str | None]:
 def epilog(codes: dict[ExitCode, str]) -> str:
     lines = ["exit codes:"] + [f"  {int(c):<3} {text}" for c, text in codes.items()]
     return "\n".join(lines)
+
+
+Subparsers = argparse._SubParsersAction  # the type argparse returns from add_subparsers()
+
+
+def command_group(commands: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser, name: str,
+                  help: str) -> Subparsers[argparse.ArgumentParser]:
+    """`enclaver <name> COMMAND`: a group whose sub-commands do the work."""
+    group = commands.add_parser(name, help=help, parents=[common])
+    return group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+
+
+def command(group: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser, name: str, *, help: str,
+            description: str, codes: dict[ExitCode, str], run: Callable[[argparse.Namespace, Output], int],
+            ) -> argparse.ArgumentParser:
+    """One command: help, description, its exit codes (shown in --help and the README), its handler.
+
+    Callers add their own arguments, then `add_json` last, so `--json` sits at the end of every usage line."""
+    parser = group.add_parser(name, parents=[common], help=help, description=description, epilog=epilog(codes),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=run, exit_codes=codes)
+    return parser

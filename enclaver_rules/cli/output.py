@@ -7,11 +7,11 @@ rich entirely so it is exactly one JSON document.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, ClassVar, TextIO
 
 from rich.console import Console
 from rich.text import Text
@@ -61,7 +61,7 @@ class Output:
 class _LineHandler(logging.Handler):
     """One line per record, `warning: …` style, like compilers print; colour only on a terminal."""
 
-    STYLES = {logging.DEBUG: ("debug: ", "dim"), logging.INFO: ("", ""), logging.WARNING: ("warning: ", "yellow"),
+    STYLES: ClassVar[dict[int, tuple[str, str]]] = {logging.DEBUG: ("debug: ", "dim"), logging.INFO: ("", ""), logging.WARNING: ("warning: ", "yellow"),
               logging.ERROR: ("error: ", "red"), logging.CRITICAL: ("error: ", "bold red")}
 
     def __init__(self, console: Console) -> None:

@@ -16,9 +16,10 @@ import difflib
 import json
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from enclaver_rules.errors import Diagnostic, InvalidInput
 from enclaver_rules.manifest import schema as sch
@@ -52,7 +53,7 @@ class Setting:
         return self.spec.key
 
     @property
-    def path(self) -> Path:
+    def path(self) -> tuple[str, ...]:
         return self.spec.path
 
     @property
@@ -186,7 +187,7 @@ def _from_environment(environ: Mapping[str, str]) -> tuple[dict[str, tuple[str, 
 def resolve(path: str, flags: Mapping[str, str | None] | None = None,
             environ: Mapping[str, str] | None = None) -> Config:
     """Apply the precedence rules to one manifest; report every problem, of every source."""
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    given_flags = {k: v for k, v in (flags or {}).items() if v is not None}
     raw = read_manifest(path)
     doc = normalise(parse_manifest(raw, path))
     file_loc = FileLocator(doc, path)
@@ -198,14 +199,16 @@ def resolve(path: str, flags: Mapping[str, str | None] | None = None,
     values = []
     for setting in settings():
         candidates: list[Candidate] = []
-        for origin, given in (("flag", flags.get(setting.key)), ("env", env_values.get(setting.key))):
-            if given is None:
-                continue
-            source, text = (setting.flag, given) if origin == "flag" else given  # type: ignore[misc]
+        given: list[tuple[Origin, str, str]] = []
+        if setting.key in given_flags:
+            given.append(("flag", setting.flag, given_flags[setting.key]))
+        if setting.key in env_values:
+            given.append(("env", *env_values[setting.key]))
+        for origin, source, text in given:
             if not setting.overridable:  # callers only offer flags for overridable settings
                 raise ValueError(f"{setting.key} cannot be overridden")
             try:
-                candidates.append(Candidate(origin, source, setting.parse(text)))  # type: ignore[arg-type]
+                candidates.append(Candidate(origin, source, setting.parse(text)))
             except ValueError as e:
                 problems.append(Diagnostic(f"{text!r} {e}", file=source, field=setting.key,
                                            fix=str(setting.spec.node.get("x-enclaver-fix") or "give a whole number")))
@@ -222,7 +225,7 @@ def resolve(path: str, flags: Mapping[str, str | None] | None = None,
         values.append(Effective(by_key[setting.key], winner.value, winner.origin, winner.source, rest))
 
     base = manifest_dir(path)
-    origins = {v.setting.path: v.origin for v in values}
+    origins: dict[Path, Origin] = {v.setting.path: v.origin for v in values}
     found = validate(data, overlay) + check_referenced_files(
         data, overlay, lambda p: base if origins.get(p) == "file" else ".")
     diagnostics = tuple(problems) + tuple(sorted(doc.problems + found, key=lambda d: (d.file, d.line, d.col)))
@@ -232,7 +235,7 @@ def resolve(path: str, flags: Mapping[str, str | None] | None = None,
     return Config(path, tuple(values), diagnostics, manifest)
 
 
-def _set_path(data: dict[str, Any], path: Path, value: Any, overlay: OverlayLocator, source: str) -> None:
+def _set_path(data: dict[str, Any], path: tuple[str, ...], value: Any, overlay: OverlayLocator, source: str) -> None:
     node = data
     for depth, part in enumerate(path[:-1], start=1):
         if not isinstance(node.get(part), dict):

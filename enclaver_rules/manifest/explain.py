@@ -39,11 +39,8 @@ def describe_rule(text: str) -> str:
     assert isinstance(rule, NameRule)
     if rule.labels == ("host",):
         return "host (the parent instance)"
-    if "**" in rule.labels or "*" in rule.labels:
-        parts = ["any one label" if lab == "*" else "one or more labels" if lab == "**" else None for lab in rule.labels]
-        kinds = sorted({p for p in parts if p})
-        return f"{text} ({' / '.join(kinds)} where the wildcard stands)"
-    return text
+    meanings = [m for w, m in (("*", "* = exactly one label"), ("**", "** = one or more labels")) if w in rule.labels]
+    return f"{text} ({', '.join(meanings)})" if meanings else text
 
 
 def explain(m: Manifest) -> list[Row]:

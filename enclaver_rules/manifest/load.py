@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import os
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, TypeVar
 
 from enclaver_rules.errors import Diagnostic, InvalidInput
 from enclaver_rules.manifest._yaml import Path, YamlDocument, load_yaml
@@ -19,6 +20,7 @@ from enclaver_rules.manifest.model import Manifest
 from enclaver_rules.manifest.semantic import RENAMED_SOURCES, semantic_diagnostics
 from enclaver_rules.manifest.validate import FileLocator, Locator, diagnostic, schema_diagnostics
 
+T = TypeVar("T")
 DEFAULT_MANIFEST = "enclaver.yaml"
 #: No real manifest is anywhere near this; a larger file is a mistake (or an attack on the parser).
 MAX_MANIFEST_BYTES = 1 << 20
@@ -125,10 +127,15 @@ def normalise(doc: YamlDocument) -> YamlDocument:
         for old, new in RENAMED_SOURCES.items():
             if old in sources and new not in sources:
                 sources[new] = sources.pop(old)
-                for table in (out.keys, out.values, out.sources):
-                    if ("sources", old) in table:
-                        table[("sources", new)] = table.pop(("sources", old))  # type: ignore[index]
+                _move(out.keys, ("sources", old), ("sources", new))
+                _move(out.values, ("sources", old), ("sources", new))
+                _move(out.sources, ("sources", old), ("sources", new))
     return out
+
+
+def _move(table: dict[Path, T], old: Path, new: Path) -> None:
+    if old in table:
+        table[new] = table.pop(old)
 
 
 def load_manifest(path: str = DEFAULT_MANIFEST) -> tuple[Manifest, tuple[Diagnostic, ...]]:

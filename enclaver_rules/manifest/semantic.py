@@ -118,8 +118,8 @@ def _resources(data: dict[str, Any], loc: Locator) -> list[Diagnostic]:
 
 def _egress(data: dict[str, Any], loc: Locator) -> list[Diagnostic]:
     egress = _map(data, "egress")
-    allow = egress.get("allow") if isinstance(egress.get("allow"), list) else []
-    deny = egress.get("deny") if isinstance(egress.get("deny"), list) else []
+    allow: list[Any] = egress["allow"] if isinstance(egress.get("allow"), list) else []
+    deny: list[Any] = egress["deny"] if isinstance(egress.get("deny"), list) else []
     out = []
     for f in review(allow, deny):
         if isinstance((allow if f.list_name == "allow" else deny)[f.index], str):
@@ -162,7 +162,7 @@ def _kms(data: dict[str, Any], loc: Locator) -> list[Diagnostic]:
             loc, ("kms_proxy",),
             f"the KMS proxy gets its region and credentials from {IMDS_ADDRESS}, which egress does not allow",
             f"add {IMDS_ADDRESS!r} to `egress.allow`", key=True))
-    endpoints = kms.get("endpoints") if isinstance(kms.get("endpoints"), dict) else {}
+    endpoints: dict[str, Any] = kms["endpoints"] if isinstance(kms.get("endpoints"), dict) else {}
     for region, endpoint in endpoints.items():
         if not isinstance(endpoint, str):
             continue

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 from jsonschema import ValidationError
 
@@ -68,7 +69,7 @@ def diagnostic(loc: Locator, path: Path, message: str, fix: str, *, key: bool = 
 
 
 # Keys people reach for that v1 spells differently.
-_KNOWN_MISTAKES = {
+_KNOWN_MISTAKES: dict[Path, str] = {
     ("image",): "the app image is `sources.app` (and the output tag `target`); upstream's early `image:` key is not part of v1",
     ("policy",): "egress rules go under `egress.allow` / `egress.deny`",
     ("resources",): "resources are `defaults.cpu_count` and `defaults.memory_mb`",
@@ -108,16 +109,18 @@ def _fix(error: ValidationError, default: str) -> str:
 def _explain(error: ValidationError, loc: Locator) -> Iterable[Diagnostic]:
     path: Path = tuple(error.absolute_path)
     kind = error.validator
-    value = error.instance
+    value: Any = error.instance
+    node: dict[str, Any] = dict(error.schema) if isinstance(error.schema, dict) else {}
+    expected: Any = error.validator_value
     if kind == "additionalProperties":
-        allowed = set(error.schema.get("properties", {}))
+        allowed = set(node.get("properties", {}))
         for extra in sorted(k for k in value if k not in allowed):
             message, fix = _unknown_key(path, extra, sorted(allowed))
             yield diagnostic(loc, path + (extra,), message, fix, key=True)
         return
     if kind == "required":
-        for missing in [k for k in error.validator_value if k not in value and repr(k) in error.message]:
-            child = sch.resolve_ref(error.schema.get("properties", {}).get(missing, {}))
+        for missing in [k for k in expected if k not in value and repr(k) in error.message]:
+            child = sch.resolve_ref(node.get("properties", {}).get(missing, {}))
             yield diagnostic(loc, path, f"missing required key `{missing}`", _add_fix(path, missing, child), key=True)
         return
     if "propertyNames" in error.relative_schema_path:  # reported on the map, about one of its keys
@@ -125,23 +128,23 @@ def _explain(error: ValidationError, loc: Locator) -> Iterable[Diagnostic]:
         return
     shown = _shown(loc, path, value)
     if kind == "type":
-        expected = _EXPECTED.get(str(error.validator_value), str(error.validator_value))
+        wanted = _EXPECTED.get(str(expected), str(expected))
         if value is None:
-            yield diagnostic(loc, path, "has no value", f"give {expected}, or remove the key", key=True)
+            yield diagnostic(loc, path, "has no value", f"give {wanted}, or remove the key", key=True)
             return
-        fix = _fix(error, f"write {expected}")
-        if error.validator_value == "integer" and isinstance(value, str) and value.strip().isdigit():
+        fix = _fix(error, f"write {wanted}")
+        if expected == "integer" and isinstance(value, str) and value.strip().isdigit():
             fix = f"remove the quotes: {value.strip()}"
-        elif error.validator_value == "array" and not isinstance(value, (dict, list)):
+        elif expected == "array" and not isinstance(value, (dict, list)):
             fix = f"make it a list, e.g. `[{shown}]` or one `- item` per line"
-        yield diagnostic(loc, path, f"expected {expected}, got {_yaml_type(value)} {shown}", fix)
+        yield diagnostic(loc, path, f"expected {wanted}, got {_yaml_type(value)} {shown}", fix)
         return
     if kind == "const":
-        yield diagnostic(loc, path, f"{shown} is not supported", _fix(error, f"write {error.validator_value!r}"))
+        yield diagnostic(loc, path, f"{shown} is not supported", _fix(error, f"write {expected!r}"))
         return
     if kind in ("minimum", "maximum"):
         word = "less than the minimum" if kind == "minimum" else "more than the maximum"
-        yield diagnostic(loc, path, f"{shown} is {word} {error.validator_value}", _fix(error, "change the value"))
+        yield diagnostic(loc, path, f"{shown} is {word} {expected}", _fix(error, "change the value"))
         return
     if kind == "minLength":
         yield diagnostic(loc, path, "must not be empty", _fix(error, "give a value or remove the key"))

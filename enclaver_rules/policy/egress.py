@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -161,9 +162,10 @@ def _parse_ip_rule(text: str) -> IpRule | None:
         body = body[1:-1]
     if "%" in body:
         raise PolicyError(f"{text!r} has a zone identifier", "write the address without '%zone'")
+    addr: IPAddress
     if ":" in body or bracketed:
         if body.count(":") == 1 and not bracketed:
-            host, _, port = body.partition(":")
+            host = body.partition(":")[0]
             raise PolicyError(
                 f"{text!r} names a port, but egress rules have no port component",
                 f"write {host!r}: every port of an allowed host is allowed",
@@ -431,37 +433,39 @@ def review(allow: Sequence[object], deny: Sequence[object]) -> list[Finding]:
     (a wildcard top-level label) or flagged (``**``, ``0.0.0.0/0``, host bits in a CIDR).
     """
     findings: list[Finding] = []
-    for list_name, entries in (("allow", allow), ("deny", deny)):
+    lists: tuple[tuple[ListName, Sequence[object]], ...] = (("allow", allow), ("deny", deny))
+    for list_name, entries in lists:
         seen: dict[str, int] = {}
         for index, text in enumerate(entries):
-            def add(severity: Literal["error", "warning"], message: str, fix: str) -> None:
-                findings.append(Finding(list_name, index, severity, message, fix))  # type: ignore[arg-type]
-
-            try:
-                rule = parse_rule(text)  # type: ignore[arg-type]
-            except PolicyError as e:
-                add("error", e.message, e.fix)
-                continue
-            key = rule.text.lower().rstrip(".")
-            if key in seen:
-                add("warning", f"{rule.text!r} repeats entry [{seen[key]}]", "remove the duplicate")
-            seen.setdefault(key, index)
-            if isinstance(rule, IpRule):
-                if rule.host_bits_set:
-                    add(
-                        "warning",
-                        f"{rule.text!r} has host bits set; it means {rule.network}",
-                        f"write {str(rule.network)!r}",
-                    )
-                if list_name == "allow" and rule.network.prefixlen == 0:
-                    add("warning", f"{rule.text!r} allows every IPv{rule.network.version} address", "name the networks the app needs")
-            elif list_name == "allow":
-                if rule.labels == ("**",):
-                    add("warning", "'**' allows every host name", "name the domains the app needs, e.g. '**.example.com'")
-                elif rule.wildcard_tld and rule.labels != ("*",):
-                    add(
-                        "error",
-                        f"{rule.text!r} is not a valid allow pattern: a wildcard top-level label matches every domain",
-                        "name the domain, e.g. '**.example.com'",
-                    )
+            for severity, message, fix in _review_entry(list_name, text, seen, index):
+                findings.append(Finding(list_name, index, severity, message, fix))
     return findings
+
+
+def _review_entry(
+    list_name: ListName, text: object, seen: dict[str, int], index: int
+) -> list[tuple[Literal["error", "warning"], str, str]]:
+    try:
+        rule = parse_rule(text)  # type: ignore[arg-type]
+    except PolicyError as e:
+        return [("error", e.message, e.fix)]
+    out: list[tuple[Literal["error", "warning"], str, str]] = []
+    key = rule.text.lower().rstrip(".")
+    if key in seen:
+        out.append(("warning", f"{rule.text!r} repeats entry [{seen[key]}]", "remove the duplicate"))
+    seen.setdefault(key, index)
+    if isinstance(rule, IpRule):
+        if rule.host_bits_set:
+            out.append(("warning", f"{rule.text!r} has host bits set; it means {rule.network}",
+                        f"write {str(rule.network)!r}"))
+        if list_name == "allow" and rule.network.prefixlen == 0:
+            out.append(("warning", f"{rule.text!r} allows every IPv{rule.network.version} address",
+                        "name the networks the app needs"))
+    elif list_name == "allow":
+        if rule.labels == ("**",):
+            out.append(("warning", "'**' allows every host name", "name the domains the app needs, e.g. '**.example.com'"))
+        elif rule.wildcard_tld and rule.labels != ("*",):
+            out.append(("error",
+                        f"{rule.text!r} is not a valid allow pattern: a wildcard top-level label matches every domain",
+                        "name the domain, e.g. '**.example.com'"))
+    return out

@@ -6,7 +6,8 @@ release, push and trust as they arrive), yielding tasks named `<step>:<enclave>`
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from enclaver_rules.rules.check import check_tasks, explain_tasks
 from enclaver_rules.rules.discover import Enclave, discover

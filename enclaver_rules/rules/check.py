@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
