@@ -7,7 +7,7 @@ codes; library code raises and never prints. Subclasses exist only to select an 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Severity = Literal["error", "warning"]
@@ -91,22 +91,3 @@ class InvalidInput(EnclaverError):
 
 class OperationFailed(EnclaverError):
     """The input was fine but the operation could not be carried out (a service, the disk)."""
-
-
-@dataclass(slots=True)
-class DiagnosticSink:
-    """Collects diagnostics so that a validation pass can report *every* problem at once."""
-
-    items: list[Diagnostic] = field(default_factory=list)
-
-    def add(self, diagnostic: Diagnostic) -> None:
-        if diagnostic not in self.items:
-            self.items.append(diagnostic)
-
-    @property
-    def errors(self) -> list[Diagnostic]:
-        return [d for d in self.items if d.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Diagnostic]:
-        return [d for d in self.items if d.severity == "warning"]

@@ -49,7 +49,7 @@ def explain(m: Manifest) -> list[Row]:
         Row("release image", m.target),
         Row("odyn", _image(m.sources.odyn, "odyn")),
         Row("release base", _image(m.sources.sleeve, "runtime")),
-        Row("resources", f"{m.defaults.cpu_count} vCPUs, {m.defaults.memory_mb} MiB (defaults; `enclaver run` can change them)"),
+        Row("resources", f"{m.defaults.cpu_count} vCPUs, {m.defaults.memory_mb} MiB (the manifest's defaults; a run may ask for others)"),
     ]
     if m.ingress:
         for ing in m.ingress:
