@@ -6,7 +6,14 @@ key for unknown/missing keys). Every line names the file, the position, the fiel
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from enclaver_rules.manifest import check_file
 
 HEAD = 'version: v1\nname: app\ntarget: "registry.example.com/app:enclave"\nsources:\n  app: "registry.example.com/app:1.0"\n'
 # lines 1-5 above; each case's extra text starts at line 6
@@ -128,6 +135,15 @@ CASES: dict[str, tuple[str, list[str]]] = {
         f"{F}:6:1: key 'yes' is read as bool, not text — quote it: \"yes\"",
         f"{F}:6:1: yes: unknown key 'yes' — remove it; allowed at the top level: api, defaults, egress, ingress, "
         "kms_proxy, name, signature, sources, spire, target, version"]),
+    "python tag": (HEAD + 'api: !!python/object/apply:os.system ["true"]\n', [
+        f"{F}:6:1: api: has no value — give a map, or remove the key",
+        f"{F}:6:6: api: YAML tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed in a manifest — "
+        "remove the tag; write plain text, numbers, lists and maps"]),
+    "explicit tag that does not fit": (HEAD + 'defaults:\n  memory_mb: !!int "12x"\n', [
+        f"{F}:7:14: defaults.memory_mb: cannot read '12x' as int: invalid literal for int() with base 10: '12x' — "
+        "remove the explicit tag, or fix the value",
+        f"{F}:7:14: defaults.memory_mb: expected a whole number, got text '12x' — give a whole number of MiB, at least "
+        "64 (the Nitro driver's minimum), e.g. `memory_mb: 4096`"]),
     "tab indentation": (HEAD + "defaults:\n\tmemory_mb: 512\n", [
         f"{F}:7:1: invalid YAML: found character '\\t' that cannot start any token — indent with spaces, not tabs"]),
     "two documents": (HEAD + "---\nversion: v1\n", [
@@ -190,3 +206,30 @@ def test_alias_bomb_is_refused(cli, in_tmp) -> None:
     result = cli("manifest", "check", F)
     assert result.code == 2
     assert "the document expands to more than 20000 nodes" in result.stdout
+
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.text(max_size=20),
+                    st.floats(allow_nan=False))
+keys = st.one_of(st.sampled_from(["version", "name", "target", "sources", "app", "ingress", "listen_port", "egress",
+                                  "allow", "deny", "defaults", "memory_mb", "kms_proxy", "endpoints", "api", "spire",
+                                  "signature", "tls", "supervisor"]), st.text(max_size=8))
+documents = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=6),
+                         max_leaves=30)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=300))
+def test_any_text_gives_diagnostics_never_an_exception(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "enclaver.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    result = check_file(str(path))
+    assert all(d.file == str(path) and d.message for d in result.diagnostics)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(keys, documents, max_size=8))
+def test_any_yaml_data_gives_diagnostics_never_an_exception(tmp_path: Path, data: dict[str, object]) -> None:
+    path = tmp_path / "enclaver.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = check_file(str(path))
+    assert all(d.line >= 1 and d.fix for d in result.diagnostics if d.severity == "error"), result.diagnostics

@@ -18,6 +18,10 @@ Path = tuple[str | int, ...]
 
 #: Aliases can make a small file expand into a huge tree; no real manifest comes near this.
 MAX_NODES = 20_000
+#: The plain YAML types. Any other tag (`!!python/...`, `!custom`) is refused, never constructed.
+_STANDARD_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map", "timestamp", "merge")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +81,18 @@ class _Builder:
                 fix="remove the YAML aliases (*name) that repeat large parts of the file",
             )
         self.doc.values.setdefault(path, _pos(node))
+        if node.tag not in _STANDARD_TAGS:
+            self.problem(node, path, f"YAML tag {node.tag!r} is not allowed in a manifest",
+                         "remove the tag; write plain text, numbers, lists and maps")
+            return None
         if isinstance(node, yaml.ScalarNode):
             self.doc.sources[path] = node.value
-            return self.loader.construct_object(node, deep=True)
+            try:
+                return self.loader.construct_object(node, deep=True)
+            except (yaml.YAMLError, ValueError) as e:
+                self.problem(node, path, f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}: {e}",
+                             "remove the explicit tag, or fix the value")
+                return node.value
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, path + (i,)) for i, item in enumerate(node.value)]
         assert isinstance(node, yaml.MappingNode)
