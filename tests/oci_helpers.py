@@ -28,3 +28,32 @@ def tar_bytes(members: list[tuple[str, str, bytes | str]], *, compress: bool = T
             tar.addfile(info)
     data = raw.getvalue()
     return gzip.compress(data, mtime=0) if compress else data
+
+
+def make_layout(path: str, tag: str, layer_entries: list[list[object]], *, arch: str = "amd64",
+                cmd: tuple[str, ...] = ("/bin/sh",)) -> str:
+    """An image written with our layer writer into an OCI layout; returns the manifest digest."""
+    from enclaver_rules.oci import mediatypes as mt
+    from enclaver_rules.oci.layer import write_layer
+    from enclaver_rules.oci.mutate import canonical_json
+    from enclaver_rules.oci.store import Store
+
+    store = Store(path).init()
+    layers = []
+    for entries in layer_entries:
+        buf = io.BytesIO()
+        layer = write_layer(entries, buf)  # type: ignore[arg-type]
+        store.put_bytes(buf.getvalue(), layer.digest)
+        layers.append(layer)
+    config = canonical_json({"architecture": arch, "os": "linux", "config": {"Cmd": list(cmd)},
+                             "rootfs": {"type": "layers", "diff_ids": [str(x.diff_id) for x in layers]}})
+    config_digest = store.put_bytes(config)
+    manifest = canonical_json({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
+                               "config": {"mediaType": mt.OCI_CONFIG, "digest": str(config_digest), "size": len(config)},
+                               "layers": [{"mediaType": x.media_type, "digest": str(x.digest), "size": x.size}
+                                          for x in layers]})
+    digest = store.put_bytes(manifest)
+    from enclaver_rules.oci.model import Descriptor
+
+    store.tag(tag, Descriptor(mt.OCI_MANIFEST, digest, len(manifest)))
+    return str(digest)

@@ -21,6 +21,8 @@ def test_wheel_carries_the_schema_and_runs_outside_the_checkout(tmp_path: Path) 
     assert "enclaver_rules/schemas/enclaver.schema.json" in names
     assert "enclaver_rules/py.typed" in names
     assert not any(n.startswith(("tests/", "examples/")) for n in names)
+    packages = {str(p.parent.relative_to(REPO)).replace("/", ".") for p in (REPO / "enclaver_rules").rglob("__init__.py")}
+    assert {p for p in packages if f"{p.replace('.', '/')}/__init__.py" not in names} == set()
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)

@@ -24,7 +24,7 @@ def test_dockerd_answers(dockerd) -> None:
 def test_registry_answers_v2(registry) -> None:
     with urllib.request.urlopen(f"{registry.url}/v2/_catalog", timeout=5) as response:
         assert response.status == 200
-        assert json.load(response) == {"repositories": []}
+        assert isinstance(json.load(response)["repositories"], list)
 
 
 def test_registry_has_no_referrers_api(registry) -> None:

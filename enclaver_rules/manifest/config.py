@@ -160,6 +160,10 @@ def _show(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
+#: `ENC_*` variables that configure the tool rather than an enclave.
+TOOL_VARIABLES = {"ENC_CACHE_DIR": "where the content-addressed store lives"}
+
+
 def _from_environment(environ: Mapping[str, str]) -> tuple[dict[str, tuple[str, str]], list[Diagnostic]]:
     """Our `ENC_*` variables by setting key; every other `ENC_*` name is reported, not ignored."""
     by_env = {s.env: s for s in settings()}
@@ -167,6 +171,8 @@ def _from_environment(environ: Mapping[str, str]) -> tuple[dict[str, tuple[str, 
     problems = []
     for name in sorted(n for n in environ if n.startswith(ENV_PREFIX)):
         setting = by_env.get(name)
+        if name in TOOL_VARIABLES:
+            continue
         if setting is None:
             known = [s.env for s in overridable_settings()]
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci import mediatypes as mt
@@ -36,6 +36,10 @@ CHUNK = 1 << 20
 GC_GRACE_SECONDS = 3600
 
 Progress = Callable[[int], None]
+
+
+class Readable(Protocol):
+    def read(self, n: int = ..., /) -> bytes: ...
 
 
 def default_cache_dir(start: str | None = None) -> Path:
@@ -180,7 +184,7 @@ class Store:
     def put_bytes(self, data: bytes, expect: Digest | None = None, source: str = "") -> Digest:
         return self.put([data], expect, len(data), source)
 
-    def put_stream(self, stream: BinaryIO, expect: Digest | None = None, size: int | None = None,
+    def put_stream(self, stream: Readable, expect: Digest | None = None, size: int | None = None,
                    source: str = "", progress: Progress | None = None) -> Digest:
         return self.put(iter(lambda: stream.read(CHUNK), b""), expect, size, source, progress)
 

@@ -1,0 +1,217 @@
+"""`enclaver image pull|push|inspect` and `enclaver cache verify|gc`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+
+from enclaver_rules.cli.exit_codes import ExitCode
+from enclaver_rules.cli.options import Subparsers, add_json, command, command_group
+from enclaver_rules.cli.output import Output
+from enclaver_rules.cli.progress import reporter
+from enclaver_rules.errors import InvalidInput
+from enclaver_rules.oci.engine import Engine
+from enclaver_rules.oci.model import ImageConfig, Manifest, Platform
+from enclaver_rules.oci.reference import DaemonImage, OciLayoutImage, RegistryImage
+from enclaver_rules.oci.resolve import Sources, from_store, location, resolve
+from enclaver_rules.oci.store import Store, default_cache_dir
+from enclaver_rules.oci.transfer import StoredImage, docker_archive, metadata, push
+
+TRANSFER_CODES = {
+    ExitCode.OK: "done",
+    ExitCode.FAILURE: "the image was not found, a digest did not match, or a registry or engine failed",
+    ExitCode.INVALID_INPUT: "a reference, platform or flag is invalid",
+}
+VERIFY_CODES = {ExitCode.OK: "every blob matches its digest", ExitCode.FAILURE: "problems found (listed)"}
+GC_CODES = {ExitCode.OK: "unreachable blobs were removed"}
+IMAGE_HELP = ("IMAGE is a registry reference (docker.io defaults apply), oci:PATH[:TAG], docker-archive:PATH "
+              "or docker-daemon:REF.")
+
+
+def _store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="the store (default: $ENC_CACHE_DIR, else cache/ beside the nearest dodo.py, "
+                             "else ~/.cache/enclaver)")
+
+
+def _source_args(parser: argparse.ArgumentParser) -> None:
+    _store_args(parser)
+    parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                        help="which image of a multi-platform index (default linux/amd64; never the host's)")
+    parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                        help="allow plain HTTP to this registry (localhost and 127.0.0.1 always may)")
+
+
+def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    group = command_group(commands, common, "image", "pull, push and inspect images")
+    p = command(group, common, "pull", help="copy an image into the store", codes=TRANSFER_CODES, run=run_pull,
+                description="Copy an image into the content-addressed store, verifying every blob. " + IMAGE_HELP)
+    p.add_argument("image", metavar="IMAGE")
+    _source_args(p)
+    p.add_argument("--via-engine", action="store_true", help="let the local Docker engine pull it, then import it")
+    add_json(p)
+
+    p = command(group, common, "push", help="copy an image to a registry, an OCI layout or the engine",
+                codes=TRANSFER_CODES, run=run_push,
+                description="Copy SRC to DEST. " + IMAGE_HELP + " DEST is a registry reference, oci:PATH:TAG or "
+                            "docker-daemon:REF (loads it into the engine). Blobs the destination has are skipped.")
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("dest", metavar="DEST")
+    _source_args(p)
+    add_json(p)
+
+    p = command(group, common, "inspect", help="show an image's digest, platform, config and layers",
+                codes=TRANSFER_CODES, run=run_inspect,
+                description="Show an image's manifest digest, platform, entrypoint, environment, labels and layers. "
+                            "A registry image is read without its layers. " + IMAGE_HELP)
+    p.add_argument("image", metavar="IMAGE")
+    _source_args(p)
+    p.add_argument("--raw", action="store_true", help="print the manifest bytes exactly as stored or served")
+    add_json(p)
+
+    cache = command_group(commands, common, "cache", "check and clean the content-addressed store")
+    p = command(cache, common, "verify", help="re-hash every blob in the store", codes=VERIFY_CODES, run=run_verify,
+                description="Re-hash every blob and check that every ref's blobs are present.")
+    _store_args(p)
+    add_json(p)
+    p = command(cache, common, "gc", help="delete blobs no ref reaches", codes=GC_CODES, run=run_gc,
+                description="Delete blobs that no ref in index.json reaches. Blobs younger than --grace seconds are "
+                            "kept: a concurrent pull may not have tagged them yet.")
+    _store_args(p)
+    p.add_argument("--grace", type=int, default=3600, metavar="SECONDS", help="keep younger blobs (default 3600)")
+    add_json(p)
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+
+
+def _sources(args: argparse.Namespace, out: Output, *, use_engine: bool) -> Sources:
+    platform = Platform.parse(args.platform) if args.platform else None
+    return Sources(_store(args), insecure=frozenset(args.insecure_registry), platform=platform, use_engine=use_engine)
+
+
+def _summary(image: StoredImage, store: Store) -> dict[str, Any]:
+    return {"name": image.name, "digest": str(image.digest), "mediaType": image.manifest.media_type,
+            "platform": str(image.config.platform), "size": image.size, "source": image.source,
+            "store": str(store.root)}
+
+
+def run_pull(args: argparse.Namespace, out: Output) -> int:
+    sources = _sources(args, out, use_engine=False)
+    text = args.image
+    if args.via_engine:
+        loc = location(text)
+        if not isinstance(loc, RegistryImage):
+            raise InvalidInput("--via-engine needs a registry reference", file="IMAGE", fix="drop --via-engine")
+        engine = Engine()
+        engine.pull(f"{loc.ref.registry}/{loc.ref.repository}", loc.ref.tag or str(loc.ref.digest))
+        text = f"docker-daemon:{loc.ref}"
+    with reporter(out.err, not out.quiet) as progress:
+        sources.reporter = progress
+        image = resolve(text, sources)
+    if args.json:
+        out.json(_summary(image, sources.store))
+    else:
+        out.line(Text(f"{image.name}  {image.digest}  {image.size / 1e6:.1f} MB  ({image.config.platform})"))
+    return ExitCode.OK
+
+
+def run_push(args: argparse.Namespace, out: Output) -> int:
+    sources = _sources(args, out, use_engine=True)
+    dest = location(args.dest)
+    with reporter(out.err, not out.quiet) as progress:
+        sources.reporter = progress
+        image = resolve(args.source, sources)
+        store = sources.store
+        if isinstance(dest, RegistryImage):
+            src = location(args.source)
+            mount = src.ref.repository if isinstance(src, RegistryImage) and src.ref.api_host == dest.ref.api_host else None
+            digest = push(image, store, dest.ref, sources.registry(dest.ref.api_host), mount_from=mount,
+                          reporter=progress)
+            where = str(dest.ref)
+        elif isinstance(dest, DaemonImage):
+            Engine().load(docker_archive(image, store, str(dest.ref)))
+            digest, where = image.digest, f"docker-daemon:{dest.ref}"
+        elif isinstance(dest, OciLayoutImage):
+            layout = Store(dest.path).init()
+            for d in (image.manifest.config, *image.manifest.layers):
+                with store.open(d.digest) as f:
+                    layout.put_stream(f, d.digest, d.size, source=f"store {d.digest.short}")
+            layout.put_bytes(image.manifest.raw, image.digest)
+            layout.tag(dest.tag or "latest", image.manifest.descriptor())
+            digest, where = image.digest, str(dest)
+        else:
+            raise InvalidInput(f"{args.dest}: cannot push to a docker-archive", file="DEST",
+                               fix="use `docker save`, or push to oci:PATH:TAG")
+    if args.json:
+        out.json({"source": args.source, "destination": where, "digest": str(digest)})
+    else:
+        out.line(f"{where}  {digest}")
+    return ExitCode.OK
+
+
+def run_inspect(args: argparse.Namespace, out: Output) -> int:
+    sources = _sources(args, out, use_engine=True)
+    loc = location(args.image)
+    index = None
+    if isinstance(loc, RegistryImage) and from_store(sources.store, loc.ref, sources.platform) is None:
+        manifest, config, index = metadata(sources.registry(loc.ref.api_host), loc.ref, sources.platform)
+        name, source = str(loc.ref), f"registry {loc.ref.registry}"
+    else:
+        with reporter(out.err, not out.quiet) as progress:
+            sources.reporter = progress
+            image = resolve(args.image, sources)
+        manifest, config, name, source = image.manifest, image.config, image.name, image.source
+    if args.raw:
+        out.stdout.write(manifest.raw.decode("utf-8", "replace"))
+        return ExitCode.OK
+    doc = _inspect_doc(name, source, manifest, config, str(index) if index else None)
+    if args.json:
+        out.json(doc)
+    else:
+        for key in ("name", "digest", "platform", "created", "entrypoint", "cmd", "env", "labels"):
+            value = doc[key]
+            out.line(Text(f"{key:<11} {value if isinstance(value, str) else json.dumps(value)}"))
+        out.line(Text(f"{'layers':<11} {len(doc['layers'])}, {sum(x['size'] for x in doc['layers']) / 1e6:.1f} MB"))
+        for layer in doc["layers"]:
+            out.line(Text(f"{'':<11} {layer['digest']}  {layer['size']:>12,}  {layer['mediaType']}", style="dim"))
+    return ExitCode.OK
+
+
+def _inspect_doc(name: str, source: str, manifest: Manifest, config: ImageConfig, index: str | None) -> dict[str, Any]:
+    return {"name": name, "source": source, "digest": str(manifest.digest), "index": index,
+            "mediaType": manifest.media_type, "platform": str(config.platform),
+            "created": config.data.get("created"), "entrypoint": config.entrypoint, "cmd": config.cmd,
+            "env": config.env, "labels": config.labels, "config": str(manifest.config.digest),
+            "layers": [{"digest": str(d.digest), "size": d.size, "mediaType": d.media_type} for d in manifest.layers]}
+
+
+def run_verify(args: argparse.Namespace, out: Output) -> int:
+    store = _store(args)
+    total = sum(p.stat().st_size for p in store.blobs.iterdir()) if store.blobs.is_dir() else 0
+    with reporter(out.err, not out.quiet) as progress:
+        problems = store.verify(progress.task(f"verify {store.root}", total))
+    if args.json:
+        out.json({"store": str(store.root), "ok": not problems,
+                  "problems": [{"path": p.path, "message": p.message} for p in problems]})
+    else:
+        for p in problems:
+            out.line(Text(f"{p.path}: {p.message}", style="red"))
+        if not problems:
+            out.line(Text(f"{store.root}: every blob matches its digest", style="green"))
+    return ExitCode.FAILURE if problems else ExitCode.OK
+
+
+def run_gc(args: argparse.Namespace, out: Output) -> int:
+    store = _store(args)
+    removed, freed = store.gc(grace_seconds=args.grace)
+    if args.json:
+        out.json({"store": str(store.root), "removed": removed, "bytes": freed})
+    else:
+        out.line(f"{store.root}: removed {removed} blobs, {freed / 1e6:.1f} MB")
+    return ExitCode.OK

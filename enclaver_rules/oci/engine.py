@@ -1,0 +1,107 @@
+"""The local Docker engine, through the docker SDK: a narrow adapter (has, save, load, pull).
+
+Images leave the engine as a `docker save` stream read straight into the store, and go back in
+as a generated `docker load` stream: never whole in memory, never through a temp file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from enclaver_rules.errors import OperationFailed
+
+DEFAULT_HOST = "unix:///var/run/docker.sock"
+
+
+class EngineUnavailable(OperationFailed):
+    """No Docker engine answered."""
+
+
+class _IterReader(io.RawIOBase):
+    """A file-like view of an iterator of byte chunks (the SDK's streamed HTTP body)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.chunks = chunks
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            try:
+                self.pending = next(self.chunks)
+            except StopIteration:
+                return 0
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+
+class Engine:
+    def __init__(self, host: str | None = None) -> None:
+        self.host = host or os.environ.get("DOCKER_HOST") or DEFAULT_HOST
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import docker
+
+            try:
+                client = docker.DockerClient(base_url=self.host, version="auto", timeout=120)
+                client.ping()
+            except Exception as e:  # noqa: BLE001 - the SDK raises many types for "not there"
+                raise EngineUnavailable(f"no Docker engine at {self.host}: {type(e).__name__}: {e}",
+                                        fix="start Docker, or point DOCKER_HOST at the engine") from None
+            self._client = client
+        return self._client
+
+    def has(self, name: str) -> bool:
+        import docker.errors
+
+        try:
+            self.client.api.inspect_image(name)
+        except docker.errors.ImageNotFound:
+            return False
+        except docker.errors.APIError as e:
+            if e.status_code == 404:
+                return False
+            raise OperationFailed(f"{self.host}: inspect {name}: {e}", fix="check the engine") from None
+        return True
+
+    def save(self, name: str) -> io.BufferedReader:
+        """The `docker save` tar of `name`, as a stream."""
+        import docker.errors
+
+        try:
+            chunks = self.client.api.get_image(name, chunk_size=1 << 20)
+        except docker.errors.APIError as e:
+            raise OperationFailed(f"{self.host}: save {name}: {e}", fix="check the image name") from None
+        return io.BufferedReader(_IterReader(iter(chunks)), 1 << 20)
+
+    def load(self, archive: Iterator[bytes]) -> None:
+        """Feed a `docker load` tar (a chunk iterator: sent with chunked encoding, not buffered)."""
+        import docker.errors
+
+        try:
+            for line in self.client.api.load_image(archive, quiet=True):
+                if isinstance(line, dict) and line.get("error"):
+                    raise OperationFailed(f"{self.host}: load: {line['error']}", fix="check the image")
+        except docker.errors.APIError as e:
+            raise OperationFailed(f"{self.host}: load: {e}", fix="check the engine's log") from None
+
+    def pull(self, repository: str, tag: str) -> None:
+        import docker.errors
+
+        try:
+            for event in self.client.api.pull(repository, tag, stream=True, decode=True):
+                if event.get("error"):
+                    raise OperationFailed(f"{self.host}: pull {repository}:{tag}: {event['error']}",
+                                          fix="check the name, and the engine's access to the registry")
+        except docker.errors.APIError as e:
+            raise OperationFailed(f"{self.host}: pull {repository}:{tag}: {e}", fix="check the name") from None
