@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
@@ -17,9 +17,11 @@ from enclaver_rules.errors import InvalidInput
 from enclaver_rules.oci.engine import Engine
 from enclaver_rules.oci.model import ImageConfig, Manifest, Platform
 from enclaver_rules.oci.reference import DaemonImage, OciLayoutImage, RegistryImage
-from enclaver_rules.oci.resolve import Sources, from_store, location, resolve
 from enclaver_rules.oci.store import Store, default_cache_dir
-from enclaver_rules.oci.transfer import StoredImage, docker_archive, metadata, push
+
+if TYPE_CHECKING:
+    from enclaver_rules.oci.resolve import Sources
+    from enclaver_rules.oci.transfer import StoredImage
 
 TRANSFER_CODES = {
     ExitCode.OK: "done",
@@ -91,6 +93,8 @@ def _store(args: argparse.Namespace) -> Store:
 
 
 def _sources(args: argparse.Namespace, out: Output, *, use_engine: bool) -> Sources:
+    from enclaver_rules.oci.resolve import Sources  # requests and friends load only for image commands
+
     platform = Platform.parse(args.platform) if args.platform else None
     return Sources(_store(args), insecure=frozenset(args.insecure_registry), platform=platform, use_engine=use_engine)
 
@@ -102,6 +106,8 @@ def _summary(image: StoredImage, store: Store) -> dict[str, Any]:
 
 
 def run_pull(args: argparse.Namespace, out: Output) -> int:
+    from enclaver_rules.oci.resolve import location, resolve
+
     sources = _sources(args, out, use_engine=False)
     text = args.image
     if args.via_engine:
@@ -122,6 +128,9 @@ def run_pull(args: argparse.Namespace, out: Output) -> int:
 
 
 def run_push(args: argparse.Namespace, out: Output) -> int:
+    from enclaver_rules.oci.resolve import location, resolve
+    from enclaver_rules.oci.transfer import docker_archive, push
+
     sources = _sources(args, out, use_engine=True)
     dest = location(args.dest)
     with reporter(out.err, not out.quiet) as progress:
@@ -156,6 +165,9 @@ def run_push(args: argparse.Namespace, out: Output) -> int:
 
 
 def run_inspect(args: argparse.Namespace, out: Output) -> int:
+    from enclaver_rules.oci.resolve import from_store, location, resolve
+    from enclaver_rules.oci.transfer import metadata
+
     sources = _sources(args, out, use_engine=True)
     loc = location(args.image)
     index = None

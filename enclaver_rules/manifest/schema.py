@@ -13,8 +13,6 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator
-
 SCHEMA_FILE = "enclaver.schema.json"
 
 
@@ -30,7 +28,11 @@ def schema() -> dict[str, Any]:
 
 
 @lru_cache(maxsize=1)
-def validator() -> Draft202012Validator:
+def validator() -> Any:
+    """The Draft 2020-12 validator (jsonschema is imported here: commands that never validate
+    should not pay for it at start-up)."""
+    from jsonschema import Draft202012Validator
+
     return Draft202012Validator(schema())
 
 

@@ -20,7 +20,7 @@ import ipaddress
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -133,8 +133,10 @@ class PushResult:
     how: str  # exists | mounted | uploaded
 
 
-class _CountingReader:
-    """A request body: file-like with a length, so requests sends Content-Length and streams it."""
+class _Body:
+    """A request body: an iterable of 1 MiB chunks with a length, so requests sends Content-Length
+    (not chunked encoding) and http.client writes whole chunks (a file-like body goes out in 8 KiB
+    writes)."""
 
     def __init__(self, stream: BinaryIO, size: int, progress: Progress | None) -> None:
         self.stream = stream
@@ -144,11 +146,11 @@ class _CountingReader:
     def __len__(self) -> int:
         return self.size
 
-    def read(self, n: int = -1) -> bytes:
-        chunk = self.stream.read(CHUNK if n < 0 else n)
-        if chunk and self.progress:
-            self.progress(len(chunk))
-        return chunk
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in iter(lambda: self.stream.read(CHUNK), b""):
+            if self.progress:
+                self.progress(len(chunk))
+            yield chunk
 
 
 class Registry:
@@ -321,6 +323,6 @@ class Registry:
         with open_blob() as blob:
             self.request("PUT", f"{location}{separator}digest={descriptor.digest}", repository,
                          headers={"Content-Type": "application/octet-stream"},
-                         data=_CountingReader(blob, descriptor.size, progress), ok=(201, 204),
+                         data=_Body(blob, descriptor.size, progress), ok=(201, 204),
                          what=f"upload {descriptor.digest.short}")
         return PushResult(descriptor.digest, "uploaded")

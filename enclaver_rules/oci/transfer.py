@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import tarfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -26,6 +27,8 @@ SOURCE_ANNOTATION = "io.enclaver.source"
 PLATFORM_ANNOTATION = "io.enclaver.platform"
 INDEX_ANNOTATION = "io.enclaver.index"
 DEFAULT_PLATFORM = Platform("linux", "amd64")
+#: Blobs in flight at once (skopeo uses 6; two cores gain little beyond 4).
+TRANSFER_WORKERS = 4
 _SMALL = 1 << 20  # archive metadata kept in memory is at most this big
 _ARCHIVE_METADATA = frozenset({"manifest.json", "repositories", "index.json", "oci-layout"})
 
@@ -98,10 +101,29 @@ def _fetch_all(registry: Registry, repository: str, manifest: Manifest, store: S
         raise OperationFailed(f"{label}: {len(manifest.layers)} layers but {len(config.diff_ids)} diff_ids",
                               fix="the image is corrupt")
     progress = reporter.task(f"pull {label}", sum(d.size for d in manifest.layers))
-    for layer in manifest.layers:
-        registry.fetch_blob(repository, layer, store, progress)
+    parallel([lambda d=d: registry.fetch_blob(repository, d, store, progress) for d in manifest.layers])  # type: ignore[misc]
     reporter.done(f"pull {label}")
     return config
+
+
+def parallel(jobs: list[Callable[[], object]], workers: int = TRANSFER_WORKERS) -> None:
+    """Run transfer jobs a few at a time; the first failure cancels the rest and is raised.
+
+    Each job streams in bounded chunks, so memory stays bounded by workers × chunk size.
+    """
+    if len(jobs) <= 1:
+        for job in jobs:
+            job()
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="transfer") as pool:
+        futures = [pool.submit(job) for job in jobs]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def fetch_manifest(registry: Registry, ref: Reference, platform: Platform | None) -> tuple[Manifest, Digest | None]:
@@ -138,9 +160,9 @@ def push(image: StoredImage, store: Store, dest: Reference, registry: Registry, 
         raise OperationFailed(f"{dest}: the image is {image.digest}, not the digest in the destination",
                               fix="drop @digest from the destination, or push the image it names")
     progress = reporter.task(f"push {dest}", image.size - len(image.manifest.raw))
-    for descriptor in (image.manifest.config, *image.manifest.layers):
-        registry.push_blob(dest.repository, descriptor, lambda d=descriptor: store.open(d.digest),  # type: ignore[misc]
-                           mount_from=mount_from, progress=progress)
+    parallel([lambda d=d: registry.push_blob(dest.repository, d, lambda: store.open(d.digest),  # type: ignore[misc]
+                                              mount_from=mount_from, progress=progress)
+              for d in (image.manifest.config, *image.manifest.layers)])
     digest = registry.put_manifest(dest.repository, dest.tag or str(image.digest), image.manifest.raw,
                                    image.manifest.media_type)
     reporter.done(f"push {dest}")
