@@ -125,3 +125,20 @@ def test_pinned_reference_is_served_from_the_store(cli, registry, tmp_path: Path
     assert first.source.startswith("registry")
     second = resolve(f"{ref}@{digest}", Sources(store, use_engine=False))
     assert second.source == "store" and second.digest == first.digest
+
+
+def test_pull_through_the_engine(env, cli, registry, tmp_path: Path, dockerd) -> None:  # type: ignore[no-untyped-def]
+    from enclaver_rules.oci.layer import Entry
+    from oci_helpers import make_layout
+
+    make_layout(str(tmp_path / "l"), "v", [[Entry.file("via/engine", b"through dockerd")]])
+    ref = f"{registry.address}/via/engine:v"
+    assert cli("image", "push", f"oci:{tmp_path / 'l'}:v", ref, "--cache-dir", str(tmp_path / "p")).code == 0
+    result = cli("image", "pull", "--via-engine", ref, "--cache-dir", str(tmp_path / "c"), "--json")
+    assert result.code == 0, result.stderr
+    assert result.json()["source"] == f"docker-daemon:{ref}"
+    client = docker.DockerClient(base_url=dockerd.host, version="auto")
+    try:
+        assert client.images.get(ref)  # the engine pulled it
+    finally:
+        client.close()
