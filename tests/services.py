@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -102,15 +103,16 @@ def start_dockerd(base: Path) -> Iterator[Dockerd]:
         _stop(proc)
 
 
-def start_registry(base: Path) -> Iterator[Registry]:
+def start_registry(base: Path, auth: str = "") -> Iterator[Registry]:
+    """`auth` is an `auth:` block of distribution's configuration (htpasswd or token), or empty."""
     binary = _need("docker-registry", "docker-registry")
     port = free_port()
     config = base / "config.yml"
     config.write_text(
         "version: 0.1\n"
         f"storage:\n  filesystem:\n    rootdirectory: {base / 'data'}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
-        "log:\n  level: warn\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n  secret: enclaver-tests\n"
+        "log:\n  level: warn\n" + auth
     )
     log = base / "registry.log"
     with open(log, "wb") as out:
@@ -121,6 +123,8 @@ def start_registry(base: Path) -> Iterator[Registry]:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as r:
                     return bool(r.status == 200)
+            except urllib.error.HTTPError as e:
+                return e.code == 401  # up, and asking for credentials
             except OSError:
                 return False
         _wait("docker-registry", ready, proc, log)

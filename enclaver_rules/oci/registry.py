@@ -38,6 +38,8 @@ from enclaver_rules.oci.reference import DOCKER_HUB
 from enclaver_rules.oci.store import CHUNK, Progress, Store
 
 log = logging.getLogger("enclaver.registry")
+# oras-py logs auth failures at ERROR on its own; our error already says what failed and how to fix it
+logging.getLogger("oras.logger").setLevel(logging.CRITICAL)
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 60.0
@@ -147,6 +149,7 @@ class _Body:
         return self.size
 
     def __iter__(self) -> Iterator[bytes]:
+        self.stream.seek(0)  # replayable: a request retried after an auth challenge sends it whole again
         for chunk in iter(lambda: self.stream.read(CHUNK), b""):
             if self.progress:
                 self.progress(len(chunk))
@@ -164,6 +167,7 @@ class Registry:
         self._credentials = credentials
         self._basic_looked_up = False
         self._basic: str | None = None
+        self._basic_wanted = False
         self._tokens: dict[str, Any] = {}  # repository → oras TokenAuth (tokens are scoped per repository)
 
     # -- plumbing --------------------------------------------------------------------------------
@@ -185,6 +189,7 @@ class Registry:
             if not basic or headers.get("Authorization") == f"Basic {basic}":
                 return False
             headers["Authorization"] = f"Basic {basic}"
+            self._basic_wanted = True  # from now on, send it up front (a streamed upload cannot be replayed cheaply)
             return True
         if not challenge.lower().startswith("bearer"):
             return False
@@ -208,6 +213,8 @@ class Registry:
         backend = self._tokens.get(repository)
         if backend is not None and getattr(backend, "token", None):
             headers["Authorization"] = f"Bearer {backend.token}"
+        elif self._basic_wanted and self._basic:
+            headers["Authorization"] = f"Basic {self._basic}"
         for attempt in range(3):
             try:
                 response = self.session.request(method, url, headers=headers, stream=stream, data=data,
@@ -221,8 +228,6 @@ class Registry:
                 break
             if not self._authenticate(repository, response, headers, refresh=attempt > 0):
                 break
-            if hasattr(data, "seek"):
-                data.seek(0)
         if response.status_code in ok:
             return response
         self._fail(response, what or f"{method} {url}")
