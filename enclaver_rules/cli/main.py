@@ -12,6 +12,7 @@ from typing import TextIO
 from enclaver_rules import __version__
 from enclaver_rules.cli import config as config_cmd
 from enclaver_rules.cli import egress as egress_cmd
+from enclaver_rules.cli import eif as eif_cmd
 from enclaver_rules.cli import image as image_cmd
 from enclaver_rules.cli import manifest as manifest_cmd
 from enclaver_rules.cli.exit_codes import ExitCode, code_for
@@ -19,7 +20,7 @@ from enclaver_rules.cli.options import add_common
 from enclaver_rules.cli.output import Output, setup_logging
 from enclaver_rules.errors import EnclaverError
 
-COMMAND_GROUPS = (manifest_cmd, config_cmd, egress_cmd, image_cmd)
+COMMAND_GROUPS = (manifest_cmd, config_cmd, egress_cmd, image_cmd, eif_cmd)
 log = logging.getLogger("enclaver")
 
 

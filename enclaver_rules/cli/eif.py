@@ -1,0 +1,153 @@
+"""`enclaver eif build|describe` and `enclaver blobs dev`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from rich.text import Text
+
+from enclaver_rules.cli.exit_codes import ExitCode
+from enclaver_rules.cli.image import _source_args, _sources
+from enclaver_rules.cli.options import Subparsers, add_json, command, command_group
+from enclaver_rules.cli.output import Output
+from enclaver_rules.cli.progress import reporter
+from enclaver_rules.eif.blobs import DEFAULT_BLOBS, KERNEL_NAMES, BlobSet, load_blobs, write_dev_blobs
+from enclaver_rules.errors import InvalidInput
+from enclaver_rules.oci.digest import Digest
+
+BUILD_CODES = {
+    ExitCode.OK: "the EIF was written",
+    ExitCode.FAILURE: "the image or blob set could not be read (not found, digest mismatch, corrupt)",
+    ExitCode.INVALID_INPUT: "an argument, the blob set or the signing material is invalid",
+}
+DESCRIBE_CODES = {
+    ExitCode.OK: "described; CRC and signature (if any) are valid",
+    ExitCode.FAILURE: "the file is not a valid EIF, its CRC is wrong, or its signature does not verify",
+}
+DEV_CODES = {ExitCode.OK: "the development blob set was written", ExitCode.INVALID_INPUT: "bad arguments"}
+
+
+def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    group = command_group(commands, common, "eif", "build and describe enclave image files")
+    p = command(group, common, "build", help="build an EIF from an image, without Docker", codes=BUILD_CODES,
+                run=run_build,
+                description="Build an enclave image file (EIF) from IMAGE and a kernel blob set, byte-compatible "
+                            "with `nitro-cli build-enclave`, so the PCRs are the same. No Docker engine is needed. "
+                            "The architecture comes from the image (linux/amd64 → x86_64, linux/arm64 → aarch64).")
+    p.add_argument("--image", required=True, metavar="IMAGE", help="the enclave's image (any image reference)")
+    p.add_argument("--blobs", default=str(DEFAULT_BLOBS), metavar="DIR_OR_IMAGE",
+                   help=f"kernel blob set: a directory (default {DEFAULT_BLOBS}) or an image carrying one")
+    p.add_argument("--blobs-digest", metavar="DIGEST", help="refuse a blob set whose digest differs")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the EIF")
+    p.add_argument("--signing-certificate", metavar="PEM", help="sign the EIF (adds PCR8); with --signing-key")
+    p.add_argument("--signing-key", metavar="PEM", help="EC private key (P-256/384/521) for --signing-certificate")
+    p.add_argument("--image-name", metavar="NAME", help="ImageName in the EIF's metadata (default: the reference)")
+    _source_args(p)
+    add_json(p)
+
+    p = command(group, common, "describe", help="show an EIF's measurements, sections and metadata",
+                codes=DESCRIBE_CODES, run=run_describe,
+                description="Read an EIF, recompute its PCRs from its sections, check its CRC and signature, and "
+                            "print what `nitro-cli describe-eif` prints (plus the section table).")
+    p.add_argument("file", metavar="FILE")
+    add_json(p)
+
+    blobs = command_group(commands, common, "blobs", "kernel blob sets")
+    p = command(blobs, common, "dev", help="write a deterministic development blob set", codes=DEV_CODES,
+                run=run_dev,
+                description="Write a development blob set (synthetic kernel, init and nsm.ko; the real cmdline) so "
+                            "the pipeline can be tried where no Nitro blob set exists. It is the same on every "
+                            "machine, is marked as development in its own metadata and in every EIF built from it, "
+                            "and cannot boot.")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.add_argument("--arch", choices=sorted(KERNEL_NAMES), default="x86_64")
+    add_json(p)
+
+
+def _blobs(args: argparse.Namespace, arch: str, out: Output) -> BlobSet:
+    expect = None
+    if args.blobs_digest:
+        try:
+            expect = Digest.parse(args.blobs_digest)
+        except ValueError as e:
+            raise InvalidInput(str(e), file="--blobs-digest", fix="copy the digest exactly") from None
+    if Path(args.blobs).is_dir() or ("/" in args.blobs and not args.blobs.startswith(("oci:", "docker")) and \
+            Path(args.blobs).exists()):
+        return load_blobs(args.blobs, arch, expect)
+    from enclaver_rules.oci.flatten import flatten
+    from enclaver_rules.oci.resolve import resolve
+
+    sources = _sources(args, out, use_engine=True)
+    image = resolve(args.blobs, sources)
+    root = sources.store.root / "blobs" / image.digest.hex
+    if not root.is_dir():
+        staging = root.with_name(root.name + f".tmp-{os.getpid()}")
+        flatten([(str(d.digest), sources.store.open(d.digest)) for d in image.manifest.layers], staging)
+        os.replace(staging, root)
+    for candidate in (root, root / "blobs", root / "usr/share/nitro_enclaves/blobs", root / "blobs" / arch):
+        if (candidate / KERNEL_NAMES[arch]).is_file():
+            return load_blobs(candidate, arch, expect)
+    raise InvalidInput(f"{args.blobs}: the image carries no {arch} blob set", file="--blobs",
+                       fix=f"put {KERNEL_NAMES[arch]}, cmdline, init and nsm.ko at its root or under /blobs")
+
+
+def run_build(args: argparse.Namespace, out: Output) -> int:
+    from enclaver_rules.eif.build import build_eif, image_arch
+    from enclaver_rules.eif.sign import Signer
+    from enclaver_rules.oci.layer import source_date_epoch
+    from enclaver_rules.oci.resolve import resolve
+
+    if bool(args.signing_certificate) != bool(args.signing_key):
+        raise InvalidInput("--signing-certificate and --signing-key go together", file="--signing-key",
+                           fix="give both, or neither")
+    signer = Signer.load(args.signing_certificate, args.signing_key) if args.signing_certificate else None
+    sources = _sources(args, out, use_engine=True)
+    with reporter(out.err, not out.quiet) as progress:
+        sources.reporter = progress
+        image = resolve(args.image, sources)
+        arch = image_arch(image)
+        blobs = _blobs(args, arch, out)
+        advance = progress.task(f"eif {args.output}", None)
+        result = build_eif(image, sources.store, blobs, args.output, epoch=source_date_epoch(),
+                           image_name=args.image_name, signer=signer, progress=advance)
+    if blobs.development:
+        out.note(f"warning: built from a development blob set ({blobs.root}): this EIF cannot run on Nitro",
+                 style="yellow")
+    if args.json:
+        out.json(result.to_json())
+    else:
+        out.line(Text(f"Enclave image written: {result.path} ({result.size / 1e6:.1f} MB, {arch})", style="bold"))
+        for key, value in result.measurements.to_json().items():
+            out.line(f"  {key:<14} {value}")
+        out.line(Text(f"  blobs          {blobs.root} ({blobs.digest})", style="dim"))
+    return ExitCode.OK
+
+
+def run_describe(args: argparse.Namespace, out: Output) -> int:
+    from enclaver_rules.eif.describe import describe
+
+    info = describe(args.file)
+    ok = info["CheckCRC"] and info.get("SignatureCheck", True)
+    if args.json:
+        out.json(info)
+    else:
+        out.line(Text(json.dumps({k: v for k, v in info.items() if k != "Sections"}, indent=2)))
+        for s in info["Sections"]:
+            out.line(Text(f"  {s['Type']:<10} offset {s['Offset']:>12,}  size {s['Size']:>12,}", style="dim"))
+    if not info["CheckCRC"]:
+        out.note(f"{args.file}: the CRC does not match: the file was modified or is corrupt", style="red")
+    if not info.get("SignatureCheck", True):
+        out.note(f"{args.file}: the signature does not verify against PCR0", style="red")
+    return ExitCode.OK if ok else ExitCode.FAILURE
+
+
+def run_dev(args: argparse.Namespace, out: Output) -> int:
+    blobs = write_dev_blobs(args.output, args.arch)
+    if args.json:
+        out.json(blobs.to_json())
+    else:
+        out.line(f"{blobs.root}  {blobs.arch}  {blobs.digest}  (development: cannot boot)")
+    return ExitCode.OK
