@@ -233,3 +233,10 @@ def test_any_yaml_data_gives_diagnostics_never_an_exception(tmp_path: Path, data
     path.write_text(yaml.safe_dump(data))
     result = check_file(str(path))
     assert all(d.line >= 1 and d.fix for d in result.diagnostics if d.severity == "error"), result.diagnostics
+
+
+def test_non_list_allow_with_kms_proxy_is_diagnosed(cli, in_tmp) -> None:  # type: ignore[no-untyped-def]
+    """Found by the property above: `allow: true` next to kms_proxy crashed the KMS check."""
+    (in_tmp / F).write_text(HEAD + "egress:\n  allow: true\nkms_proxy:\n  listen_port: 9999\n")
+    result = cli("manifest", "check", F)
+    assert result.code == 2 and "egress.allow: expected a list, got a boolean true" in result.stdout

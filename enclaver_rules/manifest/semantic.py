@@ -135,10 +135,11 @@ def _egress(data: dict[str, Any], loc: Locator) -> list[Diagnostic]:
 
 def _policy(data: dict[str, Any]) -> EgressPolicy | None:
     egress = _map(data, "egress")
+    allow, deny = egress.get("allow"), egress.get("deny")
     try:
         return EgressPolicy.from_lists(
-            [a for a in egress.get("allow") or [] if isinstance(a, str)],
-            [d for d in egress.get("deny") or [] if isinstance(d, str)],
+            [a for a in allow if isinstance(a, str)] if isinstance(allow, list) else [],
+            [d for d in deny if isinstance(d, str)] if isinstance(deny, list) else [],
         )
     except PolicyError:
         return None  # already reported by _egress
