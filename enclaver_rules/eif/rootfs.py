@@ -8,7 +8,8 @@ grows with the number of entries, never with their size.
 
 Emulated from the sources in ../shared/reference/eif.md §8:
 * overlay semantics: the topmost layer's entry wins; `.wh.NAME` and opaque directories hide
-  lower entries; a hard link shares its target's bytes and inode;
+  lower entries; a hard link shares its target's bytes and inode, and its header's mode, owner
+  and mtime apply to that inode; a symlink's mode is 0777 (what lstat reports on Linux);
 * Docker's init layer on top: dev, dev/pts, dev/shm, proc, sys, etc (directories 0755),
   .dockerenv, etc/resolv.conf, etc/hosts, etc/hostname, dev/console (empty files 0755) and
   etc/mtab → /proc/mounts, all owned by root;
@@ -173,14 +174,17 @@ class Tree:
             node = Node("file", m.mode & 0o7777, m.uid, m.gid, mtime, m.size, source=index, offset=m.offset_data,
                         inode=self._inode())
         elif m.issym():
-            node = Node("symlink", m.mode & 0o7777, m.uid, m.gid, mtime, linkname=m.linkname)
+            # lstat reports 0777 for every symlink on Linux, whatever the layer's header said
+            node = Node("symlink", 0o777, m.uid, m.gid, mtime, linkname=m.linkname)
         elif m.islnk():
             link_parts = tuple(p for p in m.linkname.split("/") if p not in ("", "."))
             target = self._get(link_parts, where) if link_parts and ".." not in link_parts else None
             if target is None or target.kind != "file":
                 raise UnsafeLayer(f"{where}: hard link to {m.linkname!r}, which is not a file in the image",
                                   fix="the layer is malicious or broken; do not use the image")
-            node = Node("file", m.mode & 0o7777, m.uid, m.gid, mtime, target.size, source=target.source,
+            # extraction chmods/chowns/touches the link path, i.e. the inode both paths share
+            target.mode, target.uid, target.gid, target.mtime = m.mode & 0o7777, m.uid, m.gid, mtime
+            node = Node("file", target.mode, m.uid, m.gid, mtime, target.size, source=target.source,
                         offset=target.offset, inode=target.inode)
         elif m.ischr() or m.isblk() or m.isfifo():
             kind = "chardev" if m.ischr() else "blockdev" if m.isblk() else "fifo"
