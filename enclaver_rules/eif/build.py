@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from enclaver_rules import __version__
 from enclaver_rules.eif.blobs import ARCH_OF_PLATFORM, BlobSet
@@ -33,7 +34,9 @@ from enclaver_rules.eif.rootfs import build_tree
 from enclaver_rules.eif.sign import Signer, measure_sections, signature_section
 from enclaver_rules.errors import InvalidInput
 from enclaver_rules.oci.store import Store
-from enclaver_rules.oci.transfer import StoredImage
+
+if TYPE_CHECKING:  # transfer imports the registry client (requests): not needed to build
+    from enclaver_rules.oci.transfer import StoredImage
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +82,8 @@ def build_eif(image: StoredImage, store: Store, blobs: BlobSet, output: str | os
                            fix=f"use a blob set for {arch}")
     target = Path(output)
     with tempfile.TemporaryDirectory(prefix="enclaver-eif-", dir=workdir) as work:
-        layers = [(f"{image.name} layer {d.digest.short}", store.open(d.digest)) for d in image.manifest.layers]
-        try:
-            tree = build_tree(layers, work)
-        finally:
-            for _, stream in layers:
-                stream.close()
+        tree = build_tree([(f"{image.name} layer {d.digest.short}", store.path(d.digest))
+                           for d in image.manifest.layers], work)
         cmd, env = command_files(image.config.cmd, image.config.entrypoint, image.config.env)
         boot, app = bootstrap(blobs.init, blobs.nsm), customer(tree, cmd, env)
         os_name, kernel_version = kernel_info(blobs.kernel_config.read_text(errors="replace")
