@@ -33,7 +33,7 @@ def test_names_are_derived_from_the_path() -> None:
 def test_only_fields_odyn_never_reads_are_overridable() -> None:
     assert {s.key for s in overridable_settings()} == {
         "target", "sources.app", "sources.odyn", "sources.sleeve", "signature.certificate", "signature.key",
-        "defaults.cpu_count", "defaults.memory_mb"}
+        "defaults.cpu_count", "defaults.memory_mb", "build.backend", "build.nitro_cli_image", "build.blobs"}
     policy = {"ingress", "egress", "kms_proxy", "api"}
     assert not any(s.key.split(".")[0] in policy for s in overridable_settings())
 

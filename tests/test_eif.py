@@ -429,3 +429,39 @@ def test_eif_commands(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-d
     assert described["Measurements"] == doc["Measurements"] and described["CheckCRC"] is True
     bad = cli("eif", "describe", str(tmp_path / "blobs" / "cmdline"))
     assert bad.code == 1 and "not a valid EIF" in bad.stderr
+
+
+def test_manifest_chooses_build_settings_and_flags_win(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from enclaver_rules.oci.layer import Entry
+    from oci_helpers import make_layout
+
+    make_layout(str(tmp_path / "layout"), "v", [[Entry.file("bin/app", b"app", 0o755)]], cmd=("/bin/app",))
+    write_dev_blobs(tmp_path / "dev-blobs", "x86_64")
+    manifest = tmp_path / "enclaver.yaml"
+    manifest.write_text("version: v1\nname: app\ntarget: t\nsources: {app: a}\n"
+                        "build:\n  backend: pure\n  blobs: dev-blobs\n")
+    args = ["eif", "build", "--image", f"oci:{tmp_path / 'layout'}:v", "-o", str(tmp_path / "a.eif"),
+            "--cache-dir", str(tmp_path / "cache"), "--json"]
+    result = cli(*args, "-f", str(manifest))  # blobs relative to the manifest
+    assert result.code == 0, result.stderr
+    assert result.json()["blobs"]["path"] == str(tmp_path / "dev-blobs")
+    manifest.write_text(manifest.read_text().replace("backend: pure", "backend: docker"))
+    bad = cli("manifest", "check", str(manifest))
+    assert bad.code == 2 and "build.backend: 'docker' is not one of: pure, nitro-cli" in bad.stdout
+
+
+def test_blob_set_carried_by_an_image(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from enclaver_rules.oci.layer import Entry
+    from oci_helpers import make_layout
+
+    dev = write_dev_blobs(tmp_path / "dev", "x86_64")
+    files = [Entry.file(f"blobs/{p.name}", p.read_bytes()) for p in sorted((tmp_path / "dev").iterdir())]
+    make_layout(str(tmp_path / "blob-image"), "v", [files], cmd=("/none",))
+    make_layout(str(tmp_path / "layout"), "v", [[Entry.file("bin/app", b"app", 0o755)]], cmd=("/bin/app",))
+    common = ["eif", "build", "--image", f"oci:{tmp_path / 'layout'}:v", "--blobs", f"oci:{tmp_path / 'blob-image'}:v",
+              "-o", str(tmp_path / "a.eif"), "--cache-dir", str(tmp_path / "cache"), "--json"]
+    result = cli(*common, "--blobs-digest", str(dev.digest))
+    assert result.code == 0, result.stderr
+    assert result.json()["blobs"]["digest"] == str(dev.digest)  # the same files, the same digest
+    wrong = cli(*common, "--blobs-digest", str(Digest.of(b"x")))
+    assert wrong.code == 2 and "blob set digest is" in wrong.stderr

@@ -15,8 +15,9 @@ PURE = ["enclaver_rules/policy", "enclaver_rules/manifest", "enclaver_rules/erro
         *(f"enclaver_rules/oci/{m}.py" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
                                                   "flatten", "store"))]
 #: Third-party clients, each allowed in exactly one adapter module.
-ADAPTERS = {"docker": "enclaver_rules/oci/engine.py", "oras": "enclaver_rules/oci/registry.py",
-            "requests": "enclaver_rules/oci/registry.py", "urllib3": "enclaver_rules/oci/registry.py"}
+ADAPTERS = {"docker": {"enclaver_rules/oci/engine.py", "enclaver_rules/eif/nitro_cli.py"},
+            "oras": {"enclaver_rules/oci/registry.py"}, "requests": {"enclaver_rules/oci/registry.py"},
+            "urllib3": {"enclaver_rules/oci/registry.py"}}
 ALLOWED_THIRD_PARTY = {"yaml", "jsonschema"}
 PURE_PREFIXES = ("enclaver_rules.policy", "enclaver_rules.manifest", "enclaver_rules.errors", "enclaver_rules.ports",
                  *(f"enclaver_rules.oci.{m}" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
@@ -59,4 +60,4 @@ def test_clients_stay_in_their_adapters() -> None:
         for name in _imports(path):
             top = name.split(".")[0]
             if top in ADAPTERS:
-                assert rel == ADAPTERS[top], f"{rel} imports {name}; only {ADAPTERS[top]} may"
+                assert rel in ADAPTERS[top], f"{rel} imports {name}; only {sorted(ADAPTERS[top])} may"

@@ -133,7 +133,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
         f"{F}:6:1: name: duplicate key (first set at line 2) — remove one of the two"]),
     "boolean key": (HEAD + "yes: 1\n", [
         f"{F}:6:1: key 'yes' is read as bool, not text — quote it: \"yes\"",
-        f"{F}:6:1: yes: unknown key 'yes' — remove it; allowed at the top level: api, defaults, egress, ingress, "
+        f"{F}:6:1: yes: unknown key 'yes' — remove it; allowed at the top level: api, build, defaults, egress, ingress, "
         "kms_proxy, name, signature, sources, spire, target, version"]),
     "python tag": (HEAD + 'api: !!python/object/apply:os.system ["true"]\n', [
         f"{F}:6:1: api: has no value — give a map, or remove the key",

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 
@@ -17,6 +18,9 @@ from enclaver_rules.cli.progress import reporter
 from enclaver_rules.eif.blobs import DEFAULT_BLOBS, KERNEL_NAMES, BlobSet, load_blobs, write_dev_blobs
 from enclaver_rules.errors import InvalidInput
 from enclaver_rules.oci.digest import Digest
+
+if TYPE_CHECKING:
+    from enclaver_rules.oci.resolve import Sources
 
 BUILD_CODES = {
     ExitCode.OK: "the EIF was written",
@@ -38,13 +42,20 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
                             "with `nitro-cli build-enclave`, so the PCRs are the same. No Docker engine is needed. "
                             "The architecture comes from the image (linux/amd64 → x86_64, linux/arm64 → aarch64).")
     p.add_argument("--image", required=True, metavar="IMAGE", help="the enclave's image (any image reference)")
-    p.add_argument("--blobs", default=str(DEFAULT_BLOBS), metavar="DIR_OR_IMAGE",
+    p.add_argument("-f", "--file", metavar="FILE",
+                   help="take --backend, --blobs and --nitro-cli-image defaults from this manifest's `build` block "
+                        "(with ENC_BUILD_* variables applied); flags given here still win")
+    p.add_argument("--blobs", metavar="DIR_OR_IMAGE",
                    help=f"kernel blob set: a directory (default {DEFAULT_BLOBS}) or an image carrying one")
     p.add_argument("--blobs-digest", metavar="DIGEST", help="refuse a blob set whose digest differs")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the EIF")
     p.add_argument("--signing-certificate", metavar="PEM", help="sign the EIF (adds PCR8); with --signing-key")
     p.add_argument("--signing-key", metavar="PEM", help="EC private key (P-256/384/521) for --signing-certificate")
     p.add_argument("--image-name", metavar="NAME", help="ImageName in the EIF's metadata (default: the reference)")
+    p.add_argument("--backend", choices=["pure", "nitro-cli"],
+                   help="pure: this process, no Docker (default); nitro-cli: AWS's nitro-cli in a container, "
+                        "through the Docker engine, as upstream enclaver does")
+    p.add_argument("--nitro-cli-image", metavar="IMAGE", help="the nitro-cli image for --backend nitro-cli")
     _source_args(p)
     add_json(p)
 
@@ -94,17 +105,42 @@ def _blobs(args: argparse.Namespace, arch: str, out: Output) -> BlobSet:
                        fix=f"put {KERNEL_NAMES[arch]}, cmdline, init and nsm.ko at its root or under /blobs")
 
 
+def _build_defaults(args: argparse.Namespace) -> None:
+    """Flag > manifest `build` block (with ENC_BUILD_*) > built-in default, for the build choices."""
+    values = {"build.backend": "pure", "build.blobs": str(DEFAULT_BLOBS), "build.nitro_cli_image": None}
+    base = Path.cwd()
+    if args.file:
+        from enclaver_rules.manifest import resolve as resolve_config
+
+        config = resolve_config(args.file, {}, os.environ)
+        config.require_manifest()
+        for v in config.values:
+            if v.setting.key in values and v.value is not None:
+                values[v.setting.key] = v.value
+                if v.setting.key == "build.blobs" and v.origin == "file":
+                    base = Path(args.file).resolve().parent
+    args.backend = args.backend or values["build.backend"]
+    if args.blobs is None:
+        blobs = str(values["build.blobs"])
+        args.blobs = str(base / blobs) if (base / blobs).exists() and not Path(blobs).is_absolute() else blobs
+    args.nitro_cli_image = args.nitro_cli_image or values["build.nitro_cli_image"]
+
+
 def run_build(args: argparse.Namespace, out: Output) -> int:
     from enclaver_rules.eif.build import build_eif, image_arch
     from enclaver_rules.eif.sign import Signer
     from enclaver_rules.oci.layer import source_date_epoch
     from enclaver_rules.oci.resolve import resolve
 
+    _build_defaults(args)
+
     if bool(args.signing_certificate) != bool(args.signing_key):
         raise InvalidInput("--signing-certificate and --signing-key go together", file="--signing-key",
                            fix="give both, or neither")
     signer = Signer.load(args.signing_certificate, args.signing_key) if args.signing_certificate else None
     sources = _sources(args, out, use_engine=True)
+    if args.backend == "nitro-cli":
+        return _build_with_nitro_cli(args, out, sources)
     with reporter(out.err, not out.quiet) as progress:
         sources.reporter = progress
         image = resolve(args.image, sources)
@@ -123,6 +159,39 @@ def run_build(args: argparse.Namespace, out: Output) -> int:
         for key, value in result.measurements.to_json().items():
             out.line(f"  {key:<14} {value}")
         out.line(Text(f"  blobs          {blobs.root} ({blobs.digest})", style="dim"))
+    return ExitCode.OK
+
+
+def _build_with_nitro_cli(args: argparse.Namespace, out: Output, sources: Sources) -> int:
+    """Upstream's path: the image goes into the engine under a build tag, nitro-cli builds from it."""
+    import contextlib
+
+    from enclaver_rules.eif import nitro_cli
+    from enclaver_rules.oci.engine import Engine
+    from enclaver_rules.oci.resolve import resolve
+    from enclaver_rules.oci.transfer import docker_archive
+
+    with reporter(out.err, not out.quiet) as progress:
+        sources.reporter = progress
+        image = resolve(args.image, sources)
+    engine = Engine()
+    tag = f"enclaver-build/{image.digest.hex[:12]}:{image.digest.hex[12:24]}"
+    engine.load(docker_archive(image, sources.store, tag))
+    signing = (Path(args.signing_certificate), Path(args.signing_key)) if args.signing_certificate else None
+    try:
+        run = nitro_cli.build(engine, tag, Path(args.output), image=args.nitro_cli_image or nitro_cli.DEFAULT_IMAGE,
+                              signing=signing)
+    finally:
+        with contextlib.suppress(Exception):
+            engine.client.images.remove(tag, noprune=False)
+    doc = {"Measurements": run.measurements.to_json(), "eif": args.output, "backend": "nitro-cli",
+           "size": Path(args.output).stat().st_size, "image": {"name": image.name, "digest": str(image.digest)}}
+    if args.json:
+        out.json(doc)
+    else:
+        out.line(Text(f"Enclave image written by nitro-cli: {args.output}", style="bold"))
+        for key, value in run.measurements.to_json().items():
+            out.line(f"  {key:<14} {value}")
     return ExitCode.OK
 
 

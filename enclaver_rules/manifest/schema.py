@@ -63,6 +63,8 @@ class FieldSpec:
     def type(self) -> str:
         if "const" in self.node:
             return "string"
+        if "enum" in self.node:
+            return " | ".join(str(c) for c in self.node["enum"])
         t = self.node.get("type", "")
         if t == "array":
             items = resolve_ref(self.node.get("items", {}))

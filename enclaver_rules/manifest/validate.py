@@ -146,6 +146,10 @@ def _explain(error: ValidationError, loc: Locator) -> Iterable[Diagnostic]:
         word = "less than the minimum" if kind == "minimum" else "more than the maximum"
         yield diagnostic(loc, path, f"{shown} is {word} {expected}", _fix(error, "change the value"))
         return
+    if kind == "enum":
+        choices = ", ".join(str(c) for c in expected)
+        yield diagnostic(loc, path, f"{shown} is not one of: {choices}", _fix(error, f"use one of: {choices}"))
+        return
     if kind == "minLength":
         yield diagnostic(loc, path, "must not be empty", _fix(error, "give a value or remove the key"))
         return
