@@ -21,10 +21,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import run  # noqa: E402
+
 FILE_MB = 16
 
 HASH = """
@@ -103,16 +106,6 @@ def make_image(root: Path, size_mb: int, layers: int) -> list[Path]:
     store.tag("bench", Descriptor(mt.OCI_MANIFEST, store.put_bytes(manifest), len(manifest)))
     del Digest
     return paths
-
-
-def run(cmd: list[str]) -> tuple[float, int]:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{cmd[:3]} failed:\n{proc.stderr.read().decode() if proc.stderr else ''}")
-    return elapsed, usage.ru_maxrss
 
 
 def main() -> int:

@@ -19,30 +19,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from _measure import run  # noqa: E402
+
 from enclaver_rules.oci.layer import Entry  # noqa: E402
 from oci_helpers import make_layout  # noqa: E402
 from services import start_registry  # noqa: E402
 
 ENCLAVER = [sys.executable, "-m", "enclaver_rules.cli"]
-
-
-def run(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (KiB) of one command; fails loudly."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr}")
-    return elapsed, usage.ru_maxrss
 
 
 @contextlib.contextmanager

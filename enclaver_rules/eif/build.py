@@ -8,7 +8,6 @@ written to a temp file beside the target and renamed into place when complete.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from enclaver_rules.eif.ramdisk import bootstrap, command_files, customer
 from enclaver_rules.eif.rootfs import build_tree
 from enclaver_rules.eif.sign import Signer, measure_sections, signature_section
 from enclaver_rules.errors import InvalidInput
-from enclaver_rules.oci.store import Store
+from enclaver_rules.oci.store import Store, atomic_file
 
 if TYPE_CHECKING:  # transfer imports the registry client (requests): not needed to build
     from enclaver_rules.oci.transfer import StoredImage
@@ -107,18 +106,8 @@ def build_eif(image: StoredImage, store: Store, blobs: BlobSet, output: str | os
             signature = signature_section(signer, pcr0)
             sections.append(SectionSource(SECTION_SIGNATURE, len(signature), lambda: iter([signature])))
             pcr8 = signer.pcr8
-        fd, tmp = tempfile.mkstemp(dir=target.parent if str(target.parent) else ".", prefix=f".{target.name}.")
-        try:
-            with os.fdopen(fd, "w+b") as out:
-                crc, measurements, size = write_eif(out, arch, sections, progress=progress)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(target) as out:
+            crc, measurements, size = write_eif(out, arch, sections, progress=progress)
     if pcr8:
         measurements = Measurements(measurements.pcr0, measurements.pcr1, measurements.pcr2, pcr8)
     return EifResult(target, measurements, size, crc, arch, blobs, image)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 from enclaver_rules.eif.measure import Measurements
 from enclaver_rules.errors import InvalidInput, OperationFailed
 from enclaver_rules.oci.engine import Engine
+from enclaver_rules.oci.store import atomic_file
 
 DEFAULT_IMAGE = "public.ecr.aws/s2t1d4c6/enclaver-io/nitro-cli:latest"
 SOCKET = "/var/run/docker.sock"
@@ -114,14 +114,6 @@ def build(engine: Engine, tag: str, output: Path, *, image: str = DEFAULT_IMAGE,
         if not produced.is_file():
             raise OperationFailed("nitro-cli reported success but wrote no /build/application.eif",
                                   fix="check the nitro-cli image's version")
-        fd, tmp = tempfile.mkstemp(dir=output.parent if str(output.parent) else ".", prefix=f".{output.name}.")
-        os.close(fd)
-        try:
-            shutil.copyfile(produced, tmp)  # not a rename: /build may be on another file system
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, output)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(output) as out, open(produced, "rb") as source:
+            shutil.copyfileobj(source, out, 1 << 20)  # a copy, not a rename: /build may be another file system
     return NitroCliRun(measurements, tuple(stderr))
