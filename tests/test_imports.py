@@ -19,7 +19,8 @@ ADAPTERS = {"docker": {"enclaver_rules/oci/engine.py", "enclaver_rules/eif/nitro
             "oras": {"enclaver_rules/oci/registry.py"}, "requests": {"enclaver_rules/oci/registry.py"},
             "urllib3": {"enclaver_rules/oci/registry.py"}}
 ALLOWED_THIRD_PARTY = {"yaml", "jsonschema"}
-PURE_PREFIXES = ("enclaver_rules.policy", "enclaver_rules.manifest", "enclaver_rules.errors", "enclaver_rules.ports",
+PURE_PREFIXES = ("odyn.", "enclaver_rules.policy", "enclaver_rules.manifest", "enclaver_rules.errors",
+                 "enclaver_rules.ports",
                  *(f"enclaver_rules.oci.{m}" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
                                                         "flatten", "store")))
 

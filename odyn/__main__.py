@@ -1,0 +1,73 @@
+"""`odyn [options] -- APP ARGV...`: run APP under the supervisor (see odyn.supervisor)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from odyn.logring import DEFAULT_SIZE
+from odyn.supervisor import DEFAULT_LINGER, EXIT_FATAL, Supervisor
+from odyn.transport import Transport, UnixTransport, VsockTransport
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="odyn", description="enclaver's in-enclave supervisor",
+                                     epilog="exit codes: the app's; 107 app killed by a signal; 108 odyn failed; "
+                                            "2 bad arguments")
+    parser.add_argument("--config-dir", default="/etc/enclaver", help="holds enclaver.yaml (upstream's flag)")
+    parser.add_argument("--transport", default="vsock", metavar="vsock|unix:DIR",
+                        help="vsock (in an enclave) or unix:DIR (the simulator and tests)")
+    parser.add_argument("--cid", type=int, default=16, help="this side's CID for unix:DIR transports")
+    parser.add_argument("--log-ring-bytes", type=int, default=DEFAULT_SIZE)
+    parser.add_argument("--linger", type=float, default=DEFAULT_LINGER,
+                        help="seconds readers get for the final status and the end of the log")
+    parser.add_argument("--no-bootstrap", action="store_true", help="skip enclave bring-up (accepted for upstream)")
+    parser.add_argument("--no-console", action="store_true", help="accepted for upstream compatibility")
+    parser.add_argument("app", nargs=argparse.REMAINDER, help="-- then the app's argv")
+    args = parser.parse_args(argv)
+    if args.app[:1] == ["--"]:
+        args.app = args.app[1:]
+    if not args.app:
+        parser.error("give the app after --")
+    return args
+
+
+def transport(spec: str, cid: int) -> Transport:
+    if spec == "vsock":
+        return VsockTransport()
+    if spec.startswith("unix:"):
+        return UnixTransport(spec[len("unix:"):], cid)
+    raise SystemExit(f"odyn: unknown transport {spec!r}; use vsock or unix:DIR")
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Outside PID 1 (simulator, tests), adopt orphaned descendants as PID 1 would, so the same
+    reaping code runs everywhere. Best effort: a libc-less binary may have no ctypes."""
+    if os.getpid() == 1:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError, ImportError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    become_subreaper()
+    try:
+        supervisor = Supervisor(transport(args.transport, args.cid), args.log_ring_bytes, args.linger)
+        return asyncio.run(supervisor.run(args.app, dict(os.environ)))
+    except OSError as e:
+        print(f"odyn: {e}", file=sys.stderr)
+        return EXIT_FATAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""odyn's supervisor: start the app, carry its status and logs out, reap, forward signals, exit.
+
+Order matters (compat notes §5): the status and log services come up first, so that anything
+failing later is still reported. Then the app starts with the image's environment. Every child is
+reaped (PID 1 inherits orphans); the app's own status ends the run. SIGTERM and SIGINT are passed
+to the app's process group (upstream forwards nothing, so apps never see a graceful shutdown).
+
+Exit codes of odyn: the app's exit code; 107 when the app was killed by a signal; 108 when odyn
+itself failed. If odyn fails after its status service is up, it does not vanish: it reports
+`fatal` and stays up ("zombie") until its linger time is over, so the host can read the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+
+from enclaver_rules.ports import LOGS_PORT, STATUS_PORT
+from odyn.logring import DEFAULT_SIZE, LogRing
+from odyn.status import Status
+from odyn.transport import Transport
+
+EXIT_SIGNALED = 107
+EXIT_FATAL = 108
+DEFAULT_LINGER = 5.0  # seconds readers get to collect the final status and the log's end
+
+
+@dataclass
+class Supervisor:
+    transport: Transport
+    ring_size: int = DEFAULT_SIZE
+    linger: float = DEFAULT_LINGER
+    status: Status = field(default_factory=lambda: Status("starting"))
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _ring: LogRing = field(init=False)
+    _log_changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _app: subprocess.Popen[bytes] | None = None
+    _app_status: int | None = None
+    _exited: asyncio.Event = field(default_factory=asyncio.Event)
+    _servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    _delivered: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._ring = LogRing(self.ring_size)
+
+    # -- status ---------------------------------------------------------------------------------
+
+    async def set_status(self, status: Status) -> None:
+        async with self._changed:
+            self.status = status
+            self._changed.notify_all()
+
+    async def _serve_status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent: Status | None = None
+        try:
+            while True:
+                async with self._changed:
+                    while self.status is sent:
+                        await self._changed.wait()
+                    sent = self.status
+                writer.write(sent.line())
+                await writer.drain()
+                if sent.final:
+                    writer.write_eof()
+                    await writer.drain()
+                    return
+        except (ConnectionError, OSError):
+            return
+        finally:
+            writer.close()
+
+    # -- logs -----------------------------------------------------------------------------------
+
+    async def log(self, data: bytes) -> None:
+        async with self._log_changed:
+            self._ring.append(data)
+            self._log_changed.notify_all()
+
+    async def _serve_logs(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        position = self._ring.reader()
+        try:
+            while True:
+                async with self._log_changed:
+                    data, position, end = self._ring.read(position)
+                    while not data and not end:
+                        await self._log_changed.wait()
+                        data, position, end = self._ring.read(position)
+                if data:
+                    writer.write(data)
+                    await writer.drain()
+                if end:
+                    writer.write_eof()  # everything the app wrote was sent: tell the reader
+                    await writer.drain()
+                    return
+        except (ConnectionError, OSError):
+            return
+        finally:
+            writer.close()
+
+    async def _pump(self, stream: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(stream, "rb"))
+        try:
+            while chunk := await reader.read(1 << 16):
+                await self.log(chunk)
+        finally:
+            transport.close()
+
+    # -- the app --------------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        """Reap every child that has exited (PID 1 inherits orphans); note the app's status."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if self._app is not None and pid == self._app.pid:
+                self._app_status = status
+                self._app.returncode = os.waitstatus_to_exitcode(status)
+                self._exited.set()
+
+    def _forward(self, signum: int) -> None:
+        if self._app is not None and self._app.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._app.pid, signum)
+
+    async def run(self, argv: list[str], env: dict[str, str]) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            self._servers.append(await self.transport.listen(STATUS_PORT, self._serve_status))
+        except OSError as e:
+            await self.log(f"odyn: cannot serve status: {e}\n".encode())
+            return EXIT_FATAL  # nothing can report anything: fail at once
+        try:
+            self._servers.append(await self.transport.listen(LOGS_PORT, self._serve_logs))
+            loop.add_signal_handler(signal.SIGCHLD, self._reap)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._forward, signum)
+            read_end, write_end = os.pipe()
+            try:
+                self._app = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=write_end,
+                                             stderr=write_end, start_new_session=True, close_fds=True)
+            finally:
+                os.close(write_end)
+            pump = asyncio.create_task(self._pump(read_end), name="odyn-log-pump")
+            await self.set_status(Status("running"))
+            self._reap()  # the app may have exited before the handler was installed
+            await self._exited.wait()
+            await pump  # everything the app wrote is in the ring
+        except (OSError, ValueError) as e:
+            return await self._fatal(f"{type(e).__name__}: {e}")
+        assert self._app_status is not None
+        if os.WIFSIGNALED(self._app_status):
+            final, code = Status("signaled", signal=os.WTERMSIG(self._app_status)), EXIT_SIGNALED
+        else:
+            final = Status("exited", code=os.WEXITSTATUS(self._app_status))
+            code = os.WEXITSTATUS(self._app_status)
+        await self._finish(final)
+        return code
+
+    async def _fatal(self, error: str) -> int:
+        await self.log(f"odyn: fatal: {error}\n".encode())
+        await self._finish(Status("fatal", error=error))
+        return EXIT_FATAL
+
+    async def _finish(self, final: Status) -> None:
+        """Publish the final status, end the log, and give readers `linger` seconds to collect both."""
+        async with self._log_changed:
+            self._ring.close()
+            self._log_changed.notify_all()
+        await self.set_status(final)
+        await asyncio.sleep(self.linger)
+        for server in self._servers:
+            server.close()
