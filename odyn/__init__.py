@@ -5,7 +5,8 @@ the enclave (ingress, and egress checked against the manifest's policy). It may 
 parts of `enclaver_rules` (`policy`, `ports`, manifest loading) but never its adapters or CLI, so
 its static binary stays small.
 
-Here so far: `transport` (AF_VSOCK and its Unix-socket emulation), `egress_frame` (the egress
-tunnel handshake), `status` (the status stream's lines) and `logring` (the bounded log buffer).
-The supervisor, proxies and the static binary come next.
+Here so far: `transport` (AF_VSOCK and its Unix-socket emulation), `supervisor` (services first,
+then the manifest, egress proxy and ingress, then the app), `egress` + `http_head` + `egress_frame`
+(the policy-checking proxy and its tunnel handshake), `ingress`, `relay`, `status`, `logring`.
+PID 1 bring-up, transparent egress, no-bypass, flush on shutdown and the static binary come next.
 """

@@ -61,9 +61,10 @@ def become_subreaper() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     become_subreaper()
+    path = os.path.join(args.config_dir, "enclaver.yaml")
     try:
         supervisor = Supervisor(transport(args.transport, args.cid), args.log_ring_bytes, args.linger)
-        return asyncio.run(supervisor.run(args.app, dict(os.environ)))
+        return asyncio.run(supervisor.run(args.app, dict(os.environ), path if os.path.exists(path) else None))
     except OSError as e:
         print(f"odyn: {e}", file=sys.stderr)
         return EXIT_FATAL

@@ -19,7 +19,10 @@ import signal
 import subprocess
 from dataclasses import dataclass, field
 
+from enclaver_rules.errors import EnclaverError
 from enclaver_rules.ports import LOGS_PORT, STATUS_PORT
+from odyn import ingress
+from odyn.egress import EgressProxy
 from odyn.logring import DEFAULT_SIZE, LogRing
 from odyn.status import Status
 from odyn.transport import Transport
@@ -132,7 +135,26 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._app.pid, signum)
 
-    async def run(self, argv: list[str], env: dict[str, str]) -> int:
+    async def start_network(self, config: str | None, env: dict[str, str]) -> dict[str, str]:
+        """Egress proxy and ingress listeners from the manifest at `config` (loaded only now, with the
+        status service up, so a broken manifest is reported); returns the app's environment."""
+        env = dict(env)
+        if config is None:
+            return env
+        from enclaver_rules.manifest import load_manifest
+
+        manifest, _ = load_manifest(config)
+        if manifest.egress.enabled:
+            proxy = EgressProxy(manifest.egress.policy(), self.transport)
+            self._servers.append(await asyncio.start_server(proxy.handle, "127.0.0.1", manifest.egress.proxy_port))
+            url = f"http://127.0.0.1:{manifest.egress.proxy_port}/"
+            env.update({"http_proxy": url, "https_proxy": url, "HTTP_PROXY": url, "HTTPS_PROXY": url,
+                        "no_proxy": "localhost,127.0.0.1", "NO_PROXY": "localhost,127.0.0.1"})
+        for item in manifest.ingress:
+            self._servers.append(await ingress.serve(self.transport, item.listen_port))
+        return env
+
+    async def run(self, argv: list[str], env: dict[str, str], config: str | None = None) -> int:
         loop = asyncio.get_running_loop()
         try:
             self._servers.append(await self.transport.listen(STATUS_PORT, self._serve_status))
@@ -141,6 +163,7 @@ class Supervisor:
             return EXIT_FATAL  # nothing can report anything: fail at once
         try:
             self._servers.append(await self.transport.listen(LOGS_PORT, self._serve_logs))
+            env = await self.start_network(config, env)
             loop.add_signal_handler(signal.SIGCHLD, self._reap)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._forward, signum)
@@ -155,6 +178,8 @@ class Supervisor:
             self._reap()  # the app may have exited before the handler was installed
             await self._exited.wait()
             await pump  # everything the app wrote is in the ring
+        except EnclaverError as e:
+            return await self._fatal(str(e))
         except (OSError, ValueError) as e:
             return await self._fatal(f"{type(e).__name__}: {e}")
         assert self._app_status is not None

@@ -119,3 +119,81 @@ def test_orphans_are_adopted_and_reaped_and_the_app_decides(tmp_path: Path) -> N
 def test_bad_arguments_exit_2() -> None:
     result = subprocess.run([sys.executable, "-m", "odyn", "--transport", "unix:/tmp"], capture_output=True)
     assert result.returncode == 2 and b"give the app after --" in result.stderr
+
+
+APP_WITH_NETWORK = r"""
+import http.server, os, sys, threading, urllib.request
+origin, port = sys.argv[1], int(sys.argv[2])
+# egress: through the proxy odyn put in our environment, to the parent ("host")
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": os.environ["HTTP_PROXY"]}))
+print("egress:", opener.open(f"http://host:{origin}/", timeout=20).read().decode().strip(), flush=True)
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("proxy=" + os.environ["HTTP_PROXY"] + " no_proxy=" + os.environ["NO_PROXY"]).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+        threading.Thread(target=server.shutdown).start()
+    def log_message(self, *a): pass
+server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+server.serve_forever()
+"""
+
+
+def test_manifest_drives_egress_proxy_env_and_ingress(tmp_path: Path) -> None:
+    from enclaver_rules.policy import EgressPolicy
+    from enclaver_rules.runtime.egress_host import HostEgress
+    from services import free_port
+
+    ingress_port, proxy_port = free_port(), free_port()
+    config = tmp_path / "cfg"
+    config.mkdir()
+    (config / "enclaver.yaml").write_text(
+        f"version: v1\nname: app\ntarget: t\nsources: {{app: a}}\ningress:\n  - listen_port: {ingress_port}\n"
+        f"egress:\n  proxy_port: {proxy_port}\n  allow: [host]\n")
+    sockets = tmp_path / "vsock"
+    sockets.mkdir()
+
+    async def main() -> tuple[int, bytes, bytes]:
+        async def origin_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 17\r\nConnection: close\r\n\r\nhello from parent")
+            await writer.drain()
+            writer.close()
+
+        origin = await asyncio.start_server(origin_handler, "127.0.0.1", 0)
+        host_side = await HostEgress(EgressPolicy.from_lists(["host"]), UnixTransport(sockets, 2)).serve()
+        odyn = subprocess.Popen([sys.executable, "-m", "odyn", "--config-dir", str(config), "--transport",
+                                 f"unix:{sockets}", "--cid", str(ENCLAVE_CID), "--linger", "1", "--",
+                                 sys.executable, "-c", APP_WITH_NETWORK, str(origin.sockets[0].getsockname()[1]),
+                                 str(ingress_port)])
+        logs_reader, _ = await _connect(sockets, LOGS_PORT)
+        answer = b""
+        deadline = time.monotonic() + 30
+        while b"200 OK" not in answer and time.monotonic() < deadline:  # until the app listens
+            reader, writer = await _connect(sockets, ingress_port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 20)
+            writer.close()
+            await asyncio.sleep(0.1)
+        logs = await asyncio.wait_for(logs_reader.read(), 30)
+        code = await asyncio.get_running_loop().run_in_executor(None, odyn.wait, 30)
+        host_side.close()
+        origin.close()
+        return code, answer, logs
+
+    code, answer, logs = asyncio.run(main())
+    assert code == 0, logs
+    assert f"proxy=http://127.0.0.1:{proxy_port}/ no_proxy=localhost,127.0.0.1".encode() in answer
+    assert b"egress: hello from parent" in logs
+
+
+def test_a_broken_manifest_is_reported_on_the_status_stream(tmp_path: Path) -> None:
+    config = tmp_path / "cfg"
+    config.mkdir()
+    (config / "enclaver.yaml").write_text("version: v9\n")
+    odyn = subprocess.Popen([sys.executable, "-m", "odyn", "--config-dir", str(config), "--transport",
+                             f"unix:{tmp_path}", "--cid", str(ENCLAVE_CID), "--linger", "1.5", "--", "/bin/true"])
+    lines, logs = asyncio.run(collect(tmp_path))
+    assert lines[-1]["status"] == "fatal" and "version: 'v9' is not supported" in str(lines[-1]["error"])
+    assert b"odyn: fatal:" in logs and b"enclaver.yaml:1:10" in logs  # file, line and column, as everywhere
+    assert odyn.wait(30) == 108
