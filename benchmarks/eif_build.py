@@ -77,7 +77,6 @@ def make_image(root: Path, size_mb: int, layers: int) -> list[Path]:
     """Uncompressed random layers into a store, tagged `bench`; returns the layer blob paths."""
     sys.path.insert(0, str(REPO))
     from enclaver_rules.oci import mediatypes as mt
-    from enclaver_rules.oci.digest import Digest
     from enclaver_rules.oci.model import Descriptor
     from enclaver_rules.oci.mutate import canonical_json
     from enclaver_rules.oci.store import Store
@@ -104,7 +103,6 @@ def make_image(root: Path, size_mb: int, layers: int) -> list[Path]:
     manifest = canonical_json({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "config": {
         "mediaType": mt.OCI_CONFIG, "digest": str(config_digest), "size": len(config)}, "layers": descriptors})
     store.tag("bench", Descriptor(mt.OCI_MANIFEST, store.put_bytes(manifest), len(manifest)))
-    del Digest
     return paths
 
 

@@ -10,7 +10,6 @@ EIFs differ byte-wise between builds while PCR0 and PCR8 do not.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +144,3 @@ def read_signature(section: bytes) -> SignatureInfo:
         except InvalidSignature:
             valid = False
     return SignatureInfo(certificate, ALG_NAMES.get(alg, str(alg)), signed_pcr0, valid)
-
-
-def certificate_fingerprint(certificate: x509.Certificate) -> str:
-    return hashlib.sha384(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()

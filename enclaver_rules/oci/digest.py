@@ -1,8 +1,8 @@
-"""Content digests, and the one reader that verifies outside bytes as they stream.
+"""Content digests, and the error for bytes that do not match theirs.
 
-Every byte that crosses a trust boundary (registry, engine, archive, disk) is read through
-`VerifyingReader`: hashed as it streams, capped at the declared size, and checked at EOF. A
-mismatch names both digests, the byte count and where the bytes came from.
+Outside bytes (registry, engine, archive, another layout) are verified in one place:
+`Store.put`, which hashes them as they stream to a temp file, caps them at the declared size and
+keeps nothing on a mismatch. A mismatch names both digests, the byte count and the source.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from enclaver_rules.errors import OperationFailed
 
@@ -47,50 +46,3 @@ class Digest:
 
 class DigestMismatch(OperationFailed):
     """Bytes did not match the digest (or size) that names them: refused, nothing kept."""
-
-
-class VerifyingReader:
-    """A file-like reader that hashes what passes and fails at EOF unless digest and size match.
-
-    `expected_size` may be None when unknown (then only the digest is checked); reading more than
-    `expected_size` bytes fails at once instead of buffering an endless stream.
-    """
-
-    def __init__(self, stream: BinaryIO, expected: Digest, expected_size: int | None, source: str) -> None:
-        self._stream = stream
-        self.expected = expected
-        self.expected_size = expected_size
-        self.source = source
-        self._hash = expected.hasher()
-        self.count = 0
-        self._done = False
-
-    def read(self, n: int = -1) -> bytes:
-        if self._done:
-            return b""
-        if self.expected_size is not None:
-            left = self.expected_size - self.count
-            n = left + 1 if n < 0 or n > left else n  # ask for one byte too many to notice overlong streams
-        chunk = self._stream.read(n) if n >= 0 else self._stream.read()
-        if chunk:
-            self.count += len(chunk)
-            self._hash.update(chunk)
-            if self.expected_size is not None and self.count > self.expected_size:
-                raise DigestMismatch(
-                    f"{self.source}: more than the declared {self.expected_size} bytes for {self.expected}",
-                    fix="the source serves different content than its manifest declares; do not use it")
-            return chunk
-        self._done = True
-        self.check()
-        return b""
-
-    def check(self) -> None:
-        got = Digest(self.expected.algorithm, self._hash.hexdigest())
-        if self.expected_size is not None and self.count != self.expected_size:
-            raise DigestMismatch(
-                f"{self.source}: stream ended after {self.count} of {self.expected_size} bytes of {self.expected}",
-                fix="the transfer was cut short; try again")
-        if got != self.expected:
-            raise DigestMismatch(
-                f"{self.source}: content digest {got} does not match {self.expected} ({self.count} bytes read)",
-                fix="the source holds tampered or corrupt data; nothing was kept")

@@ -18,7 +18,7 @@ from typing import Any
 from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.layer import Layer
-from enclaver_rules.oci.model import Descriptor, ImageConfig, Manifest
+from enclaver_rules.oci.model import ImageConfig, Manifest
 
 _TO_OCI = {mt.DOCKER_LAYER_GZIP: mt.OCI_LAYER_GZIP, mt.DOCKER_CONFIG: mt.OCI_CONFIG}
 
@@ -93,7 +93,3 @@ def edit_image(manifest: Manifest, config: ImageConfig, *, layers: Sequence[Laye
     if manifest.annotations:
         new_manifest["annotations"] = dict(manifest.annotations)
     return EditedImage(config_bytes, canonical_json(new_manifest))
-
-
-def descriptor_for(raw: bytes, media_type: str) -> Descriptor:
-    return Descriptor(media_type, Digest.of(raw), len(raw))
