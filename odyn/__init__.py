@@ -5,8 +5,10 @@ the enclave (ingress, and egress checked against the manifest's policy). It may 
 parts of `enclaver_rules` (`policy`, `ports`, manifest loading) but never its adapters or CLI, so
 its static binary stays small.
 
-Here so far: `transport` (AF_VSOCK and its Unix-socket emulation), `supervisor` (services first,
-then the manifest, egress proxy and ingress, then the app), `egress` + `http_head` + `egress_frame`
-(the policy-checking proxy and its tunnel handshake), `ingress`, `relay`, `status`, `logring`.
-PID 1 bring-up, transparent egress, no-bypass, flush on shutdown and the static binary come next.
+Modules: `transport` (AF_VSOCK and its Unix-socket emulation), `supervisor` (services first, then
+bring-up, the manifest, egress proxy and ingress, then the app; flush; final status), `bringup`
+(mounts, loopback, hostname, NSM entropy, the app's environment), `nsm`, `sandbox` (no bypass:
+seccomp), `egress` + `http_head` + `egress_frame` (the policy-checking proxy and its tunnel
+handshake), `ingress`, `relay` + `connections` (half-close aware copying; flush on shutdown),
+`status`, `logring`, `dns` (for transparent egress).
 """

@@ -7,8 +7,9 @@ import asyncio
 import os
 import sys
 
+from odyn import bringup, nsm, sandbox
 from odyn.logring import DEFAULT_SIZE
-from odyn.supervisor import DEFAULT_LINGER, EXIT_FATAL, Supervisor
+from odyn.supervisor import DEFAULT_FLUSH, DEFAULT_LINGER, EXIT_FATAL, Supervisor
 from odyn.transport import Transport, UnixTransport, VsockTransport
 
 
@@ -23,7 +24,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--log-ring-bytes", type=int, default=DEFAULT_SIZE)
     parser.add_argument("--linger", type=float, default=DEFAULT_LINGER,
                         help="seconds readers get for the final status and the end of the log")
-    parser.add_argument("--no-bootstrap", action="store_true", help="skip enclave bring-up (accepted for upstream)")
+    parser.add_argument("--flush-timeout", type=float, default=DEFAULT_FLUSH,
+                        help="seconds open ingress/egress connections get to deliver data after the app exits")
+    parser.add_argument("--no-bootstrap", action="store_true",
+                        help="skip bring-up (mounts, loopback, hostname, NSM entropy), as upstream's flag")
     parser.add_argument("--no-console", action="store_true", help="accepted for upstream compatibility")
     parser.add_argument("app", nargs=argparse.REMAINDER, help="-- then the app's argv")
     args = parser.parse_args(argv)
@@ -42,6 +46,10 @@ def transport(spec: str, cid: int) -> Transport:
     raise SystemExit(f"odyn: unknown transport {spec!r}; use vsock or unix:DIR")
 
 
+def bringup_none() -> list[str]:
+    return []
+
+
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -58,12 +66,22 @@ def become_subreaper() -> None:
         pass
 
 
+def bring_up() -> list[str]:
+    source = (lambda: nsm.get_random(nsm.NsmDevice())) if os.path.exists(nsm.DEVICE) else None
+    return bringup.bring_up(source)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     become_subreaper()
     path = os.path.join(args.config_dir, "enclaver.yaml")
     try:
-        supervisor = Supervisor(transport(args.transport, args.cid), args.log_ring_bytes, args.linger)
+        sandbox.native_abi()  # fail now, loudly, on an architecture the no-bypass filter does not know
+        sandbox.protect_supervisor()
+        supervisor = Supervisor(transport(args.transport, args.cid), args.log_ring_bytes, args.linger,
+                                flush=args.flush_timeout, confine=sandbox.confine_app,
+                                bring_up=bringup_none if args.no_bootstrap else bring_up,
+                                set_hostname=not args.no_bootstrap)
         return asyncio.run(supervisor.run(args.app, dict(os.environ), path if os.path.exists(path) else None))
     except OSError as e:
         print(f"odyn: {e}", file=sys.stderr)

@@ -82,7 +82,8 @@ class EgressProxy:
                 self.decide(target)
                 up_reader, up_writer, early = await self.tunnel(target)
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                await splice((reader, writer), (up_reader, up_writer), first_to_b=head.rest, first_to_a=early)
+                await splice((reader, writer), (up_reader, up_writer), first_to_b=head.rest, first_to_a=early,
+                             app="a")
                 return
             target = absolute_target(request.target)
             self.decide(target)
@@ -90,7 +91,7 @@ class EgressProxy:
             if target.scheme == "https":
                 await up_writer.start_tls(self.ssl_context or ssl.create_default_context(), server_hostname=target.host)
             await splice((reader, writer), (up_reader, up_writer), first_to_b=origin_request(request, target) + head.rest,
-                         first_to_a=early)
+                         first_to_a=early, app="a")
         except HeadError as e:
             await _answer(writer, e.status, "Bad Request" if e.status == 400 else "Request Header Fields Too Large",
                           f"{e.message}\n")

@@ -89,7 +89,7 @@ class Target:
 def connect_target(target: str) -> Target:
     """`host:port` or `[v6]:port` of a CONNECT; the port is required (upstream answers 400 too)."""
     host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or not host:
         raise HeadError(400, "CONNECT needs host:port")
     return Target("connect", host.removeprefix("[").removesuffix("]"), int(port))
 
@@ -107,7 +107,7 @@ def absolute_target(target: str) -> Target:
     else:
         host, _, port_text = authority.partition(":")
     default = 443 if scheme.lower() == "https" else 80
-    if port_text and (not port_text.isdigit() or not 0 < int(port_text) < 65536):
+    if port_text and (not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536):
         raise HeadError(400, "bad port in URL")
     if not host:
         raise HeadError(400, "URL is missing a host")

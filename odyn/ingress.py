@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 from odyn.relay import splice
-from odyn.transport import Transport
+from odyn.transport import Handler, Transport
 
 CONNECT_TIMEOUT = 10.0
 
 
-async def serve(transport: Transport, port: int) -> asyncio.AbstractServer:
+def _untracked(handler: Handler) -> Handler:
+    return handler
+
+
+async def serve(transport: Transport, port: int,
+                track: Callable[[Handler], Handler] = _untracked) -> asyncio.AbstractServer:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             app = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), CONNECT_TIMEOUT)
@@ -22,6 +28,6 @@ async def serve(transport: Transport, port: int) -> asyncio.AbstractServer:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
             return
-        await splice((reader, writer), app)
+        await splice((reader, writer), app, app="b")
 
-    return await transport.listen(port, handle)
+    return await transport.listen(port, track(handle))

@@ -17,11 +17,14 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from enclaver_rules.errors import EnclaverError
 from enclaver_rules.ports import LOGS_PORT, STATUS_PORT
 from odyn import ingress
+from odyn.bringup import app_environment, set_hostname
+from odyn.connections import Connections
 from odyn.egress import EgressProxy
 from odyn.logring import DEFAULT_SIZE, LogRing
 from odyn.status import Status
@@ -30,6 +33,11 @@ from odyn.transport import Transport
 EXIT_SIGNALED = 107
 EXIT_FATAL = 108
 DEFAULT_LINGER = 5.0  # seconds readers get to collect the final status and the log's end
+DEFAULT_FLUSH = 5.0  # seconds open ingress/egress connections get to deliver what the app left
+
+
+def _no_bring_up() -> list[str]:
+    return []
 
 
 @dataclass
@@ -37,6 +45,10 @@ class Supervisor:
     transport: Transport
     ring_size: int = DEFAULT_SIZE
     linger: float = DEFAULT_LINGER
+    flush: float = DEFAULT_FLUSH
+    bring_up: Callable[[], list[str]] = _no_bring_up  # runs once the status and log services are up
+    confine: Callable[[], None] | None = None  # runs in the app's process just before exec (no bypass)
+    set_hostname: bool = False  # to the manifest's name, when the kernel has none (bring-up)
     status: Status = field(default_factory=lambda: Status("starting"))
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _ring: LogRing = field(init=False)
@@ -44,7 +56,10 @@ class Supervisor:
     _app: subprocess.Popen[bytes] | None = None
     _app_status: int | None = None
     _exited: asyncio.Event = field(default_factory=asyncio.Event)
-    _servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    _servers: list[asyncio.AbstractServer] = field(default_factory=list)  # status and logs
+    _network: list[asyncio.AbstractServer] = field(default_factory=list)  # ingress and egress
+    _connections: Connections = field(default_factory=Connections)  # ingress and egress
+    _readers: Connections = field(default_factory=Connections)  # of status and logs
     _delivered: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -144,33 +159,40 @@ class Supervisor:
         from enclaver_rules.manifest import load_manifest
 
         manifest, _ = load_manifest(config)
+        if self.set_hostname and set_hostname(manifest.name):
+            await self.log(f"odyn: hostname set to {manifest.name}\n".encode())
+        track = self._connections.track
         if manifest.egress.enabled:
             proxy = EgressProxy(manifest.egress.policy(), self.transport)
-            self._servers.append(await asyncio.start_server(proxy.handle, "127.0.0.1", manifest.egress.proxy_port))
+            self._network.append(await asyncio.start_server(track(proxy.handle), "127.0.0.1",
+                                                            manifest.egress.proxy_port))
             url = f"http://127.0.0.1:{manifest.egress.proxy_port}/"
             env.update({"http_proxy": url, "https_proxy": url, "HTTP_PROXY": url, "HTTPS_PROXY": url,
                         "no_proxy": "localhost,127.0.0.1", "NO_PROXY": "localhost,127.0.0.1"})
         for item in manifest.ingress:
-            self._servers.append(await ingress.serve(self.transport, item.listen_port))
+            self._network.append(await ingress.serve(self.transport, item.listen_port, track))
         return env
 
     async def run(self, argv: list[str], env: dict[str, str], config: str | None = None) -> int:
         loop = asyncio.get_running_loop()
         try:
-            self._servers.append(await self.transport.listen(STATUS_PORT, self._serve_status))
+            self._servers.append(await self.transport.listen(STATUS_PORT, self._readers.track(self._serve_status)))
         except OSError as e:
             await self.log(f"odyn: cannot serve status: {e}\n".encode())
             return EXIT_FATAL  # nothing can report anything: fail at once
         try:
-            self._servers.append(await self.transport.listen(LOGS_PORT, self._serve_logs))
-            env = await self.start_network(config, env)
+            self._servers.append(await self.transport.listen(LOGS_PORT, self._readers.track(self._serve_logs)))
+            for done in self.bring_up():
+                await self.log(f"odyn: {done}\n".encode())
+            env = await self.start_network(config, app_environment(env))
             loop.add_signal_handler(signal.SIGCHLD, self._reap)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._forward, signum)
             read_end, write_end = os.pipe()
             try:
                 self._app = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=write_end,
-                                             stderr=write_end, start_new_session=True, close_fds=True)
+                                             stderr=write_end, start_new_session=True, close_fds=True,
+                                             preexec_fn=self.confine)
             finally:
                 os.close(write_end)
             pump = asyncio.create_task(self._pump(read_end), name="odyn-log-pump")
@@ -178,8 +200,11 @@ class Supervisor:
             self._reap()  # the app may have exited before the handler was installed
             await self._exited.wait()
             await pump  # everything the app wrote is in the ring
+            await self._flush()
         except EnclaverError as e:
             return await self._fatal(str(e))
+        except subprocess.SubprocessError as e:  # preexec (the sandbox) failed: the app never ran
+            return await self._fatal(f"cannot start the app confined: {e}")
         except (OSError, ValueError) as e:
             return await self._fatal(f"{type(e).__name__}: {e}")
         assert self._app_status is not None
@@ -191,17 +216,29 @@ class Supervisor:
         await self._finish(final)
         return code
 
+    async def _flush(self) -> None:
+        """Before the final status (after which the host may stop the enclave at once): accept no
+        new connections, and give open ones `flush` seconds to deliver what the app left queued."""
+        for server in self._network:
+            server.close()
+        finished, cut = await self._connections.drain(self.flush)
+        if finished or cut:
+            note = f", cut {cut} still open after {self.flush:g}s" if cut else ""
+            await self.log(f"odyn: flushed {finished} open connection(s){note}\n".encode())
+
     async def _fatal(self, error: str) -> int:
         await self.log(f"odyn: fatal: {error}\n".encode())
         await self._finish(Status("fatal", error=error))
         return EXIT_FATAL
 
     async def _finish(self, final: Status) -> None:
-        """Publish the final status, end the log, and give readers `linger` seconds to collect both."""
+        """Publish the final status, end the log, and give readers `linger` seconds to collect both;
+        readers already connected then still get to the end (bounded by `flush`)."""
         async with self._log_changed:
             self._ring.close()
             self._log_changed.notify_all()
         await self.set_status(final)
         await asyncio.sleep(self.linger)
-        for server in self._servers:
+        for server in self._servers + self._network:
             server.close()
+        await self._readers.drain(self.flush)

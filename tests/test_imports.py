@@ -18,7 +18,7 @@ PURE = ["enclaver_rules/policy", "enclaver_rules/manifest", "enclaver_rules/erro
 ADAPTERS = {"docker": {"enclaver_rules/oci/engine.py", "enclaver_rules/eif/nitro_cli.py"},
             "oras": {"enclaver_rules/oci/registry.py"}, "requests": {"enclaver_rules/oci/registry.py"},
             "urllib3": {"enclaver_rules/oci/registry.py"}}
-ALLOWED_THIRD_PARTY = {"yaml", "jsonschema"}
+ALLOWED_THIRD_PARTY = {"yaml", "jsonschema", "cbor2"}  # cbor2: NSM messages, attestation
 PURE_PREFIXES = ("odyn.", "enclaver_rules.policy", "enclaver_rules.manifest", "enclaver_rules.errors",
                  "enclaver_rules.ports",
                  *(f"enclaver_rules.oci.{m}" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",

@@ -197,3 +197,130 @@ def test_a_broken_manifest_is_reported_on_the_status_stream(tmp_path: Path) -> N
     assert lines[-1]["status"] == "fatal" and "version: 'v9' is not supported" in str(lines[-1]["error"])
     assert b"odyn: fatal:" in logs and b"enclaver.yaml:1:10" in logs  # file, line and column, as everywhere
     assert odyn.wait(30) == 108
+
+
+LEAVES_AT_ONCE = r"""
+import os, socket, sys
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("listening", flush=True)
+conn, _ = server.accept()
+conn.recv(100)
+conn.sendall(b"x" * int(sys.argv[2]))
+os._exit(0)  # at once: the response is still in buffers on its way out
+"""
+
+
+def test_responses_in_flight_are_delivered_before_odyn_reports_the_exit(tmp_path: Path) -> None:
+    """Upstream cuts responses off at exit. Here the client reads only after the app has gone, with
+    no linger at all: the flush alone must carry all 8 MiB out before the final status."""
+    from services import free_port
+
+    port = free_port()
+    config = tmp_path / "cfg"
+    config.mkdir()
+    (config / "enclaver.yaml").write_text(
+        f"version: v1\nname: app\ntarget: t\nsources: {{app: a}}\ningress:\n  - listen_port: {port}\n")
+    sockets = tmp_path / "vsock"
+    sockets.mkdir()
+    odyn = subprocess.Popen([sys.executable, "-m", "odyn", "--config-dir", str(config), "--transport",
+                             f"unix:{sockets}", "--cid", str(ENCLAVE_CID), "--linger", "0", "--flush-timeout", "20",
+                             "--", sys.executable, "-c", LEAVES_AT_ONCE, str(port), str(8 << 20)])
+
+    async def main() -> tuple[int, list[dict[str, object]]]:
+        logs_r, _ = await _connect(sockets, LOGS_PORT)
+        status_r, _ = await _connect(sockets, STATUS_PORT)
+        first = await asyncio.wait_for(logs_r.readline(), 20)
+        assert first == b"listening\n", first
+        reader, writer = await _connect(sockets, port)
+        writer.write(b"GET\n")
+        await asyncio.sleep(1.0)  # the app exits meanwhile; most of the answer is still queued
+        received = 0
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 20):
+            received += len(chunk)
+        lines = [json.loads(x) for x in (await asyncio.wait_for(status_r.read(), 20)).splitlines()]
+        return received, lines
+
+    received, lines = asyncio.run(main())
+    assert received == 8 << 20
+    assert lines[-1] == {"status": "exited", "code": 0}
+    assert odyn.wait(30) == 0
+
+
+def _ingress_config(tmp_path: Path, port: int, extra: str = "") -> tuple[Path, Path]:
+    config = tmp_path / "cfg"
+    config.mkdir()
+    (config / "enclaver.yaml").write_text(
+        f"version: v1\nname: app\ntarget: t\nsources: {{app: a}}\ningress:\n  - listen_port: {port}\n{extra}")
+    sockets = tmp_path / "vsock"
+    sockets.mkdir()
+    return config, sockets
+
+
+def test_a_peer_that_never_reads_is_cut_after_the_flush_bound(tmp_path: Path) -> None:
+    from services import free_port
+
+    port = free_port()
+    config, sockets = _ingress_config(tmp_path, port)
+    odyn = subprocess.Popen([sys.executable, "-m", "odyn", "--config-dir", str(config), "--transport",
+                             f"unix:{sockets}", "--cid", str(ENCLAVE_CID), "--linger", "0", "--flush-timeout", "0.5",
+                             "--", sys.executable, "-c", LEAVES_AT_ONCE, str(port), str(1 << 20)])
+
+    async def main() -> bytes:
+        logs_r, _ = await _connect(sockets, LOGS_PORT)
+        assert await asyncio.wait_for(logs_r.readline(), 20) == b"listening\n"
+        _, writer = await _connect(sockets, port)
+        writer.write(b"GET\n")  # and never read the answer (1 MiB: more than a Unix socket buffers)
+        return await asyncio.wait_for(logs_r.read(), 30)
+
+    logs = asyncio.run(main())
+    assert b"odyn: flushed 0 open connection(s), cut 1 still open after 0.5s" in logs
+    assert odyn.wait(30) == 0
+
+
+SENDS_AND_LEAVES = r"""
+import os, socket, sys
+proxy = os.environ["HTTP_PROXY"].removeprefix("http://").rstrip("/").rsplit(":", 1)
+s = socket.create_connection((proxy[0], int(proxy[1])))
+s.sendall(f"CONNECT host:{sys.argv[1]} HTTP/1.1\r\n\r\n".encode())
+assert s.recv(100).startswith(b"HTTP/1.1 200")
+s.sendall(b"y" * (8 << 20))
+os._exit(0)  # the upload is still in buffers
+"""
+
+
+def test_an_upload_in_flight_reaches_the_parent_before_the_exit_is_reported(tmp_path: Path) -> None:
+    from enclaver_rules.policy import EgressPolicy
+    from enclaver_rules.runtime.egress_host import HostEgress
+    from services import free_port
+
+    config, sockets = _ingress_config(tmp_path, free_port(), f"egress:\n  proxy_port: {free_port()}\n  allow: [host]\n")
+
+    async def main() -> tuple[int, list[dict[str, object]]]:
+        received = asyncio.get_running_loop().create_future()
+
+        async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            total = 0
+            while chunk := await reader.read(1 << 20):
+                total += len(chunk)
+                await asyncio.sleep(0.005)  # a slow parent: the enclave side must wait for it
+            received.set_result(total)
+            writer.close()
+
+        origin = await asyncio.start_server(sink, "127.0.0.1", 0)
+        host_side = await HostEgress(EgressPolicy.from_lists(["host"]), UnixTransport(sockets, 2)).serve()
+        odyn = subprocess.Popen([sys.executable, "-m", "odyn", "--config-dir", str(config), "--transport",
+                                 f"unix:{sockets}", "--cid", str(ENCLAVE_CID), "--linger", "0", "--flush-timeout",
+                                 "30", "--", sys.executable, "-c", SENDS_AND_LEAVES,
+                                 str(origin.sockets[0].getsockname()[1])])
+        status_r, _ = await _connect(sockets, STATUS_PORT)
+        lines = [json.loads(x) for x in (await asyncio.wait_for(status_r.read(), 40)).splitlines()]
+        code = await asyncio.get_running_loop().run_in_executor(None, odyn.wait, 30)
+        assert code == 0
+        # odyn is gone (as the enclave would be): the parent's side still passes on what it took
+        total = await asyncio.wait_for(received, 30)
+        host_side.close()
+        origin.close()
+        return total, lines
+
+    total, lines = asyncio.run(main())
+    assert total == 8 << 20 and lines[-1] == {"status": "exited", "code": 0}
