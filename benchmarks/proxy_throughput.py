@@ -4,7 +4,7 @@
 
 Every component is its own process, so the client (this process, blocking sockets) shares no event
 loop with a relay: the "app" (sink / source / echo server on 127.0.0.1, threads), a real odyn
-(`python -m odyn --transport unix:DIR -- sleep …`, manifest with one ingress port and egress), the
+(`python -m odyn --no-bootstrap --transport unix:DIR -- sleep …`, manifest with one ingress port and egress), the
 host side of egress (`HostEgress`, CID 2 on the same DIR), and the socat baselines.
 
   ingress   client → Unix socket DIR/16.P.sock → odyn → TCP 127.0.0.1:P (the app)
@@ -381,7 +381,7 @@ def start_everything(children: Children, base: Path, socat_buffer: int) -> dict[
         f"ingress:\n  - listen_port: {app_port}\n"
         f"egress:\n  proxy_port: {proxy_port}\n  allow: [\"127.0.0.1\", host]\n")
     children.start("host-egress", [sys.executable, __file__, "--serve-host-egress", str(sockets)])
-    children.start("odyn", [sys.executable, "-m", "odyn", "--config-dir", str(config), "--transport",
+    children.start("odyn", [sys.executable, "-m", "odyn", "--no-bootstrap", "--config-dir", str(config), "--transport",
                             f"unix:{sockets}", "--cid", str(ENCLAVE_CID), "--linger", "0", "--", "sleep", "100000"])
 
     odyn_ingress = sockets / f"{ENCLAVE_CID}.{app_port}.sock"

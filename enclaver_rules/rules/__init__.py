@@ -1,7 +1,7 @@
 """doit task generators: the rule set. `dodo.py` imports `tasks()` and declares nothing else.
 
-Each step of the pipeline is a generator in its own module (`check` now; resolve, layer, eif,
-release, push and trust as they arrive), yielding tasks named `<step>:<enclave>`.
+Each step of the pipeline is a generator in its own module (`check`, `odyn`; resolve, layer,
+eif, release, push and trust as they arrive), yielding tasks named `<step>:<enclave>`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from enclaver_rules.oci.store import default_cache_dir
 from enclaver_rules.rules.check import check_tasks, explain_tasks
 from enclaver_rules.rules.discover import Enclave, discover
+from enclaver_rules.rules.odyn import odyn_tasks
 
 DOIT_CONFIG: dict[str, Any] = {
     # sqlite3, not dbm: dbm is single-writer and breaks `doit -n 2`
@@ -33,7 +35,11 @@ def tasks(root: str) -> dict[str, Any]:
         """explain every enclaver.yaml"""
         yield from explain_tasks(enclaves)
 
-    return {"task_check": task_check, "task_explain": task_explain}
+    def task_odyn_image() -> Iterator[dict[str, Any]]:
+        """build the static odyn binary and the default odyn image"""
+        yield from odyn_tasks(str(default_cache_dir(root)))
+
+    return {"task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image}
 
 
 __all__ = ["DOIT_CONFIG", "Enclave", "discover", "tasks"]

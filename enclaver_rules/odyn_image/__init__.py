@@ -1,0 +1,1 @@
+"""The default odyn image: the static binary (`build`) and the image around it (`image`)."""
