@@ -21,5 +21,6 @@ ANY_CID = 0xFFFFFFFF
 
 #: Egress HTTP proxy on 127.0.0.1 inside the enclave (9000 up to upstream v0.4.2).
 DEFAULT_EGRESS_PROXY_PORT = 10000
+TRANSPARENT_DNS_PORT = 53  # egress.transparent (ours): the DNS responder on 127.0.0.1 inside the enclave
 #: Instance metadata service: the KMS proxy gets region and credentials from it.
 IMDS_ADDRESS = "169.254.169.254"

@@ -10,11 +10,16 @@ again against the addresses it resolves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
+import socket
 import ssl
+import struct
 from dataclasses import dataclass
 
 from enclaver_rules.policy import EgressPolicy, PolicyError
 from enclaver_rules.ports import EGRESS_PORT, HOST_CID
+from odyn import dns
 from odyn.egress_frame import ConnectRequest, FrameDecoder, FrameError, decode_result, encode_request
 from odyn.http_head import HeadError, HeadReader, Target, absolute_target, connect_target, origin_request, response
 from odyn.relay import splice
@@ -34,6 +39,31 @@ class EgressProxy:
     policy: EgressPolicy
     transport: Transport
     ssl_context: ssl.SSLContext | None = None  # for https:// in plain form; default: system trust
+    book: dns.AddressBook | None = None  # transparent egress: placeholder address → name
+
+    def redirected(self, writer: asyncio.StreamWriter) -> Target | None:
+        """The destination of a connection netfilter redirected here (transparent egress), if any."""
+        from odyn.transparent import original_destination
+
+        sock = writer.get_extra_info("socket")
+        original = original_destination(sock) if self.book is not None and sock is not None else None
+        if original is None or self.book is None:
+            return None
+        address, port = original
+        name = self.book.name_for(ipaddress.IPv4Address(address))
+        if name is None:
+            raise Refused(403, "Forbidden", f"{address} was not handed out by odyn's DNS (or expired)\n")
+        return Target("connect", name, port)
+
+    async def transparent(self, target: Target, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """No HTTP here: the app thinks it talks to the origin. A refusal can only close the socket."""
+        try:
+            self.decide(target)
+            up_reader, up_writer, early = await self.tunnel(target)
+        except Refused:
+            _reset(writer)
+            return
+        await splice((reader, writer), (up_reader, up_writer), first_to_a=early, app="a")
 
     def decide(self, target: Target) -> None:
         host = f"[{target.host}]" if ":" in target.host else target.host
@@ -68,6 +98,14 @@ class EgressProxy:
         return reader, writer, decoder.rest
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            target = self.redirected(writer)
+        except Refused:
+            _reset(writer)
+            return
+        if target is not None:
+            await self.transparent(target, reader, writer)
+            return
         head = HeadReader()
         try:
             request = None
@@ -99,6 +137,15 @@ class EgressProxy:
             await _answer(writer, e.status, e.reason, e.body)
         except (TimeoutError, ConnectionError, ssl.SSLError, OSError):
             writer.transport.abort()
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST (SO_LINGER 0): the app sees "connection reset", as from a firewall's reject."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 async def _answer(writer: asyncio.StreamWriter, status: int, reason: str, body: str) -> None:

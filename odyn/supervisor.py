@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 from enclaver_rules.errors import EnclaverError
 from enclaver_rules.ports import LOGS_PORT, STATUS_PORT
-from odyn import ingress
+from odyn import ingress, transparent
 from odyn.bringup import app_environment, set_hostname
 from odyn.connections import Connections
+from odyn.dns import AddressBook
 from odyn.egress import EgressProxy
 from odyn.logring import DEFAULT_SIZE, LogRing
 from odyn.status import Status
@@ -49,6 +50,7 @@ class Supervisor:
     bring_up: Callable[[], list[str]] = _no_bring_up  # runs once the status and log services are up
     confine: Callable[[], None] | None = None  # runs in the app's process just before exec (no bypass)
     set_hostname: bool = False  # to the manifest's name, when the kernel has none (bring-up)
+    resolv_conf: str = transparent.RESOLV_CONF  # rewritten for transparent egress
     status: Status = field(default_factory=lambda: Status("starting"))
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _ring: LogRing = field(init=False)
@@ -58,6 +60,7 @@ class Supervisor:
     _exited: asyncio.Event = field(default_factory=asyncio.Event)
     _servers: list[asyncio.AbstractServer] = field(default_factory=list)  # status and logs
     _network: list[asyncio.AbstractServer] = field(default_factory=list)  # ingress and egress
+    _datagrams: list[asyncio.DatagramTransport] = field(default_factory=list)  # transparent DNS
     _connections: Connections = field(default_factory=Connections)  # ingress and egress
     _readers: Connections = field(default_factory=Connections)  # of status and logs
     _delivered: set[asyncio.Task[None]] = field(default_factory=set)
@@ -163,9 +166,17 @@ class Supervisor:
             await self.log(f"odyn: hostname set to {manifest.name}\n".encode())
         track = self._connections.track
         if manifest.egress.enabled:
-            proxy = EgressProxy(manifest.egress.policy(), self.transport)
+            policy = manifest.egress.policy()
+            book = AddressBook(transparent.NETWORK) if manifest.egress.transparent else None
+            proxy = EgressProxy(policy, self.transport, book=book)
             self._network.append(await asyncio.start_server(track(proxy.handle), "127.0.0.1",
                                                             manifest.egress.proxy_port))
+            if book is not None:
+                self._datagrams.append(await transparent.start_dns(policy, book))
+                tool = transparent.install_redirect(manifest.egress.proxy_port)
+                transparent.point_resolver_here(self.resolv_conf)
+                await self.log(f"odyn: transparent egress: DNS on 127.0.0.1:53, TCP to {transparent.NETWORK} "
+                               f"redirected by {tool}, {self.resolv_conf} points here\n".encode())
             url = f"http://127.0.0.1:{manifest.egress.proxy_port}/"
             env.update({"http_proxy": url, "https_proxy": url, "HTTP_PROXY": url, "HTTPS_PROXY": url,
                         "no_proxy": "localhost,127.0.0.1", "NO_PROXY": "localhost,127.0.0.1"})
@@ -241,4 +252,6 @@ class Supervisor:
         await asyncio.sleep(self.linger)
         for server in self._servers + self._network:
             server.close()
+        for datagram in self._datagrams:
+            datagram.close()
         await self._readers.drain(self.flush)

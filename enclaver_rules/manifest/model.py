@@ -43,6 +43,7 @@ class Egress:
     proxy_port: int = DEFAULT_EGRESS_PROXY_PORT
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    transparent: bool = False  # ours: DNS + TCP redirect for apps that ignore HTTP_PROXY
 
     @property
     def enabled(self) -> bool:
@@ -109,7 +110,8 @@ class Manifest:
                 for i in data.get("ingress") or ()
             ),
             egress=Egress(
-                eg.get("proxy_port", DEFAULT_EGRESS_PROXY_PORT), tuple(eg.get("allow") or ()), tuple(eg.get("deny") or ())
+                eg.get("proxy_port", DEFAULT_EGRESS_PROXY_PORT), tuple(eg.get("allow") or ()), tuple(eg.get("deny") or ()),
+                bool(eg.get("transparent", False)),
             ),
             defaults=Defaults(dflt.get("cpu_count", DEFAULT_CPU_COUNT), dflt.get("memory_mb", DEFAULT_MEMORY_MB)),
             kms_proxy=KmsProxy(kms["listen_port"], tuple(sorted((kms.get("endpoints") or {}).items()))) if kms else None,

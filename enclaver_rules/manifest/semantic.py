@@ -14,7 +14,7 @@ from enclaver_rules.manifest._yaml import Path
 from enclaver_rules.manifest.validate import Locator, diagnostic
 from enclaver_rules.policy import EgressPolicy, NameRule, review
 from enclaver_rules.policy.egress import PolicyError
-from enclaver_rules.ports import DEFAULT_EGRESS_PROXY_PORT, IMDS_ADDRESS, RESERVED_VSOCK_PORTS
+from enclaver_rules.ports import DEFAULT_EGRESS_PROXY_PORT, IMDS_ADDRESS, RESERVED_VSOCK_PORTS, TRANSPARENT_DNS_PORT
 
 #: Old source names → new ones (upstream renamed them without aliases; we accept both).
 RENAMED_SOURCES = {"supervisor": "odyn", "wrapper": "sleeve"}
@@ -83,6 +83,8 @@ def _ports(data: dict[str, Any], loc: Locator) -> list[Diagnostic]:
             listeners.append((("egress", "proxy_port"), port, "egress.proxy_port"))
     elif egress.get("allow"):
         listeners.append((("egress",), DEFAULT_EGRESS_PROXY_PORT, "egress.proxy_port (default)"))
+    if egress.get("transparent") is True and egress.get("allow"):
+        listeners.append((("egress", "transparent"), TRANSPARENT_DNS_PORT, "egress.transparent's DNS (port 53)"))
 
     out = []
     first: dict[int, tuple[Path, str]] = {}
@@ -127,6 +129,9 @@ def _egress(data: dict[str, Any], loc: Locator) -> list[Diagnostic]:
     if deny and not allow:
         out.append(diagnostic(loc, ("egress", "deny"), "`deny` has no effect without `allow`: egress is off",
                               "add `allow` entries, or remove `deny`", key=True, severity="warning"))
+    if egress.get("transparent") is True and not allow:
+        out.append(diagnostic(loc, ("egress", "transparent"), "transparent egress needs `allow` entries: egress is off",
+                              "add `allow` entries, or remove `transparent`", key=True))
     if "proxy_port" in egress and not allow:
         out.append(diagnostic(loc, ("egress", "proxy_port"), "egress is off (no `allow` entries), so no proxy runs",
                               "add `allow` entries, or remove `proxy_port`", key=True, severity="warning"))
