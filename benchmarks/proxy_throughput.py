@@ -4,8 +4,8 @@
 
 Every component is its own process, so the client (this process, blocking sockets) shares no event
 loop with a relay: the "app" (sink / source / echo server on 127.0.0.1, threads), a real odyn
-(`python -m odyn --no-bootstrap --transport unix:DIR -- sleep …`, manifest with one ingress port and egress), the
-host side of egress (`HostEgress`, CID 2 on the same DIR), and the socat baselines.
+(`python -m odyn --no-bootstrap --transport unix:DIR -- sleep …`, manifest with one ingress port
+and egress), the host side of egress (`HostEgress`, CID 2 on the same DIR), and the socat baselines.
 
   ingress   client → Unix socket DIR/16.P.sock → odyn → TCP 127.0.0.1:P (the app)
             socat:  UNIX-LISTEN:DIR/socat-ingress.sock,fork → TCP:127.0.0.1:P
@@ -16,15 +16,17 @@ host side of egress (`HostEgress`, CID 2 on the same DIR), and the socat baselin
   direct    client → TCP 127.0.0.1:P, no relay (the ceiling, and the latency reference)
 
 socat runs twice over: as it comes (`-b 8192`, its default copy size) and with `-b 262144`
-(`--socat-buffer`), the size odyn's relay asks for per read (odyn/relay.py CHUNK). The goal is
-checked against both; the second is the honest bar for a relay that copies 256 KiB at a time.
+(`--socat-buffer`), what odyn reads at a time (256 KiB). The goal is checked against both; the
+second is the honest bar, the first one odyn clears by 1.5-3× whatever it does.
 
 Throughput: `--mib` MiB upload (client → app) and download (app → client) per transfer; the timer
 covers connect (and CONNECT, and socat's fork) to the app's acknowledgement or end-of-stream. The
 bytes are a fixed random pattern of odd length repeated, and the receiving end compares every byte
 with it (memcmp speed) and counts them, so a relay that drops, duplicates or reorders cannot look
 fast. Latency: one connection per path, a 64-byte echo round trip `--round-trips` times after a
-warm-up; p50 and p99, and "added" = that path's percentile − the direct one's.
+warm-up; p50 and p99, and "added" = that path's percentile − the direct one's. Relay CPU: user +
+system time of the relay processes (from /proc, clock ticks; socat's per-connection forks count once
+reaped) per GiB moved, steadier than wall time on a busy 2-core machine.
 
 Each variant runs `--repeat` times, in an order that rotates from repeat to repeat; printed are
 medians over the repeats (throughput: the best too). Goals (from the issue): odyn/socat throughput
@@ -56,6 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 PATTERN_LEN = (1 << 20) + 13  # odd, so no chunk size lines up with it
 CHUNK = 1 << 20
 ECHO_SIZE = 64
+SETTLE = 0.05
 WARMUP = 100
 READY_TIMEOUT = 20.0
 GOAL_RATIO = 0.8
@@ -173,7 +176,7 @@ class Children:
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
 
     def start(self, name: str, cmd: list[str], stdout: int | None = None) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (the child keeps it)
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (closed below, once the child has it)
         with log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout if stdout is not None else log,
                                     stderr=log, start_new_session=True, preexec_fn=_die_with_parent, cwd=REPO)
@@ -363,8 +366,27 @@ def terminate_cleanly() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def start_everything(children: Children, base: Path, socat_buffer: int) -> dict[str, dict[str, Connect]]:
-    """Start the app, odyn, the host side and the socats; return path → variant → connect()."""
+@dataclass
+class Route:
+    connect: Connect
+    relays: list[int]  # the relay processes on this path (socat: the listeners, whose forks they reap)
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system time of these processes and of their reaped children (socat's forks)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total / TICK
+
+
+def start_everything(children: Children, base: Path, socat_buffer: int) -> dict[str, dict[str, Route]]:
+    """Start the app, odyn, the host side and the socats; return path → variant → route."""
     app = children.start("app", [sys.executable, __file__, "--serve-app"], stdout=subprocess.PIPE)
     assert app.stdout is not None
     line = app.stdout.readline()
@@ -380,8 +402,8 @@ def start_everything(children: Children, base: Path, socat_buffer: int) -> dict[
         f"version: v1\nname: bench\ntarget: t\nsources: {{app: a}}\n"
         f"ingress:\n  - listen_port: {app_port}\n"
         f"egress:\n  proxy_port: {proxy_port}\n  allow: [\"127.0.0.1\", host]\n")
-    children.start("host-egress", [sys.executable, __file__, "--serve-host-egress", str(sockets)])
-    children.start("odyn", [sys.executable, "-m", "odyn", "--no-bootstrap", "--config-dir", str(config), "--transport",
+    host = children.start("host-egress", [sys.executable, __file__, "--serve-host-egress", str(sockets)])
+    odyn = children.start("odyn", [sys.executable, "-m", "odyn", "--no-bootstrap", "--config-dir", str(config), "--transport",
                             f"unix:{sockets}", "--cid", str(ENCLAVE_CID), "--linger", "0", "--", "sleep", "100000"])
 
     odyn_ingress = sockets / f"{ENCLAVE_CID}.{app_port}.sock"
@@ -389,22 +411,24 @@ def start_everything(children: Children, base: Path, socat_buffer: int) -> dict[
     wait_ready(children, "the host side of egress", lambda: unix(sockets / f"2.{EGRESS_PORT}.sock"))
     wait_ready(children, "odyn's ingress", lambda: unix(odyn_ingress))
     wait_ready(children, "odyn's egress proxy", lambda: via_connect(proxy_port, app_port))
-    direct = lambda: tcp(app_port)  # noqa: E731
-    paths: dict[str, dict[str, Connect]] = {
-        "ingress": {"direct": direct, "odyn": lambda: unix(odyn_ingress)},
-        "egress": {"direct": direct, "odyn": lambda: via_connect(proxy_port, app_port)},
+    direct = Route(functools.partial(tcp, app_port), [])
+    paths = {
+        "ingress": {"direct": direct, "odyn": Route(functools.partial(unix, odyn_ingress), [odyn.pid])},
+        "egress": {"direct": direct, "odyn": Route(functools.partial(via_connect, proxy_port, app_port),
+                                                   [odyn.pid, host.pid])},
     }
     for variant, flags in (("socat", []), ("socat-b", ["-b", str(socat_buffer)])):
         into, mid, port = base / f"{variant}-ingress.sock", base / f"{variant}-egress.sock", free_port()
-        children.start(f"{variant}-ingress", ["socat", *flags, f"UNIX-LISTEN:{into},fork",
+        ingress = children.start(f"{variant}-ingress", ["socat", *flags, f"UNIX-LISTEN:{into},fork",
                                               f"TCP:127.0.0.1:{app_port},nodelay"])
-        children.start(f"{variant}-egress-host", ["socat", *flags, f"UNIX-LISTEN:{mid},fork",
+        egress_host = children.start(f"{variant}-egress-host", ["socat", *flags, f"UNIX-LISTEN:{mid},fork",
                                                   f"TCP:127.0.0.1:{app_port},nodelay"])
-        children.start(f"{variant}-egress-enclave", ["socat", *flags, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,"
+        egress_enclave = children.start(f"{variant}-egress-enclave", ["socat", *flags, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,"
                                                      "fork,nodelay", f"UNIX-CONNECT:{mid}"])
-        paths["ingress"][variant], paths["egress"][variant] = functools.partial(unix, into), functools.partial(tcp, port)
-        wait_ready(children, f"{variant} (ingress)", paths["ingress"][variant])
-        wait_ready(children, f"{variant} (egress)", paths["egress"][variant])
+        paths["ingress"][variant] = Route(functools.partial(unix, into), [ingress.pid])
+        paths["egress"][variant] = Route(functools.partial(tcp, port), [egress_host.pid, egress_enclave.pid])
+        wait_ready(children, f"{variant} (ingress)", paths["ingress"][variant].connect)
+        wait_ready(children, f"{variant} (egress)", paths["egress"][variant].connect)
     return paths
 
 
@@ -443,6 +467,7 @@ def main() -> int:
     size = args.mib << 20
     data = pattern()
     mibps: dict[tuple[str, str, str], list[float]] = {}
+    cpu: dict[tuple[str, str, str], list[float]] = {}  # relay CPU seconds per GiB
     p50: dict[tuple[str, str], list[float]] = {}
     p99: dict[tuple[str, str], list[float]] = {}
     with terminate_cleanly(), tempfile.TemporaryDirectory(prefix="enclaver-proxy-bench-") as tmp:
@@ -454,10 +479,15 @@ def main() -> int:
             for r in range(args.repeat):
                 for path in rotated(PATHS, r):
                     for variant in rotated(VARIANTS, r):
+                        route = paths[path][variant]
                         for direction in rotated(tuple(DIRECTIONS), r):
-                            elapsed = DIRECTIONS[direction](paths[path][variant], size, data)
+                            before = cpu_seconds(route.relays)
+                            elapsed = DIRECTIONS[direction](route.connect, size, data)
+                            time.sleep(SETTLE)  # socat's fork exits and is reaped
+                            used = cpu_seconds(route.relays) - before
                             mibps.setdefault((path, direction, variant), []).append(args.mib / elapsed)
-                        samples = round_trips(paths[path][variant], args.round_trips)
+                            cpu.setdefault((path, direction, variant), []).append(used * 1024 / args.mib)
+                        samples = round_trips(route.connect, args.round_trips)
                         p50.setdefault((path, variant), []).append(percentile(samples, 0.50))
                         p99.setdefault((path, variant), []).append(percentile(samples, 0.99))
                 children.check()
@@ -471,12 +501,12 @@ def main() -> int:
         finally:
             children.stop()
 
-    print_report(args, mibps, p50, p99)
+    print_report(args, mibps, cpu, p50, p99)
     return 0
 
 
 def print_report(args: argparse.Namespace, mibps: dict[tuple[str, str, str], list[float]],
-                 p50: dict[tuple[str, str], list[float]], p99: dict[tuple[str, str], list[float]]) -> None:
+                 cpu: dict[tuple[str, str, str], list[float]], p50: dict[tuple[str, str], list[float]], p99: dict[tuple[str, str], list[float]]) -> None:
     med = {k: statistics.median(v) for k, v in mibps.items()}
     best = {k: max(v) for k, v in mibps.items()}
     label = {"direct": "direct", "socat": "socat", "socat-b": f"socat -b {args.socat_buffer >> 10}K", "odyn": "odyn"}
@@ -491,6 +521,17 @@ def print_report(args: argparse.Namespace, mibps: dict[tuple[str, str, str], lis
             print(f"  {path + ' ' + direction:18}{cells}{ratios}")
     print("  upload = client → app, download = app → client. Egress: odyn's client speaks CONNECT and both ends")
     print("  check the policy; socat's client connects straight, so its numbers include no handshake.")
+
+    relays = VARIANTS[1:]
+    print(f"relay CPU: user + system seconds per GiB moved, summed over the relay processes of the path "
+          f"(egress: both hops; {1 / TICK * 1024 / args.mib:.2f} s/GiB per clock tick), median")
+    print(f"  {'':18}" + "".join(f"{label[v]:>17}" for v in relays) + "".join(f"{'odyn/' + label[b]:>19}"
+                                                                            for b in BASELINES))
+    for path in PATHS:
+        for direction in DIRECTIONS:
+            m = {v: statistics.median(cpu[path, direction, v]) for v in relays}
+            ratios = "".join(f"{m['odyn'] / m[b]:19.1f}" if m[b] else f"{'-':>19}" for b in BASELINES)
+            print(f"  {path + ' ' + direction:18}" + "".join(f"{m[v]:17.2f}" for v in relays) + ratios)
 
     print(f"round trips: {ECHO_SIZE}-byte echo, {args.round_trips} per run on one connection; µs, p50 / p99, "
           "median over repeats; +added = path − direct")
