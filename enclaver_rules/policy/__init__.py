@@ -1,4 +1,4 @@
-"""Pure policy logic: egress matching now, KMS key policies later. No I/O in this package."""
+"""Pure policy logic: egress matching (`egress`) and KMS key policies (`kms`). No I/O in this package."""
 
 from enclaver_rules.policy.egress import (
     Decision,
