@@ -81,3 +81,13 @@ def dockerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dockerd]:
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     yield from start_registry(tmp_path_factory.mktemp("registry"))
+
+
+@pytest.fixture(scope="session")
+def odyn_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A cache holding the default odyn image, built once per session (~15 s)."""
+    from enclaver_rules.rules.odyn import build_odyn_image
+
+    cache = tmp_path_factory.mktemp("odyn-cache")
+    build_odyn_image(str(cache))
+    yield cache

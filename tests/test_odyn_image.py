@@ -8,11 +8,9 @@ import asyncio
 import io
 import json
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import docker
-import pytest
 from test_odyn_supervisor import collect
 
 from enclaver_rules.oci.digest import Digest
@@ -26,13 +24,6 @@ from enclaver_rules.odyn_image.image import DEFAULT_TAG, ODYN_PATH
 from enclaver_rules.rules.odyn import build_odyn_image
 
 BUSYBOX = Path("/bin/busybox")
-
-
-@pytest.fixture(scope="session")
-def odyn_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    cache = tmp_path_factory.mktemp("odyn-cache")
-    build_odyn_image(str(cache))
-    yield cache
 
 
 def _record(cache: Path) -> dict[str, object]:

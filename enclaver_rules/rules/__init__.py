@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from enclaver_rules.oci.store import default_cache_dir
+from enclaver_rules.rules.build import build_tasks, resolve_tasks
 from enclaver_rules.rules.check import check_tasks, explain_tasks
 from enclaver_rules.rules.discover import Enclave, discover
 from enclaver_rules.rules.odyn import odyn_tasks
@@ -39,7 +40,16 @@ def tasks(root: str) -> dict[str, Any]:
         """build the static odyn binary and the default odyn image"""
         yield from odyn_tasks(str(default_cache_dir(root)))
 
-    return {"task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image}
+    def task_resolve() -> Iterator[dict[str, Any]]:
+        """resolve every enclave's inputs to digests"""
+        yield from resolve_tasks(enclaves, str(default_cache_dir(root)))
+
+    def task_build() -> Iterator[dict[str, Any]]:
+        """build every enclave"""
+        yield from build_tasks(enclaves, str(default_cache_dir(root)))
+
+    return {"task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image,
+            "task_resolve": task_resolve, "task_build": task_build}
 
 
 __all__ = ["DOIT_CONFIG", "Enclave", "discover", "tasks"]

@@ -1,0 +1,323 @@
+"""Tasks `resolve:<name>` and `build:<name>`: from enclaver.yaml to an enclave image, an EIF, its
+measurements and a release image, content-addressed in `cache/out/<name>/<key>/`.
+
+`resolve` turns every input into a digest (the app image, the odyn image, the kernel blob set) and
+writes `out/<name>/resolved.json`, rewriting it only when something changed, so doit re-runs
+`build` exactly when an input did. `build` derives its key from those digests, the manifest's
+bytes, the signing certificate, SOURCE_DATE_EPOCH and enclaver's version; a key that is already
+complete is a cache hit (its EIF is re-hashed first, so a tampered entry is rebuilt, not used).
+A build is assembled in a temporary directory and renamed into place, so `kill -9` at any point
+leaves either nothing or a complete entry; `out/<name>/latest` then points at it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from enclaver_rules import __version__
+from enclaver_rules.errors import InvalidInput, OperationFailed
+from enclaver_rules.oci import mediatypes as mt
+from enclaver_rules.oci.digest import Digest
+from enclaver_rules.oci.model import Descriptor, ImageConfig, Manifest, parse
+from enclaver_rules.oci.mutate import canonical_json
+from enclaver_rules.oci.store import Store, atomic_write
+
+RESOLVED = "resolved.json"
+BUILD = "build.json"
+ODYN_IN_IMAGE = "usr/local/bin/odyn"  # upstream's path in an odyn image
+RELEASE_EIF = "/enclave/application.eif"
+RELEASE_MANIFEST = "/enclave/enclaver.yaml"
+RELEASE_MEASUREMENTS = "/enclave/measurements.json"
+
+
+def out_dir(cache_dir: str, name: str) -> Path:
+    return Path(cache_dir) / "out" / name
+
+
+def _relative_to(manifest_path: str, ref: str) -> str:
+    """`oci:` paths in a manifest are relative to the manifest's directory, like its other paths."""
+    if ref.startswith("oci:") and not ref[4:].startswith("/"):
+        return "oci:" + str(Path(manifest_path).resolve().parent / ref[4:])
+    return ref
+
+
+def _write_if_changed(path: Path, data: bytes) -> bool:
+    try:
+        if path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
+    return True
+
+
+def _build_settings(manifest_path: str) -> tuple[Any, dict[str, Any]]:
+    from enclaver_rules.manifest import resolve as resolve_config
+
+    config = resolve_config(manifest_path, {}, os.environ)
+    manifest = config.require_manifest()
+    values: dict[str, Any] = {}
+    base = Path(manifest_path).resolve().parent
+    for v in config.values:
+        values[v.setting.key] = v.value
+        if v.setting.key == "build.blobs" and v.origin == "file" and not Path(str(v.value)).is_absolute():
+            values[v.setting.key] = str(base / str(v.value))
+    return manifest, values
+
+
+def resolve_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]:
+    """Every input as a digest, in `out/<name>/resolved.json`."""
+    from enclaver_rules.eif.blobs import load_blobs
+    from enclaver_rules.eif.build import image_arch
+    from enclaver_rules.oci.resolve import Sources, resolve
+    from enclaver_rules.oci.transfer import load_stored
+    from enclaver_rules.odyn_image.image import DEFAULT_TAG
+    from enclaver_rules.rules.odyn import record_path
+
+    manifest, values = _build_settings(manifest_path)
+    raw = Path(manifest_path).read_bytes()
+    store = Store(cache_dir).init()
+    sources = Sources(store)
+    app = resolve(_relative_to(manifest_path, manifest.sources.app), sources)
+    if manifest.sources.odyn:
+        odyn = resolve(_relative_to(manifest_path, manifest.sources.odyn), sources)
+    else:
+        try:
+            record = json.loads(record_path(cache_dir).read_text())
+        except OSError:
+            raise OperationFailed("the default odyn image has not been built", fix="run `doit odyn_image`") from None
+        odyn = load_stored(store, DEFAULT_TAG, Digest.parse(record["digest"]))
+    arch = image_arch(app)
+    blobs = load_blobs(str(values.get("build.blobs")), arch)
+    doc = {
+        "manifest": {"path": manifest_path, "sha256": hashlib.sha256(raw).hexdigest()},
+        "app": {"ref": manifest.sources.app, "name": app.name, "digest": str(app.digest)},
+        "odyn": {"ref": manifest.sources.odyn or DEFAULT_TAG, "name": odyn.name, "digest": str(odyn.digest)},
+        "blobs": {"path": str(blobs.root), "digest": str(blobs.digest), "arch": arch,
+                  "development": blobs.development},
+        "backend": values.get("build.backend") or "pure",
+    }
+    _write_if_changed(out_dir(cache_dir, name) / RESOLVED, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+    return doc
+
+
+@dataclass(frozen=True)
+class Inputs:
+    manifest_raw: bytes
+    resolved: dict[str, Any]
+    signing: tuple[Path, Path] | None
+    epoch: int
+
+    def key(self) -> str:
+        parts = {
+            "enclaver": __version__,
+            "manifest": hashlib.sha256(self.manifest_raw).hexdigest(),
+            "app": self.resolved["app"]["digest"],
+            "odyn": self.resolved["odyn"]["digest"],
+            "blobs": self.resolved["blobs"]["digest"],
+            "signing": hashlib.sha256(self.signing[0].read_bytes()).hexdigest() if self.signing else None,
+            "epoch": self.epoch,
+        }
+        return hashlib.sha256(canonical_json(parts)).hexdigest()[:32]
+
+
+def _odyn_binary(store: Store, image_digest: Digest, where: str) -> bytes:
+    node = store.manifest(image_digest)
+    assert isinstance(node, Manifest)
+    for layer in reversed(node.layers):  # the topmost layer that has it wins
+        with tarfile.open(fileobj=store.open(layer.digest), mode="r:*") as tar:
+            for member in tar:
+                if member.name.lstrip("./") == ODYN_IN_IMAGE and member.isfile():
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    return f.read()
+    raise InvalidInput(f"{where} has no /{ODYN_IN_IMAGE}", field="sources.odyn",
+                       fix="name an odyn image (upstream's layout: the binary at /usr/local/bin/odyn)")
+
+
+def _store_image(store: Store, tag: str, edited: Any) -> Descriptor:
+    store.put_bytes(edited.config, edited.config_digest)
+    store.put_bytes(edited.manifest, edited.manifest_digest)
+    descriptor = Descriptor(mt.OCI_MANIFEST, edited.manifest_digest, len(edited.manifest))
+    store.tag(tag, descriptor)
+    return descriptor
+
+
+def _empty_image(arch: str) -> tuple[Manifest, ImageConfig]:
+    platform = {"x86_64": "amd64", "aarch64": "arm64"}[arch]
+    config = canonical_json({"architecture": platform, "os": "linux", "config": {},
+                             "rootfs": {"type": "layers", "diff_ids": []}})
+    manifest = canonical_json({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "layers": [],
+                               "config": {"mediaType": mt.OCI_CONFIG, "digest": str(Digest.of(config)),
+                                          "size": len(config)}})
+    parsed = parse(manifest, mt.OCI_MANIFEST, "empty base")
+    assert isinstance(parsed, Manifest)
+    return parsed, ImageConfig.parse(config, "empty base")
+
+
+def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]:
+    """layer → EIF → measurements → release image, into `out/<name>/<key>/` (a cache hit if complete)."""
+    from enclaver_rules.eif.blobs import load_blobs
+    from enclaver_rules.eif.build import build_eif
+    from enclaver_rules.eif.sign import Signer
+    from enclaver_rules.oci import enclave
+    from enclaver_rules.oci.layer import Entry, source_date_epoch, write_layer
+    from enclaver_rules.oci.mutate import ConfigEdit, edit_image
+    from enclaver_rules.oci.transfer import load_stored
+
+    manifest, _ = _build_settings(manifest_path)
+    raw = Path(manifest_path).read_bytes()
+    out = out_dir(cache_dir, name)
+    resolved = json.loads((out / RESOLVED).read_text())
+    if resolved["manifest"]["sha256"] != hashlib.sha256(raw).hexdigest():
+        raise OperationFailed(f"{manifest_path} changed after it was resolved", fix=f"run `doit resolve:{name}` again")
+    base = Path(manifest_path).resolve().parent
+    signing = ((base / manifest.signature.certificate, base / manifest.signature.key)
+               if manifest.signature else None)
+    inputs = Inputs(raw, resolved, signing, source_date_epoch())
+    key = inputs.key()
+    dest = out / key
+    if dest.is_dir() and _intact(dest):
+        _point_latest(out, key)
+        return json.loads((dest / BUILD).read_text())  # type: ignore[no-any-return]
+    if dest.exists():
+        shutil.rmtree(dest)  # incomplete or tampered: rebuild it
+    for stale in out.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed build
+    work = out / f".tmp-{key}-{os.getpid()}"
+    work.mkdir(parents=True)
+    store = Store(cache_dir).init()
+    app = load_stored(store, resolved["app"]["name"], Digest.parse(resolved["app"]["digest"]))
+    odyn_bytes = _odyn_binary(store, Digest.parse(resolved["odyn"]["digest"]), resolved["odyn"]["ref"])
+    epoch = inputs.epoch
+
+    # 1. the enclave image: app + one layer (manifest, odyn), entrypoint → odyn -- app
+    buf = io.BytesIO()
+    layer = write_layer(enclave.layer_entries(raw, odyn_bytes), buf, mtime=epoch)
+    store.put_bytes(buf.getvalue(), layer.digest)
+    labels = {f"{enclave.LABEL}.manifest.sha256": hashlib.sha256(raw).hexdigest(),
+              f"{enclave.LABEL}.app.digest": resolved["app"]["digest"],
+              f"{enclave.LABEL}.odyn.digest": resolved["odyn"]["digest"]}
+    edited = edit_image(app.manifest, app.config, layers=[layer], created=epoch, created_by="enclaver layer",
+                        edit=enclave.config_edit(app.config, resolved["app"]["ref"], labels))
+    enclave_tag = f"enclaver/{name}:enclave-{key[:16]}"
+    _store_image(store, enclave_tag, edited)
+    enclave_image = load_stored(store, enclave_tag, edited.manifest_digest)
+
+    # 2. the EIF and its measurements
+    arch = resolved["blobs"]["arch"]
+    blobs = load_blobs(resolved["blobs"]["path"], arch, Digest.parse(resolved["blobs"]["digest"]))
+    signer = Signer.load(*signing) if signing else None
+    eif_path = work / "application.eif"
+    result = build_eif(enclave_image, store, blobs, eif_path, epoch=epoch, image_name=manifest.target,
+                       signer=signer, workdir=str(work))
+    measurements = {"Measurements": {"HashAlgorithm": "Sha384 { ... }", **result.measurements.to_json()}}
+    measurements_bytes = json.dumps(measurements, indent=2).encode() + b"\n"
+    (work / "measurements.json").write_bytes(measurements_bytes)
+
+    # 3. the release image: EIF, manifest and measurements on the sleeve base (empty by default)
+    eif_bytes = eif_path.read_bytes()
+    rbuf = io.BytesIO()
+    release_layer = write_layer([Entry.file(RELEASE_EIF, eif_bytes, 0o644),
+                                 Entry.file(RELEASE_MANIFEST, raw, 0o644),
+                                 Entry.file(RELEASE_MEASUREMENTS, measurements_bytes, 0o644)],
+                                rbuf, mtime=epoch)
+    store.put_bytes(rbuf.getvalue(), release_layer.digest)
+    if manifest.sources.sleeve:
+        raise InvalidInput("a sleeve base image is not supported yet", field="sources.sleeve",
+                           fix="remove it: the release image is built on an empty base until the runtime image exists")
+    base_manifest, base_config = _empty_image(arch)
+    pcrs = result.measurements.to_json()
+    release_labels = {
+        "org.opencontainers.image.created": _rfc3339(epoch),
+        "org.opencontainers.image.title": manifest.name,
+        f"{enclave.LABEL}.version": __version__,
+        f"{enclave.LABEL}.app.digest": resolved["app"]["digest"],
+        f"{enclave.LABEL}.odyn.digest": resolved["odyn"]["digest"],
+        f"{enclave.LABEL}.blobs.digest": resolved["blobs"]["digest"],
+        f"{enclave.LABEL}.blobs.development": str(resolved["blobs"]["development"]).lower(),
+        **{f"{enclave.LABEL}.{k.lower()}": v for k, v in pcrs.items()},
+    }
+    released = edit_image(base_manifest, base_config, layers=[release_layer], created=epoch,
+                          created_by="enclaver release", edit=ConfigEdit(labels=tuple(sorted(release_labels.items()))))
+    _store_image(store, manifest.target, released)
+
+    summary = {
+        "name": name, "key": key, "target": manifest.target,
+        "enclave_image": str(edited.manifest_digest), "release_image": str(released.manifest_digest),
+        "eif": {"file": "application.eif", "sha256": hashlib.sha256(eif_bytes).hexdigest(), "size": len(eif_bytes)},
+        "measurements": pcrs, "development": resolved["blobs"]["development"],
+        "inputs": {k: resolved[k] for k in ("app", "odyn", "blobs")},
+    }
+    (work / BUILD).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    os.replace(work, dest)
+    _point_latest(out, key)
+    return summary
+
+
+def _rfc3339(epoch: int) -> str:
+    from enclaver_rules.oci.mutate import rfc3339
+
+    return rfc3339(epoch)
+
+
+def _intact(dest: Path) -> bool:
+    """A complete entry whose EIF still has the digest it was recorded with."""
+    try:
+        summary = json.loads((dest / BUILD).read_text())
+        digest = hashlib.sha256()
+        with open(dest / summary["eif"]["file"], "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return bool(digest.hexdigest() == summary["eif"]["sha256"] and (dest / "measurements.json").is_file())
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _point_latest(out: Path, key: str) -> None:
+    link = out / "latest"
+    tmp = out / f".latest-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(key, tmp)
+    os.replace(tmp, link)  # atomic: readers see the old or the new entry, never none
+
+
+def resolve_tasks(enclaves: list[Any], cache_dir: str) -> Any:
+    yield {"basename": "resolve", "name": None, "doc": "turn every enclave's inputs into digests"}
+    for e in enclaves:
+        yield {
+            "basename": "resolve", "name": e.name, "doc": f"resolve the images and blob set of {e.path}",
+            "actions": [(resolve_enclave, [e.path, e.name, cache_dir])],
+            "file_dep": [e.path], "task_dep": [f"check:{e.name}", "odyn_image"],
+            "targets": [str(out_dir(cache_dir, e.name) / RESOLVED)],
+            "uptodate": [False],  # a tag may have moved: always ask (a pinned input is a store lookup)
+            "verbosity": 1,
+        }
+
+
+def _latest_intact(cache_dir: str, name: str) -> bool:
+    return _intact(out_dir(cache_dir, name) / "latest")
+
+
+def build_tasks(enclaves: list[Any], cache_dir: str) -> Any:
+    yield {"basename": "build", "name": None, "doc": "build every enclave: enclave image, EIF, measurements, release image"}
+    for e in enclaves:
+        out = out_dir(cache_dir, e.name)
+        yield {
+            "basename": "build", "name": e.name, "doc": f"build {e.path}",
+            "actions": [(build_enclave, [e.path, e.name, cache_dir])],
+            "file_dep": [e.path, str(out / RESOLVED)],
+            "targets": [str(out / "latest" / BUILD)],
+            "uptodate": [(_latest_intact, [cache_dir, e.name])],
+            "verbosity": 2,
+        }

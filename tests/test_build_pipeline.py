@@ -1,0 +1,144 @@
+"""The rule set end to end through doit: a monorepo of three enclaves built with `doit -n 2`, no-op
+rebuilds, one changed app byte re-running only its enclave, `kill -9` mid-build, tampered outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from enclaver_rules.eif.blobs import write_dev_blobs
+from enclaver_rules.oci.layer import Entry
+from enclaver_rules.oci.store import Store
+from oci_helpers import make_layout
+
+DOIT = [sys.executable, "-m", "doit"]
+NAMES = ("alpha", "beta", "gamma")
+
+
+def _app(directory: Path, payload: str) -> None:
+    shutil.rmtree(directory / "app", ignore_errors=True)
+    make_layout(str(directory / "app"), "latest", [[Entry.file("bin/app", payload.encode(), 0o755),
+                                                    Entry.file("etc/motd", b"hello\n")]], cmd=("/bin/app", "--serve"))
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory: pytest.TempPathFactory, odyn_cache: Path) -> Path:
+    """A monorepo whose doit state already knows the default odyn image (built once per session)."""
+    root = tmp_path_factory.mktemp("template") / "repo"
+    root.mkdir()
+    shutil.copy(REPO / "dodo.py", root / "dodo.py")
+    shutil.copytree(odyn_cache, root / "cache")
+    write_dev_blobs(root / "blobs", "x86_64")
+    for name in NAMES:
+        directory = root / "services" / name
+        directory.mkdir(parents=True)
+        _app(directory, f"#!/bin/sh\necho {name}\n")
+        (directory / "enclaver.yaml").write_text(
+            f"version: v1\nname: {name}\ntarget: example.test/{name}:release\nsources:\n  app: oci:app:latest\n"
+            f"ingress:\n  - listen_port: 8080\nbuild:\n  blobs: ../../blobs\n")
+    result = doit(root, "odyn_image")  # reproducible: rebuilds the same bytes, and doit records it
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.fixture
+def monorepo(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("ENC_CACHE_DIR", raising=False)
+    root = tmp_path / "repo"
+    shutil.copytree(template, root, symlinks=True)
+    return root
+
+
+def doit(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
+    return subprocess.run(DOIT + list(args), cwd=root, capture_output=True, text=True, timeout=600, env=env)
+
+
+def summary(root: Path, name: str) -> dict[str, object]:
+    return json.loads((root / "cache" / "out" / name / "latest" / "build.json").read_text())  # type: ignore[no-any-return]
+
+
+def ran(output: str, task: str) -> bool:
+    return any(line == f".  {task}" for line in output.splitlines())
+
+
+def test_a_monorepo_builds_in_parallel_and_rebuilds_nothing_when_nothing_changed(monorepo: Path) -> None:
+    first = doit(monorepo, "-n", "2", "build")
+    assert first.returncode == 0, first.stdout + first.stderr
+    store = Store(monorepo / "cache")
+    for name in NAMES:
+        s = summary(monorepo, name)
+        assert ran(first.stdout, f"build:{name}")
+        out = monorepo / "cache" / "out" / name / "latest"
+        measurements = json.loads((out / "measurements.json").read_text())["Measurements"]
+        assert measurements["PCR0"] == s["measurements"]["PCR0"] and len(measurements["PCR0"]) == 96  # type: ignore[index]
+        assert store.resolve(f"example.test/{name}:release") is not None
+        assert s["development"] is True  # dev blobs: said in the record
+    pcr0 = {name: summary(monorepo, name)["measurements"]["PCR0"] for name in NAMES}  # type: ignore[index]
+    assert len(set(pcr0.values())) == 3  # three different apps
+
+    again = doit(monorepo, "-n", "2", "build")
+    assert again.returncode == 0, again.stderr
+    for name in NAMES:
+        assert not ran(again.stdout, f"build:{name}"), again.stdout  # up to date: "-- build:<name>"
+
+
+def test_one_changed_app_byte_rebuilds_only_its_enclave(monorepo: Path) -> None:
+    assert doit(monorepo, "build").returncode == 0
+    before = {name: summary(monorepo, name) for name in NAMES}
+    _app(monorepo / "services" / "beta", "#!/bin/sh\necho Beta\n")  # one byte differs
+    result = doit(monorepo, "build")
+    assert result.returncode == 0, result.stderr
+    assert ran(result.stdout, "build:beta")
+    assert not ran(result.stdout, "build:alpha") and not ran(result.stdout, "build:gamma")
+    after = {name: summary(monorepo, name) for name in NAMES}
+    assert after["beta"]["key"] != before["beta"]["key"]
+    assert after["alpha"] == before["alpha"] and after["gamma"] == before["gamma"]
+    # the builds are deterministic: the same inputs give the same PCRs in another cache
+    assert after["beta"]["measurements"] != before["beta"]["measurements"]
+
+
+def test_kill_9_mid_build_then_rebuild_gives_the_clean_result(monorepo: Path, tmp_path: Path) -> None:
+    clean = monorepo.parent / "clean"
+    shutil.copytree(monorepo, clean)
+    assert doit(clean, "build:alpha").returncode == 0
+    expected = summary(clean, "alpha")
+
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
+    proc = subprocess.Popen(DOIT + ["build:alpha"], cwd=monorepo, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    out = monorepo / "cache" / "out" / "alpha"
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    assert list(out.glob(".tmp-*")), "the build ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (out / "latest").exists()  # nothing half-built was published
+    result = doit(monorepo, "build:alpha")
+    assert result.returncode == 0, result.stdout + result.stderr
+    got = summary(monorepo, "alpha")
+    assert got["measurements"] == expected["measurements"] and got["eif"] == expected["eif"]
+    assert not list(out.glob(".tmp-*"))  # the killed build's leftovers are gone
+
+
+def test_a_tampered_output_is_detected_and_rebuilt(monorepo: Path) -> None:
+    assert doit(monorepo, "build:gamma").returncode == 0
+    good = summary(monorepo, "gamma")
+    eif = monorepo / "cache" / "out" / "gamma" / "latest" / "application.eif"
+    data = bytearray(eif.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    eif.write_bytes(bytes(data))
+    result = doit(monorepo, "build:gamma")
+    assert result.returncode == 0 and ran(result.stdout, "build:gamma"), result.stdout
+    assert summary(monorepo, "gamma") == good
+    assert eif.read_bytes() != bytes(data)
