@@ -142,3 +142,53 @@ def test_a_tampered_output_is_detected_and_rebuilt(monorepo: Path) -> None:
     assert result.returncode == 0 and ran(result.stdout, "build:gamma"), result.stdout
     assert summary(monorepo, "gamma") == good
     assert eif.read_bytes() != bytes(data)
+
+
+def test_trust_reads_the_same_pcrs_from_the_eif_the_build_dir_and_the_release_image(monorepo: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    assert doit(monorepo, "build:alpha").returncode == 0
+    built = summary(monorepo, "alpha")["measurements"]
+    latest = monorepo / "cache" / "out" / "alpha" / "latest"
+    sources = {
+        str(latest / "application.eif"): "recomputed from the EIF",
+        str(latest): "recomputed from the EIF",
+        str(latest / "measurements.json"): "read from",
+        "example.test/alpha:release": "read from the labels of example.test/alpha:release",
+    }
+    for source, how in sources.items():
+        result = cli("trust", source, "--cache-dir", str(monorepo / "cache"), "--json")
+        assert result.code == 0, result.stderr
+        doc = json.loads(result.stdout)
+        assert doc["Measurements"] == built and doc["Source"].startswith(how)
+
+    result = cli("trust", str(latest), "--kms-policy", "--account", "111122223333", "--pcr", "PCR2",
+                 "--principal", "arn:aws:iam::111122223333:role/Parent", "--json")
+    assert result.code == 0, result.stderr
+    policy = json.loads(result.stdout)["KeyPolicy"]
+    allow = [s for s in policy["Statement"] if s["Sid"].startswith("EnclaveMayDecrypt")]
+    assert allow[0]["Condition"]["StringEqualsIgnoreCase"] == {
+        "kms:RecipientAttestation:ImageSha384": built["PCR0"],  # type: ignore[index]
+        "kms:RecipientAttestation:PCR2": built["PCR2"]}  # type: ignore[index]
+
+    # a new release: --update keeps the old image for the rollover and prints what changed
+    (monorepo / "policy.json").write_text(json.dumps(policy))
+    _app(monorepo / "services" / "alpha", "#!/bin/sh\necho v2\n")
+    assert doit(monorepo, "build:alpha").returncode == 0
+    result = cli("trust", str(latest), "--update", str(monorepo / "policy.json"), "--account", "111122223333",
+                 "--json")
+    assert result.code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    trusted = next(s for s in doc["KeyPolicy"]["Statement"] if s["Effect"] == "Deny")
+    assert sorted(trusted["Condition"]["StringNotEqualsIgnoreCase"]["kms:RecipientAttestation:ImageSha384"]) == \
+        sorted([built["PCR0"], doc["Measurements"]["PCR0"]])  # type: ignore[index]
+    assert any(line.startswith("+") for line in doc["Diff"])
+
+
+def test_trust_refuses_what_it_cannot_read(tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "x.json").write_text("{}")
+    assert cli("trust", str(tmp_path / "x.json")).code == 1
+    assert cli("trust", "no.such/image:tag", "--cache-dir", str(tmp_path)).code == 1
+    zeros = tmp_path / "m.json"
+    zeros.write_text(json.dumps({"Measurements": {"PCR0": "0" * 96, "PCR1": "0" * 96, "PCR2": "0" * 96}}))
+    result = cli("trust", str(zeros))
+    assert result.code == 2 and "debug-mode" in result.stderr
+    assert cli("trust", str(zeros), "--allow-debug").code == 0

@@ -220,7 +220,7 @@ def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, An
     eif_path = work / "application.eif"
     result = build_eif(enclave_image, store, blobs, eif_path, epoch=epoch, image_name=manifest.target,
                        signer=signer, workdir=str(work))
-    measurements = {"Measurements": {"HashAlgorithm": "Sha384 { ... }", **result.measurements.to_json()}}
+    measurements = {"Measurements": {"HashAlgorithm": "Sha384 { ... }", **result.measurements.to_json()}}  # as nitro-cli
     measurements_bytes = json.dumps(measurements, indent=2).encode() + b"\n"
     (work / "measurements.json").write_bytes(measurements_bytes)
 
@@ -236,7 +236,7 @@ def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, An
         raise InvalidInput("a sleeve base image is not supported yet", field="sources.sleeve",
                            fix="remove it: the release image is built on an empty base until the runtime image exists")
     base_manifest, base_config = _empty_image(arch)
-    pcrs = result.measurements.to_json()
+    pcrs = {k: v for k, v in result.measurements.to_json().items() if k.startswith("PCR")}
     release_labels = {
         "org.opencontainers.image.created": _rfc3339(epoch),
         "org.opencontainers.image.title": manifest.name,

@@ -1,0 +1,152 @@
+"""`enclaver trust SOURCE`: an enclave's measurements, and the KMS key policy that trusts exactly it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+
+from enclaver_rules.cli.exit_codes import ExitCode
+from enclaver_rules.cli.options import Subparsers, add_json
+from enclaver_rules.cli.output import Output
+from enclaver_rules.errors import InvalidInput, OperationFailed
+
+CODES = {
+    ExitCode.OK: "the measurements (and the policy, if asked for) were printed",
+    ExitCode.FAILURE: "SOURCE could not be read (no such image, not an EIF, corrupt, CRC mismatch)",
+    ExitCode.INVALID_INPUT: "an argument is invalid, or the enclave is a debug-mode one (all-zero PCRs)",
+}
+LABEL_PREFIX = "dev.enclaver."
+
+
+def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    parser = _top(commands, common)  # a top-level command, not a group
+    parser.add_argument("source", metavar="IMAGE|EIF|DIR",
+                        help="an EIF (PCRs recomputed), a build output directory (cache/out/NAME/latest), a "
+                             "measurements.json, or a release image in the store (read from its labels)")
+    parser.add_argument("--kms-policy", action="store_true", help="also print a KMS key policy for it")
+    parser.add_argument("--account", metavar="ID", help="the AWS account that owns the key (with --kms-policy)")
+    parser.add_argument("--admin", metavar="ARN", help="who administers the key (default: the account root)")
+    parser.add_argument("--principal", metavar="ARN",
+                        help="who calls KMS from the parent instance (default: the account root)")
+    parser.add_argument("--pcr", action="append", choices=["PCR0", "PCR1", "PCR2", "PCR8"],
+                        help="pin this measurement too (repeatable; PCR0 always)")
+    parser.add_argument("--update", metavar="POLICY.json",
+                        help="merge into this existing policy (rollover: earlier images stay; admin kept) and "
+                             "print the diff")
+    parser.add_argument("--allow-debug", action="store_true",
+                        help="accept a debug-mode enclave (all-zero PCRs): trusts any code, tests only")
+    parser.add_argument("--cache-dir", metavar="DIR", help="the store to look IMAGE up in")
+    add_json(parser)
+
+
+def _top(commands: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from enclaver_rules.cli.options import epilog
+
+    parser = commands.add_parser(
+        "trust", parents=[common], help="print an enclave's measurements and a KMS key policy that trusts it",
+        description="Read the measurements of an enclave (recomputed from an EIF, or from a build's outputs, or "
+                    "from a release image's labels — the output says which) and print them, with --kms-policy "
+                    "as a KMS key policy that lets the decrypt-side actions through only for this PCR0 (and the "
+                    "PCRs given with --pcr), with a deny backstop for every other caller.",
+        epilog=epilog(CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=run, exit_codes=CODES)
+    return parser
+
+
+def _from_eif(path: Path) -> tuple[dict[str, str], str]:
+    from enclaver_rules.eif.describe import describe
+
+    info = describe(str(path))
+    if not info["CheckCRC"]:
+        raise OperationFailed(f"{path}: the CRC does not match: the file was modified or is corrupt")
+    return _pcrs(info["Measurements"]), f"recomputed from the EIF {path}"
+
+
+def _pcrs(measurements: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in measurements.items() if k.startswith("PCR")}
+
+
+def measurements_of(source: str, cache_dir: str | None) -> tuple[dict[str, str], str]:
+    """(PCRs, where they came from)."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "application.eif").is_file():
+            pcrs, how = _from_eif(path / "application.eif")
+            recorded = path / "measurements.json"
+            if recorded.is_file():
+                stored = json.loads(recorded.read_text())["Measurements"]
+                if any(stored.get(k) != v for k, v in pcrs.items()):
+                    raise OperationFailed(f"{recorded} disagrees with the EIF beside it",
+                                          fix="rebuild: the cache entry was modified")
+            return pcrs, how
+        path = path / "measurements.json"
+    if path.is_file():
+        head = path.read_bytes()[:4]
+        if head == b".eif":
+            return _from_eif(path)
+        try:
+            doc = json.loads(path.read_text())
+            return _pcrs(doc["Measurements"]), f"read from {path}"
+        except (ValueError, KeyError, TypeError):
+            raise OperationFailed(f"{path} is neither an EIF nor a measurements.json") from None
+    return _from_image(source, cache_dir)
+
+
+def _from_image(ref: str, cache_dir: str | None) -> tuple[dict[str, str], str]:
+    from enclaver_rules.oci.model import ImageConfig, Manifest
+    from enclaver_rules.oci.store import Store, default_cache_dir
+
+    store = Store(Path(cache_dir) if cache_dir else default_cache_dir())
+    descriptor = store.resolve(ref) if store.root.is_dir() else None
+    if descriptor is None:
+        raise OperationFailed(f"{ref}: no such file, and no image of that name in the store at {store.root}",
+                              fix="build it first (doit build), or pass the EIF or the build directory")
+    node = store.manifest(descriptor.digest)
+    if not isinstance(node, Manifest):
+        raise OperationFailed(f"{ref} is an index, not a release image")
+    labels = ImageConfig.parse(store.read(node.config.digest), f"{ref} config").labels
+    pcrs = {k[len(LABEL_PREFIX):].upper(): v for k, v in labels.items()
+            if k.startswith(LABEL_PREFIX + "pcr")}
+    if "PCR0" not in pcrs:
+        raise OperationFailed(f"{ref} carries no enclaver measurement labels", fix="is it a release image?")
+    return pcrs, f"read from the labels of {ref} ({descriptor.digest})"
+
+
+def run(args: argparse.Namespace, out: Output) -> int:
+    from enclaver_rules.policy import kms
+
+    pcrs, how = measurements_of(args.source, args.cache_dir)
+    document: dict[str, Any] = {"Source": how, "Measurements": pcrs}
+    if args.kms_policy or args.update:
+        if not args.account:
+            raise InvalidInput("a key policy needs the account that owns the key", field="--account",
+                               fix="add --account 111122223333")
+        trust = kms.Trust.for_account(args.account, args.admin, args.principal,
+                                      ["PCR0", *[p for p in (args.pcr or []) if p != "PCR0"]], args.allow_debug)
+        if args.update:
+            try:
+                existing = json.loads(Path(args.update).read_text())
+            except (OSError, ValueError) as e:
+                raise InvalidInput(f"{args.update}: {e}", field="--update", fix="pass a JSON key policy") from None
+            policy, diff = kms.update_policy(existing, pcrs, trust)
+            document["Diff"] = diff
+        else:
+            policy = kms.key_policy(pcrs, trust)
+        document["KeyPolicy"] = policy
+    elif not args.allow_debug and pcrs.get("PCR0") == kms.DEBUG_PCR:
+        raise InvalidInput("PCR0 is all zeros: a debug-mode enclave, whose measurements prove nothing",
+                           fix="pass --allow-debug to print it anyway")
+    if args.json:
+        out.json(document)
+        return ExitCode.OK
+    out.note(how)
+    out.line(Text(json.dumps({"Measurements": pcrs}, indent=2)))
+    for line in document.get("Diff", []):
+        out.note(line, style="green" if line.startswith("+") else "red" if line.startswith("-") else "")
+    if "KeyPolicy" in document:
+        out.line(Text(json.dumps(document["KeyPolicy"], indent=2)))
+    return ExitCode.OK
