@@ -1,14 +1,30 @@
 """doit entry point. Declares only: tasks come from `enclaver_rules.rules` (see its docstring).
 
     doit list            # every task
-    doit                 # check and explain every enclave (the default tasks)
+    doit                 # check and explain every enclave; in this repository also build the hello example
+    doit build           # build every enclave (build:<name> for one)
     doit check:hello     # one enclave
 """
 
+import importlib.util
 import os
 
 from enclaver_rules.rules import DOIT_CONFIG, tasks
 
-globals().update(tasks(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.abspath(__file__))
+EXAMPLES = os.path.join(ROOT, "examples", "images.py")
+
+if os.path.isfile(EXAMPLES):
+    # This repository: the examples' app images and blob set are made here (examples/images.py), and
+    # a bare `doit` builds the hello example end to end (README command (a)).
+    spec = importlib.util.spec_from_file_location("enclaver_examples", EXAMPLES)
+    assert spec is not None and spec.loader is not None
+    examples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(examples)
+    task_examples = examples.task_examples
+    globals().update(tasks(ROOT, extra_deps={"hello": ["examples"]}))
+    DOIT_CONFIG = {**DOIT_CONFIG, "default_tasks": ["check", "explain", "trust:hello"]}
+else:
+    globals().update(tasks(ROOT))
 
 __all__ = ["DOIT_CONFIG"]

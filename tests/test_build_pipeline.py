@@ -192,3 +192,26 @@ def test_trust_refuses_what_it_cannot_read(tmp_path: Path, cli) -> None:  # type
     result = cli("trust", str(zeros))
     assert result.code == 2 and "debug-mode" in result.stderr
     assert cli("trust", str(zeros), "--allow-debug").code == 0
+
+
+def test_a_bare_doit_builds_the_hello_example_with_no_docker_engine(template: Path, tmp_path: Path, cli,  # type: ignore[no-untyped-def]
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """README command (a): this repository's dodo.py, its examples, nothing from outside."""
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    root = tmp_path / "clone"
+    root.mkdir()
+    shutil.copy(REPO / "dodo.py", root / "dodo.py")
+    shutil.copytree(REPO / "examples", root / "examples",
+                    ignore=shutil.ignore_patterns("image", "blobs-dev", "__pycache__"))
+    shutil.copytree(template / "cache", root / "cache")  # only to skip rebuilding the same odyn image
+    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}  # no engine to lean on
+    result = subprocess.run(DOIT, cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    s = summary(root, "hello")
+    assert f"hello: PCR0 {s['measurements']['PCR0']}" in result.stdout  # type: ignore[index]
+    policy_line = next(line for line in result.stdout.splitlines() if "KMS key policy written to" in line)
+    policy = json.loads(Path(policy_line.rsplit(" ", 1)[1]).read_text())
+    assert policy["Statement"][1]["Condition"]["StringEqualsIgnoreCase"][
+        "kms:RecipientAttestation:ImageSha384"] == s["measurements"]["PCR0"]  # type: ignore[index]
+    trust = cli("trust", "enclaver-examples/hello:enclave", "--cache-dir", str(root / "cache"), "--json")
+    assert trust.code == 0 and json.loads(trust.stdout)["Measurements"] == s["measurements"]

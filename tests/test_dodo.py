@@ -83,8 +83,9 @@ def test_actions_are_picklable_for_parallel_runs() -> None:
 
 
 def test_dodo_declares_only() -> None:
+    """No task bodies, no actions in dodo.py: it wires task generators from the package (and, in this
+    repository, from examples/images.py) into doit, nothing else."""
     source = (REPO / "dodo.py").read_text()
-    code = [line for line in source.splitlines() if line and not line.startswith(("#", " ", '"'))]
-    assert all(line.startswith(("import ", "from ", "globals().update(", "__all__")) or line.endswith('"""')
-               for line in code), code
+    assert not any(line.lstrip().startswith(("def ", "class ", "lambda")) for line in source.splitlines())
+    assert '"actions"' not in source and "'actions'" not in source
     assert os.path.exists(REPO / "cache" / "README.md")

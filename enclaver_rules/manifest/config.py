@@ -161,7 +161,12 @@ def _show(value: Any) -> str:
 
 
 #: `ENC_*` variables that configure the tool rather than an enclave.
-TOOL_VARIABLES = {"ENC_CACHE_DIR": "where the content-addressed store lives"}
+TOOL_VARIABLES = {
+    "ENC_CACHE_DIR": "where the content-addressed store lives",
+    "ENC_KMS_ACCOUNT": "the AWS account that owns the enclave's KMS key (task trust:<name>)",
+    "ENC_KMS_ADMIN": "the key's administrator ARN (task trust:<name>; default: the account root)",
+    "ENC_KMS_PRINCIPAL": "the ARN the parent instance calls KMS as (task trust:<name>; default: the account root)",
+}
 
 
 def _from_environment(environ: Mapping[str, str]) -> tuple[dict[str, tuple[str, str]], list[Diagnostic]]:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from enclaver_rules.oci.store import default_cache_dir
-from enclaver_rules.rules.build import build_tasks, resolve_tasks
+from enclaver_rules.rules.build import build_tasks, resolve_tasks, trust_tasks
 from enclaver_rules.rules.check import check_tasks, explain_tasks
 from enclaver_rules.rules.discover import Enclave, discover
 from enclaver_rules.rules.odyn import odyn_tasks
@@ -24,8 +24,9 @@ DOIT_CONFIG: dict[str, Any] = {
 }
 
 
-def tasks(root: str) -> dict[str, Any]:
-    """The task creators for doit, keyed `task_<step>`, over every enclave found below `root`."""
+def tasks(root: str, extra_deps: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """The task creators for doit, keyed `task_<step>`, over every enclave found below `root`.
+    `extra_deps` names tasks an enclave's inputs come from (by enclave name), e.g. an image made here."""
     enclaves = discover(root)
 
     def task_check() -> Iterator[dict[str, Any]]:
@@ -42,14 +43,18 @@ def tasks(root: str) -> dict[str, Any]:
 
     def task_resolve() -> Iterator[dict[str, Any]]:
         """resolve every enclave's inputs to digests"""
-        yield from resolve_tasks(enclaves, str(default_cache_dir(root)))
+        yield from resolve_tasks(enclaves, str(default_cache_dir(root)), extra_deps or {})
 
     def task_build() -> Iterator[dict[str, Any]]:
         """build every enclave"""
         yield from build_tasks(enclaves, str(default_cache_dir(root)))
 
+    def task_trust() -> Iterator[dict[str, Any]]:
+        """write every enclave's KMS key policy"""
+        yield from trust_tasks(enclaves, str(default_cache_dir(root)))
+
     return {"task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image,
-            "task_resolve": task_resolve, "task_build": task_build}
+            "task_resolve": task_resolve, "task_build": task_build, "task_trust": task_trust}
 
 
 __all__ = ["DOIT_CONFIG", "Enclave", "discover", "tasks"]

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from doit.tools import config_changed
+
 from enclaver_rules import __version__
 from enclaver_rules.errors import InvalidInput, OperationFailed
 from enclaver_rules.oci import mediatypes as mt
@@ -292,13 +294,14 @@ def _point_latest(out: Path, key: str) -> None:
     os.replace(tmp, link)  # atomic: readers see the old or the new entry, never none
 
 
-def resolve_tasks(enclaves: list[Any], cache_dir: str) -> Any:
+def resolve_tasks(enclaves: list[Any], cache_dir: str, extra_deps: dict[str, list[str]] | None = None) -> Any:
     yield {"basename": "resolve", "name": None, "doc": "turn every enclave's inputs into digests"}
     for e in enclaves:
         yield {
             "basename": "resolve", "name": e.name, "doc": f"resolve the images and blob set of {e.path}",
             "actions": [(resolve_enclave, [e.path, e.name, cache_dir])],
-            "file_dep": [e.path], "task_dep": [f"check:{e.name}", "odyn_image"],
+            "file_dep": [e.path],
+            "task_dep": [f"check:{e.name}", "odyn_image", *(extra_deps or {}).get(e.name, [])],
             "targets": [str(out_dir(cache_dir, e.name) / RESOLVED)],
             "uptodate": [False],  # a tag may have moved: always ask (a pinned input is a store lookup)
             "verbosity": 1,
@@ -319,5 +322,49 @@ def build_tasks(enclaves: list[Any], cache_dir: str) -> Any:
             "file_dep": [e.path, str(out / RESOLVED)],
             "targets": [str(out / "latest" / BUILD)],
             "uptodate": [(_latest_intact, [cache_dir, e.name])],
+            "verbosity": 2,
+        }
+
+
+PLACEHOLDER_ACCOUNT = "000000000000"
+POLICY = "kms-policy.json"
+
+
+def write_policy(cache_dir: str, name: str) -> dict[str, Any]:
+    """The KMS key policy for the latest build, beside its EIF. The account comes from
+    ENC_KMS_ACCOUNT; without it the policy names 000000000000 and says so."""
+    from enclaver_rules.policy import kms
+
+    latest = (out_dir(cache_dir, name) / "latest").resolve()
+    summary = json.loads((latest / BUILD).read_text())
+    account = os.environ.get("ENC_KMS_ACCOUNT") or PLACEHOLDER_ACCOUNT
+    trust = kms.Trust.for_account(account, os.environ.get("ENC_KMS_ADMIN"), os.environ.get("ENC_KMS_PRINCIPAL"),
+                                  allow_debug=False)
+    policy = kms.key_policy(summary["measurements"], trust)
+    path = latest / POLICY
+    atomic_write(path, json.dumps(policy, indent=2).encode() + b"\n")
+    print(f"{name}: PCR0 {summary['measurements']['PCR0']}")
+    print(f"{name}: PCR1 {summary['measurements']['PCR1']}")
+    print(f"{name}: PCR2 {summary['measurements']['PCR2']}")
+    if summary.get("development"):
+        print(f"{name}: built with a development blob set: these PCRs are for trying the pipeline, not for AWS")
+    print(f"{name}: KMS key policy written to {path}")
+    if account == PLACEHOLDER_ACCOUNT:
+        print(f"{name}: the policy names account {PLACEHOLDER_ACCOUNT}: set ENC_KMS_ACCOUNT (and ENC_KMS_PRINCIPAL)")
+    return {"policy": str(path), "account": account}
+
+
+def trust_tasks(enclaves: list[Any], cache_dir: str) -> Any:
+    yield {"basename": "trust", "name": None, "doc": "write every enclave's KMS key policy"}
+    for e in enclaves:
+        latest = out_dir(cache_dir, e.name) / "latest"
+        yield {
+            "basename": "trust", "name": e.name, "doc": f"KMS key policy for {e.path}",
+            "actions": [(write_policy, [cache_dir, e.name])],
+            "task_dep": [f"build:{e.name}"],
+            "file_dep": [str(latest / BUILD)],
+            "targets": [str(latest / POLICY)],
+            "uptodate": [config_changed({k: os.environ.get(k) for k in
+                                         ("ENC_KMS_ACCOUNT", "ENC_KMS_ADMIN", "ENC_KMS_PRINCIPAL")})],
             "verbosity": 2,
         }
