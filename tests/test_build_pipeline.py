@@ -215,3 +215,29 @@ def test_a_bare_doit_builds_the_hello_example_with_no_docker_engine(template: Pa
         "kms:RecipientAttestation:ImageSha384"] == s["measurements"]["PCR0"]  # type: ignore[index]
     trust = cli("trust", "enclaver-examples/hello:enclave", "--cache-dir", str(root / "cache"), "--json")
     assert trust.code == 0 and json.loads(trust.stdout)["Measurements"] == s["measurements"]
+
+
+def test_enclaver_build_runs_the_same_tasks_and_prints_the_summary(monorepo: Path, cli, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # as doit() below: part of the key
+    manifest = monorepo / "services" / "beta" / "enclaver.yaml"
+    copy = tmp_path / "beta.eif"
+    result = cli("build", "-f", str(manifest), "--cache-dir", str(monorepo / "cache"), "--eif-only", str(copy),
+                 "--json")
+    assert result.code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["release_image"]["tag"] == "example.test/beta:release"
+    assert copy.read_bytes() == Path(doc["outputs"]["eif"]).read_bytes()
+    # doit then finds it built: the same key, the same PCRs
+    assert doit(monorepo, "build:beta").returncode == 0
+    assert summary(monorepo, "beta")["measurements"] == doc["Measurements"]
+    assert "✓ build:beta" in result.stderr  # progress, one line per task
+
+    again = cli("build", "-f", str(manifest), "--cache-dir", str(monorepo / "cache"))
+    assert again.code == 0 and "= build:beta (up to date)" in again.stderr, again.stderr
+    assert doc["Measurements"]["PCR0"] in again.stdout
+
+    manifest.write_text(manifest.read_text().replace("listen_port: 8080", "listen_port: 17000"))
+    bad = cli("build", "-f", str(manifest), "--cache-dir", str(monorepo / "cache"))
+    assert bad.code == 2 and "17000" in bad.stderr
+    assert cli("build", "-f", str(tmp_path / "missing.yaml")).code == 2

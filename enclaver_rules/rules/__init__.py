@@ -6,6 +6,7 @@ eif, release, push and trust as they arrive), yielding tasks named `<step>:<encl
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,10 +25,17 @@ DOIT_CONFIG: dict[str, Any] = {
 }
 
 
-def tasks(root: str, extra_deps: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """The task creators for doit, keyed `task_<step>`, over every enclave found below `root`.
-    `extra_deps` names tasks an enclave's inputs come from (by enclave name), e.g. an image made here."""
-    enclaves = discover(root)
+def tasks(root: str, extra_deps: dict[str, list[str]] | None = None, enclaves: list[Enclave] | None = None,
+          cache_dir: str | None = None) -> dict[str, Any]:
+    """The task creators for doit, keyed `task_<step>`, over every enclave found below `root` (or the
+    `enclaves` given, as `enclaver build -f` does). `extra_deps` names tasks an enclave's inputs come
+    from (by enclave name), e.g. an image made here."""
+    if enclaves is None:
+        enclaves = discover(root)
+    # the build steps use absolute paths: doit keys its state by them, so `doit` here and `enclaver
+    # build -f` from anywhere agree (check and explain keep the paths people read)
+    absolute = [Enclave(e.name, os.path.join(os.path.abspath(root), e.path)) for e in enclaves]
+    cache = cache_dir or str(default_cache_dir(root))
 
     def task_check() -> Iterator[dict[str, Any]]:
         """validate every enclaver.yaml"""
@@ -39,19 +47,19 @@ def tasks(root: str, extra_deps: dict[str, list[str]] | None = None) -> dict[str
 
     def task_odyn_image() -> Iterator[dict[str, Any]]:
         """build the static odyn binary and the default odyn image"""
-        yield from odyn_tasks(str(default_cache_dir(root)))
+        yield from odyn_tasks(cache)
 
     def task_resolve() -> Iterator[dict[str, Any]]:
         """resolve every enclave's inputs to digests"""
-        yield from resolve_tasks(enclaves, str(default_cache_dir(root)), extra_deps or {})
+        yield from resolve_tasks(absolute, cache, extra_deps or {})
 
     def task_build() -> Iterator[dict[str, Any]]:
         """build every enclave"""
-        yield from build_tasks(enclaves, str(default_cache_dir(root)))
+        yield from build_tasks(absolute, cache)
 
     def task_trust() -> Iterator[dict[str, Any]]:
         """write every enclave's KMS key policy"""
-        yield from trust_tasks(enclaves, str(default_cache_dir(root)))
+        yield from trust_tasks(absolute, cache)
 
     return {"task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image,
             "task_resolve": task_resolve, "task_build": task_build, "task_trust": task_trust}

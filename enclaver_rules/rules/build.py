@@ -12,25 +12,42 @@ leaves either nothing or a complete entry; `out/<name>/latest` then points at it
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import shutil
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from enclaver_rules import __version__
-from enclaver_rules.errors import InvalidInput, OperationFailed
+from enclaver_rules.errors import EnclaverError, InvalidInput, OperationFailed
 from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.model import Descriptor, ImageConfig, Manifest, parse
 from enclaver_rules.oci.mutate import canonical_json
 from enclaver_rules.oci.store import Store, atomic_write
+
+
+def reported(action: Callable[..., Any]) -> Callable[..., Any]:
+    """An enclaver error fails the task with its message (file, field, fix), not a traceback.
+    functools.wraps keeps the name, so doit can still pickle the action for `-n`."""
+    @functools.wraps(action)
+    def run(*args: Any) -> Any:
+        try:
+            return action(*args)
+        except EnclaverError as e:
+            return TaskFailed(str(e))
+
+    return run
+
 
 RESOLVED = "resolved.json"
 BUILD = "build.json"
@@ -76,6 +93,7 @@ def _build_settings(manifest_path: str) -> tuple[Any, dict[str, Any]]:
     return manifest, values
 
 
+@reported
 def resolve_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]:
     """Every input as a digest, in `out/<name>/resolved.json`."""
     from enclaver_rules.eif.blobs import load_blobs
@@ -166,6 +184,7 @@ def _empty_image(arch: str) -> tuple[Manifest, ImageConfig]:
     return parsed, ImageConfig.parse(config, "empty base")
 
 
+@reported
 def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]:
     """layer → EIF → measurements → release image, into `out/<name>/<key>/` (a cache hit if complete)."""
     from enclaver_rules.eif.blobs import load_blobs
@@ -330,6 +349,7 @@ PLACEHOLDER_ACCOUNT = "000000000000"
 POLICY = "kms-policy.json"
 
 
+@reported
 def write_policy(cache_dir: str, name: str) -> dict[str, Any]:
     """The KMS key policy for the latest build, beside its EIF. The account comes from
     ENC_KMS_ACCOUNT; without it the policy names 000000000000 and says so."""

@@ -1,0 +1,161 @@
+"""`enclaver build`: the rule set's tasks for one manifest, run through doit as a library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+
+from enclaver_rules.cli.exit_codes import ExitCode
+from enclaver_rules.cli.options import Subparsers, add_json, epilog
+from enclaver_rules.cli.output import Output
+from enclaver_rules.errors import InvalidInput, OperationFailed
+
+CODES = {
+    ExitCode.OK: "built (or already up to date); the summary was printed",
+    ExitCode.FAILURE: "a step failed (an image or blob set could not be read, the disk, a service)",
+    ExitCode.INVALID_INPUT: "the manifest or an argument is invalid",
+}
+
+
+def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    parser = commands.add_parser(
+        "build", parents=[common], help="build an enclave: enclave image, EIF, measurements, release image, policy",
+        description="Run the rule set's tasks for one manifest (check, odyn_image, resolve, build, trust) through "
+                    "doit, sharing `doit build`'s cache and state: nothing already built is built again. Ends by "
+                    "printing the release image's digest and tag, the PCRs, and where the outputs are.",
+        epilog=epilog(CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=run, exit_codes=CODES)
+    parser.add_argument("-f", "--file", default="enclaver.yaml", metavar="FILE", help="the manifest (default: "
+                        "enclaver.yaml)")
+    parser.add_argument("--eif-only", metavar="FILE", help="also copy the EIF to FILE")
+    parser.add_argument("--backend", choices=["pure", "nitro-cli"],
+                        help="how to build the EIF (overrides build.backend; only `pure` builds through the rule "
+                             "set so far: use `enclaver eif build --backend nitro-cli` for the other)")
+    parser.add_argument("--push", action="store_true", help="push the release image to `target` (not yet)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="the store and outputs (default: $ENC_CACHE_DIR, else "
+                        "cache/ beside the nearest dodo.py, else ~/.cache/enclaver)")
+    add_json(parser)
+
+
+class _Reporter:
+    """doit reporter that says, one line per task, what ran and what was up to date (rich, on stderr),
+    and keeps the failures so the command can report them with its own exit code."""
+
+    def __init__(self, out: Output, failures: list[tuple[str, str]]) -> None:
+        self.out = out
+        self.failures = failures
+        self.started: dict[str, float] = {}
+
+    def initialize(self, tasks: Any, selected_tasks: Any) -> None:
+        pass
+
+    def get_status(self, task: Any) -> None:
+        pass
+
+    def execute_task(self, task: Any) -> None:
+        if task.actions and not task.name.startswith("_"):
+            self.started[task.name] = time.monotonic()
+            self.out.note(f"… {task.name}", style="cyan")
+
+    def add_success(self, task: Any) -> None:
+        if task.name in self.started:
+            self.out.note(f"✓ {task.name} ({time.monotonic() - self.started[task.name]:.1f} s)", style="green")
+
+    def add_failure(self, task: Any, fail: Any) -> None:
+        self.failures.append((task.name, fail.message if hasattr(fail, "message") else str(fail)))
+
+    def skip_uptodate(self, task: Any) -> None:
+        if task.actions and ":" in task.name:
+            self.out.note(f"= {task.name} (up to date)", style="dim")
+
+    def skip_ignore(self, task: Any) -> None:
+        pass
+
+    def cleanup_error(self, exception: Any) -> None:
+        self.failures.append(("cleanup", str(exception)))
+
+    def runtime_error(self, msg: str) -> None:
+        self.failures.append(("doit", msg))
+
+    def teardown_task(self, task: Any) -> None:
+        pass
+
+    def complete_run(self) -> None:
+        pass
+
+
+def run(args: argparse.Namespace, out: Output) -> int:
+    from doit.cmd_base import ModuleTaskLoader
+    from doit.doit_cmd import DoitMain
+
+    from enclaver_rules.manifest import resolve as resolve_config
+    from enclaver_rules.oci.store import default_cache_dir
+    from enclaver_rules.rules import DOIT_CONFIG, tasks
+    from enclaver_rules.rules.build import BUILD, POLICY, out_dir
+    from enclaver_rules.rules.discover import Enclave
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise InvalidInput(f"{args.file}: no such file", file=args.file, fix="pass the manifest with -f FILE")
+    config = resolve_config(str(path), {"build.backend": args.backend}, os.environ)
+    manifest = config.require_manifest()
+    backend = next((v.value for v in config.values if v.setting.key == "build.backend"), "pure") or "pure"
+    if backend != "pure":
+        raise InvalidInput("the rule set builds EIFs with the pure backend only, for now", field="build.backend",
+                           fix="use --backend pure, or `enclaver eif build --backend nitro-cli` on the enclave image")
+    if args.push:
+        raise InvalidInput("--push is not implemented yet", field="--push",
+                           fix="push the release image with `enclaver image push`")
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir(str(path.resolve().parent))
+    cache.mkdir(parents=True, exist_ok=True)
+    enclave = Enclave(manifest.name, str(path.resolve()))
+    failures: list[tuple[str, str]] = []
+
+    class Reporter(_Reporter):  # doit makes its reporter from a class and (outstream, options)
+        def __init__(self, outstream: Any, options: Any) -> None:
+            super().__init__(out, failures)
+
+    config_doit = {**DOIT_CONFIG, "dep_file": str(cache / "doit.sqlite3"), "reporter": Reporter, "verbosity": 0}
+    loader = ModuleTaskLoader({"DOIT_CONFIG": config_doit,
+                               **tasks(str(path.resolve().parent), enclaves=[enclave], cache_dir=str(cache))})
+    code = DoitMain(loader).run([f"trust:{manifest.name}"])
+    if code != 0:
+        for task, message in failures:
+            out.note(f"{task}: {message.strip()}", style="red")
+        failed_check = any(task.startswith("check:") for task, _ in failures)
+        return int(ExitCode.INVALID_INPUT if failed_check else ExitCode.FAILURE)
+    latest = (out_dir(str(cache), manifest.name) / "latest").resolve()
+    summary: dict[str, Any] = json.loads((latest / BUILD).read_text())
+    outputs = {"directory": str(latest), "eif": str(latest / "application.eif"),
+               "measurements": str(latest / "measurements.json"), "policy": str(latest / POLICY)}
+    if args.eif_only:
+        target = Path(args.eif_only)
+        partial = target.with_name(target.name + ".partial")
+        try:
+            shutil.copyfile(latest / "application.eif", partial)
+            os.replace(partial, target)
+        except OSError as e:
+            raise OperationFailed(f"cannot write {target}: {e.strerror}", file=str(target)) from None
+        outputs["eif_copy"] = str(target)
+    document = {"name": manifest.name, "release_image": {"tag": summary["target"], "digest": summary["release_image"]},
+                "enclave_image": summary["enclave_image"], "Measurements": summary["measurements"],
+                "development": summary["development"], "outputs": outputs}
+    if args.json:
+        out.json(document)
+        return ExitCode.OK
+    out.line(Text(f"release image {summary['target']}  {summary['release_image']}", style="bold"))
+    for pcr, value in summary["measurements"].items():
+        out.line(f"{pcr}  {value}")
+    if summary["development"]:
+        out.note("built with a development blob set: these PCRs are for trying the pipeline, not for AWS",
+                 style="yellow")
+    for what, where in outputs.items():
+        out.line(Text(f"{what:<13} {where}", style="dim"))
+    return ExitCode.OK
