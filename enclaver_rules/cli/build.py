@@ -38,7 +38,9 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
     parser.add_argument("--backend", choices=["pure", "nitro-cli"],
                         help="how to build the EIF (overrides build.backend; only `pure` builds through the rule "
                              "set so far: use `enclaver eif build --backend nitro-cli` for the other)")
-    parser.add_argument("--push", action="store_true", help="push the release image to `target` (not yet)")
+    parser.add_argument("--push", action="store_true",
+                        help="push the release image to `target`, with its measurements and KMS key policy attached "
+                             "as OCI referrers")
     parser.add_argument("--cache-dir", metavar="DIR", help="the store and outputs (default: $ENC_CACHE_DIR, else "
                         "cache/ beside the nearest dodo.py, else ~/.cache/enclaver)")
     add_json(parser)
@@ -110,9 +112,6 @@ def run(args: argparse.Namespace, out: Output) -> int:
     if backend != "pure":
         raise InvalidInput("the rule set builds EIFs with the pure backend only, for now", field="build.backend",
                            fix="use --backend pure, or `enclaver eif build --backend nitro-cli` on the enclave image")
-    if args.push:
-        raise InvalidInput("--push is not implemented yet", field="--push",
-                           fix="push the release image with `enclaver image push`")
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir(str(path.resolve().parent))
     cache.mkdir(parents=True, exist_ok=True)
     enclave = Enclave(manifest.name, str(path.resolve()))
@@ -125,7 +124,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     config_doit = {**DOIT_CONFIG, "dep_file": str(cache / "doit.sqlite3"), "reporter": Reporter, "verbosity": 0}
     loader = ModuleTaskLoader({"DOIT_CONFIG": config_doit,
                                **tasks(str(path.resolve().parent), enclaves=[enclave], cache_dir=str(cache))})
-    code = DoitMain(loader).run([f"trust:{manifest.name}"])
+    code = DoitMain(loader).run([f"{'push' if args.push else 'trust'}:{manifest.name}"])
     if code != 0:
         for task, message in failures:
             out.note(f"{task}: {message.strip()}", style="red")
@@ -135,6 +134,9 @@ def run(args: argparse.Namespace, out: Output) -> int:
     summary: dict[str, Any] = json.loads((latest / BUILD).read_text())
     outputs = {"directory": str(latest), "eif": str(latest / "application.eif"),
                "measurements": str(latest / "measurements.json"), "policy": str(latest / POLICY)}
+    pushed = latest / "pushed.json"
+    if args.push and pushed.is_file():
+        outputs["pushed"] = str(pushed)
     if args.eif_only:
         target = Path(args.eif_only)
         partial = target.with_name(target.name + ".partial")

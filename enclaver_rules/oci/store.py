@@ -154,6 +154,8 @@ class Store:
         if expect is not None and expect.algorithm != "sha256":
             raise OperationFailed(f"{expect}: the store keeps sha256 blobs only", fix="use sha256 digests")
         self.blobs.mkdir(parents=True, exist_ok=True)
+        if expect is not None and self.has(expect):
+            return self._check_only(chunks, expect, size, source, progress)
         hasher = hashlib.sha256()
         fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".tmp-")
         count = 0
@@ -190,6 +192,21 @@ class Store:
                 os.unlink(tmp)
             raise
 
+    def _check_only(self, chunks: Iterable[bytes], expect: Digest, size: int | None, source: str,
+                    progress: Progress | None) -> Digest:
+        """The blob is already kept: still read and verify the stream (a caller's bug or a bad
+        source is reported the same), but write, fsync and rename nothing."""
+        hasher, count = hashlib.sha256(), 0
+        for chunk in chunks:
+            count += len(chunk)
+            hasher.update(chunk)
+            if progress:
+                progress(len(chunk))
+        if (size is not None and count != size) or hasher.hexdigest() != expect.hex:
+            raise DigestMismatch(f"{source or 'blob'}: content does not match {expect} ({count} bytes)",
+                                 fix="the source holds tampered or corrupt data; nothing was kept")
+        return expect
+
     def put_bytes(self, data: bytes, expect: Digest | None = None, source: str = "") -> Digest:
         return self.put([data], expect, len(data), source)
 
@@ -218,7 +235,10 @@ class Store:
         entry = descriptor.to_json()
         entry["annotations"] = {**entry.get("annotations", {}), REF_ANNOTATION: name}
         with self._locked():
-            manifests = [m for m in self._read_index() if (m.get("annotations") or {}).get(REF_ANNOTATION) != name]
+            current = self._read_index()
+            if entry in current:
+                return  # already so: no rewrite (a no-op build tags every image again)
+            manifests = [m for m in current if (m.get("annotations") or {}).get(REF_ANNOTATION) != name]
             manifests.append(entry)
             manifests.sort(key=lambda m: m["annotations"][REF_ANNOTATION] if "annotations" in m else "")
             self._write_index(manifests)

@@ -273,12 +273,14 @@ def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, An
     _store_image(store, manifest.target, released)
 
     summary = {
-        "name": name, "key": key, "target": manifest.target,
+        "name": name, "key": key, "target": manifest.target, "epoch": epoch,
         "enclave_image": str(edited.manifest_digest), "release_image": str(released.manifest_digest),
         "eif": {"file": "application.eif", "sha256": hashlib.sha256(eif_bytes).hexdigest(), "size": len(eif_bytes)},
         "measurements": pcrs, "development": resolved["blobs"]["development"],
         "inputs": {k: resolved[k] for k in ("app", "odyn", "blobs")},
     }
+    st = eif_path.stat()  # inode and mtime survive the rename of the directory
+    summary["eif"]["stat"] = [st.st_size, st.st_mtime_ns, st.st_ino]
     (work / BUILD).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     os.replace(work, dest)
     _point_latest(out, key)
@@ -291,10 +293,16 @@ def _rfc3339(epoch: int) -> str:
     return rfc3339(epoch)
 
 
-def _intact(dest: Path) -> bool:
-    """A complete entry whose EIF still has the digest it was recorded with."""
+def _intact(dest: Path, *, quick: bool = False) -> bool:
+    """A complete entry whose EIF still has the digest it was recorded with. `quick` (doit's
+    up-to-date check, every run) compares size, mtime and inode instead of re-hashing hundreds of
+    MiB; a real build re-hashes before it reuses an entry."""
     try:
         summary = json.loads((dest / BUILD).read_text())
+        if quick:
+            st = (dest / summary["eif"]["file"]).stat()
+            stamp = summary["eif"].get("stat")
+            return bool(stamp == [st.st_size, st.st_mtime_ns, st.st_ino] and (dest / "measurements.json").is_file())
         digest = hashlib.sha256()
         with open(dest / summary["eif"]["file"], "rb") as f:
             while chunk := f.read(1 << 20):
@@ -328,7 +336,7 @@ def resolve_tasks(enclaves: list[Any], cache_dir: str, extra_deps: dict[str, lis
 
 
 def _latest_intact(cache_dir: str, name: str) -> bool:
-    return _intact(out_dir(cache_dir, name) / "latest")
+    return _intact(out_dir(cache_dir, name) / "latest", quick=True)
 
 
 def build_tasks(enclaves: list[Any], cache_dir: str) -> Any:
@@ -386,5 +394,58 @@ def trust_tasks(enclaves: list[Any], cache_dir: str) -> Any:
             "targets": [str(latest / POLICY)],
             "uptodate": [config_changed({k: os.environ.get(k) for k in
                                          ("ENC_KMS_ACCOUNT", "ENC_KMS_ADMIN", "ENC_KMS_PRINCIPAL")})],
+            "verbosity": 2,
+        }
+
+
+PUSHED = "pushed.json"
+
+
+@reported
+def push_enclave(cache_dir: str, name: str) -> dict[str, Any]:
+    """Push the latest release image to its `target`, then attach its measurements and KMS key
+    policy as OCI referrers (the `sha256-<hex>` tag fallback where the registry has no referrers API)."""
+    from enclaver_rules.oci import referrers
+    from enclaver_rules.oci.reference import Reference
+    from enclaver_rules.oci.registry import Registry
+    from enclaver_rules.oci.transfer import load_stored, push
+
+    latest = (out_dir(cache_dir, name) / "latest").resolve()
+    summary = json.loads((latest / BUILD).read_text())
+    target = Reference.parse(summary["target"])
+    insecure = {h.strip() for h in os.environ.get("ENC_INSECURE_REGISTRY", "").split(",") if h.strip()}
+    registry = Registry(target.registry, insecure=target.registry in insecure)
+    store = Store(cache_dir)
+    image = load_stored(store, summary["target"], Digest.parse(summary["release_image"]))
+    digest = push(image, store, target, registry)
+    subject = Descriptor(image.manifest.media_type, digest, len(image.manifest.raw))
+    created = int(summary.get("epoch", 0))
+    attached = []
+    for kind, file in ((referrers.MEASUREMENTS, latest / "measurements.json"), (referrers.KMS_KEY_POLICY, latest / POLICY)):
+        if file.is_file():
+            result = referrers.attach(registry, target.repository, subject, kind.artifact_type,
+                                      [kind.file(file.read_bytes())], created=created,
+                                      annotations={"org.opencontainers.image.title": kind.filename})
+            attached.append({"artifactType": kind.artifact_type, "digest": str(result.digest),
+                             "discovery": result.discovery, "tag": result.tag})
+    record = {"target": str(target), "digest": str(digest), "referrers": attached}
+    atomic_write(latest / PUSHED, json.dumps(record, indent=2).encode() + b"\n")
+    print(f"{name}: pushed {target} {digest}")
+    for a in attached:
+        where = f"listed by the fallback tag {a['tag']}" if a["discovery"] == "tag" else "listed by the registry"
+        print(f"{name}: attached {a['artifactType']} {a['digest']} ({where})")
+    return record
+
+
+def push_tasks(enclaves: list[Any], cache_dir: str) -> Any:
+    yield {"basename": "push", "name": None, "doc": "push every enclave's release image with its measurements and policy"}
+    for e in enclaves:
+        latest = out_dir(cache_dir, e.name) / "latest"
+        yield {
+            "basename": "push", "name": e.name, "doc": f"push the release image of {e.path} to its target",
+            "actions": [(push_enclave, [cache_dir, e.name])],
+            "task_dep": [f"trust:{e.name}"],
+            "file_dep": [str(latest / BUILD), str(latest / POLICY)],
+            "targets": [str(latest / PUSHED)],
             "verbosity": 2,
         }
