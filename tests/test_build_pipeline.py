@@ -268,3 +268,25 @@ def test_push_sends_the_release_image_and_attaches_measurements_and_policy(monor
     assert json.loads(data)["Measurements"]["PCR0"] == s["measurements"]["PCR0"]  # type: ignore[index]
     again = doit(monorepo, "push:alpha")  # up to date: nothing pushed twice
     assert again.returncode == 0 and not ran(again.stdout, "push:alpha")
+
+
+def test_verify_reproduce_passes_on_a_rebuild_and_names_the_changed_file(monorepo: Path, cli,  # type: ignore[no-untyped-def]
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """From nothing: a fresh cache, the odyn binary built again from source, the app from its layout."""
+    assert doit(monorepo, "build:alpha").returncode == 0
+    latest = str(monorepo / "cache" / "out" / "alpha" / "latest")
+    manifest = str(monorepo / "services" / "alpha" / "enclaver.yaml")
+    result = cli("verify-reproduce", latest, "-f", manifest, "--json")
+    assert result.code == 0, result.stdout + result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["Reproduced"] and doc["Rebuilt"] == summary(monorepo, "alpha")["measurements"]
+
+    directory = monorepo / "services" / "alpha"
+    shutil.rmtree(directory / "app")
+    make_layout(str(directory / "app"), "latest", [[Entry.file("bin/app", b"#!/bin/sh\necho alpha\n", 0o755),
+                                                    Entry.file("etc/motd", b"hello, changed\n")]],
+                cmd=("/bin/app", "--serve"))
+    result = cli("verify-reproduce", latest, "-f", manifest)
+    assert result.code == 1
+    assert "NOT reproduced: PCR0, PCR2 differ" in result.stdout
+    assert "rootfs/etc/motd: content differs" in result.stdout and "rootfs/bin/app" not in result.stdout

@@ -93,15 +93,43 @@ class _Reporter:
         pass
 
 
-def run(args: argparse.Namespace, out: Output) -> int:
+def run_rule_set(path: Path, name: str, cache: Path, task: str, out: Output, env: dict[str, str] | None = None) -> int:
+    """Run `task` (and what it depends on) for the manifest at `path` through doit; report failures."""
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
 
+    from enclaver_rules.rules import DOIT_CONFIG, tasks
+    from enclaver_rules.rules.discover import Enclave
+
+    cache.mkdir(parents=True, exist_ok=True)
+    failures: list[tuple[str, str]] = []
+
+    class Reporter(_Reporter):  # doit makes its reporter from a class and (outstream, options)
+        def __init__(self, outstream: Any, options: Any) -> None:
+            super().__init__(out, failures)
+
+    config_doit = {**DOIT_CONFIG, "dep_file": str(cache / "doit.sqlite3"), "reporter": Reporter, "verbosity": 0}
+    loader = ModuleTaskLoader({"DOIT_CONFIG": config_doit, **tasks(str(path.resolve().parent),
+                                                                    enclaves=[Enclave(name, str(path.resolve()))],
+                                                                    cache_dir=str(cache))})
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        code = DoitMain(loader).run([task])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    if code == 0:
+        return ExitCode.OK
+    for failed, message in failures:
+        out.note(f"{failed}: {message.strip()}", style="red")
+    return ExitCode.INVALID_INPUT if any(t.startswith("check:") for t, _ in failures) else ExitCode.FAILURE
+
+
+def run(args: argparse.Namespace, out: Output) -> int:
     from enclaver_rules.manifest import resolve as resolve_config
     from enclaver_rules.oci.store import default_cache_dir
-    from enclaver_rules.rules import DOIT_CONFIG, tasks
     from enclaver_rules.rules.build import BUILD, POLICY, out_dir
-    from enclaver_rules.rules.discover import Enclave
 
     path = Path(args.file)
     if not path.is_file():
@@ -113,23 +141,9 @@ def run(args: argparse.Namespace, out: Output) -> int:
         raise InvalidInput("the rule set builds EIFs with the pure backend only, for now", field="build.backend",
                            fix="use --backend pure, or `enclaver eif build --backend nitro-cli` on the enclave image")
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir(str(path.resolve().parent))
-    cache.mkdir(parents=True, exist_ok=True)
-    enclave = Enclave(manifest.name, str(path.resolve()))
-    failures: list[tuple[str, str]] = []
-
-    class Reporter(_Reporter):  # doit makes its reporter from a class and (outstream, options)
-        def __init__(self, outstream: Any, options: Any) -> None:
-            super().__init__(out, failures)
-
-    config_doit = {**DOIT_CONFIG, "dep_file": str(cache / "doit.sqlite3"), "reporter": Reporter, "verbosity": 0}
-    loader = ModuleTaskLoader({"DOIT_CONFIG": config_doit,
-                               **tasks(str(path.resolve().parent), enclaves=[enclave], cache_dir=str(cache))})
-    code = DoitMain(loader).run([f"{'push' if args.push else 'trust'}:{manifest.name}"])
-    if code != 0:
-        for task, message in failures:
-            out.note(f"{task}: {message.strip()}", style="red")
-        failed_check = any(task.startswith("check:") for task, _ in failures)
-        return int(ExitCode.INVALID_INPUT if failed_check else ExitCode.FAILURE)
+    code = run_rule_set(path, manifest.name, cache, f"{'push' if args.push else 'trust'}:{manifest.name}", out)
+    if code != ExitCode.OK:
+        return code
     latest = (out_dir(str(cache), manifest.name) / "latest").resolve()
     summary: dict[str, Any] = json.loads((latest / BUILD).read_text())
     outputs = {"directory": str(latest), "eif": str(latest / "application.eif"),
