@@ -290,3 +290,22 @@ def test_verify_reproduce_passes_on_a_rebuild_and_names_the_changed_file(monorep
     assert result.code == 1
     assert "NOT reproduced: PCR0, PCR2 differ" in result.stdout
     assert "rootfs/etc/motd: content differs" in result.stdout and "rootfs/bin/app" not in result.stdout
+
+
+def test_the_lock_pins_inputs_and_a_changed_input_is_refused_until_updated(monorepo: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    manifest = str(monorepo / "services" / "gamma" / "enclaver.yaml")
+    cache = str(monorepo / "cache")
+    result = cli("lock", "-f", manifest, "--cache-dir", cache, "--json")
+    assert result.code == 0, result.stderr
+    lock = json.loads((monorepo / "services" / "gamma" / "enclaver.lock").read_text())
+    assert set(lock) == {"lockVersion", "app", "odyn", "blobs"}
+    assert doit(monorepo, "build:gamma").returncode == 0
+    assert summary(monorepo, "gamma")["inputs"]["app"]["digest"] == lock["app"]["digest"]  # type: ignore[index]
+
+    _app(monorepo / "services" / "gamma", "#!/bin/sh\necho other\n")
+    refused = doit(monorepo, "build:gamma")
+    assert refused.returncode != 0 and "no longer match enclaver.lock" in refused.stdout + refused.stderr
+    stale = cli("lock", "-f", manifest, "--cache-dir", cache)
+    assert stale.code == 1 and "app: the lock pins" in stale.stderr
+    assert cli("lock", "-f", manifest, "--cache-dir", cache, "--update").code == 0
+    assert doit(monorepo, "build:gamma").returncode == 0

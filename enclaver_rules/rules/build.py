@@ -93,9 +93,39 @@ def _build_settings(manifest_path: str) -> tuple[Any, dict[str, Any]]:
     return manifest, values
 
 
+LOCK = "enclaver.lock"
+
+
+def lock_path(manifest_path: str) -> Path:
+    return Path(manifest_path).resolve().parent / LOCK
+
+
+def lock_document(resolved: dict[str, Any]) -> dict[str, Any]:
+    """What `enclaver.lock` pins: every input's digest (the manifest itself is in git)."""
+    return {"lockVersion": 1,
+            "app": {"ref": resolved["app"]["ref"], "digest": resolved["app"]["digest"]},
+            "odyn": {"ref": resolved["odyn"]["ref"], "digest": resolved["odyn"]["digest"]},
+            "blobs": {"arch": resolved["blobs"]["arch"], "digest": resolved["blobs"]["digest"]}}
+
+
+def lock_differences(locked: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
+    now = lock_document(resolved)
+    return [f"{k}: the lock pins {locked.get(k, {}).get('digest')}, it is now {now[k]['digest']}"
+            for k in ("app", "odyn", "blobs") if locked.get(k, {}).get("digest") != now[k]["digest"]]
+
+
+def _pinned(ref: str, digest: str) -> str:
+    """A registry reference pinned to the locked digest (served from the store when present);
+    other transports (oci:, docker-archive:, docker-daemon:) are checked after resolution instead."""
+    if ref.startswith(("oci:", "docker-archive:", "docker-daemon:")) or "@" in ref:
+        return ref
+    return f"{ref.removeprefix('docker://')}@{digest}"
+
+
 @reported
-def resolve_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]:
-    """Every input as a digest, in `out/<name>/resolved.json`."""
+def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock: bool = True) -> dict[str, Any]:
+    """Every input as a digest, in `out/<name>/resolved.json`. With an `enclaver.lock` beside the
+    manifest, registry images are fetched by their locked digests and every input must match it."""
     from enclaver_rules.eif.blobs import load_blobs
     from enclaver_rules.eif.build import image_arch
     from enclaver_rules.oci.resolve import Sources, resolve
@@ -107,7 +137,18 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, 
     raw = Path(manifest_path).read_bytes()
     store = Store(cache_dir).init()
     sources = Sources(store)
-    app = resolve(_relative_to(manifest_path, manifest.sources.app), sources)
+    locked: dict[str, Any] | None = None
+    if enforce_lock and lock_path(manifest_path).is_file():
+        try:
+            locked = json.loads(lock_path(manifest_path).read_text())
+            assert isinstance(locked, dict)
+        except (ValueError, AssertionError):
+            raise InvalidInput("not a JSON lock file", file=str(lock_path(manifest_path)),
+                               fix="write it again with `enclaver lock --update`") from None
+    app_ref = manifest.sources.app
+    if locked and locked.get("app", {}).get("ref") == app_ref:
+        app_ref = _pinned(app_ref, locked["app"]["digest"])
+    app = resolve(_relative_to(manifest_path, app_ref), sources)
     if manifest.sources.odyn:
         odyn = resolve(_relative_to(manifest_path, manifest.sources.odyn), sources)
     else:
@@ -126,6 +167,12 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, 
                   "development": blobs.development},
         "backend": values.get("build.backend") or "pure",
     }
+    if locked is not None:
+        stale = lock_differences(locked, doc)
+        if stale:
+            raise InvalidInput("the inputs no longer match enclaver.lock: " + "; ".join(stale),
+                               file=str(lock_path(manifest_path)),
+                               fix="if the change is intended, run `enclaver lock --update` and commit the lock")
     _write_if_changed(out_dir(cache_dir, name) / RESOLVED, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
     return doc
 
