@@ -6,9 +6,11 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +105,14 @@ def test_edit_appends_layer_and_sets_config() -> None:
     again = edit_image(manifest, config, layers=[layer], created=1700000000, edit=ConfigEdit(
         entrypoint=("/sbin/odyn", "--", "/app"), cmd=(), env=(("PATH", "/usr/bin"),), labels=(("a", "b"),)))
     assert again.manifest_digest == edited.manifest_digest
+
+
+def test_a_file_backed_entry_writes_the_same_layer_as_bytes(tmp_path: Path) -> None:
+    """Large files (an EIF) are streamed from disk; the layer must not depend on how they came."""
+    data = os.urandom(3 << 20)
+    (tmp_path / "big").write_bytes(data)
+    in_memory, streamed = io.BytesIO(), io.BytesIO()
+    a = write_layer([Entry.file("enclave/application.eif", data), Entry.file("enclave/x", b"x")], in_memory, mtime=7)
+    b = write_layer([Entry.from_file("enclave/application.eif", tmp_path / "big"), Entry.file("enclave/x", b"x")],
+                    streamed, mtime=7)
+    assert a == b and in_memory.getvalue() == streamed.getvalue()

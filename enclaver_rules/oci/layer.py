@@ -45,10 +45,15 @@ class Entry:
     data: bytes = b""
     mode: int = 0o644
     target: str = ""
+    source: str = ""  # a file on disk to stream instead of `data` (an EIF of gigabytes stays out of memory)
 
     @classmethod
     def file(cls, path: str, data: bytes, mode: int = 0o644) -> Entry:
         return cls(path, "file", data, mode)
+
+    @classmethod
+    def from_file(cls, path: str, source: str | os.PathLike[str], mode: int = 0o644) -> Entry:
+        return cls(path, "file", b"", mode, source=os.fspath(source))
 
     @classmethod
     def dir(cls, path: str, mode: int = 0o755) -> Entry:
@@ -104,7 +109,7 @@ def write_layer(entries: Iterable[Entry], out: BinaryIO, *, mtime: int = 0) -> L
         path = e.path.strip("/")
         if not path or ".." in path.split("/"):
             raise ValueError(f"layer entry path {e.path!r} is not a relative path inside the image")
-        by_path[path] = Entry(path, e.kind, e.data, e.mode, e.target)
+        by_path[path] = Entry(path, e.kind, e.data, e.mode, e.target, e.source)
     for path in list(by_path):
         for parent in _parents(path):
             by_path.setdefault(parent, Entry.dir(parent))
@@ -123,6 +128,11 @@ def write_layer(entries: Iterable[Entry], out: BinaryIO, *, mtime: int = 0) -> L
                     info.type, info.linkname = tarfile.SYMTYPE, e.target
                 elif e.kind == "hardlink":
                     info.type, info.linkname = tarfile.LNKTYPE, e.target.strip("/")
+                elif e.source:
+                    info.size = os.path.getsize(e.source)
+                    with open(e.source, "rb") as f:
+                        tar.addfile(info, f)
+                    continue
                 else:
                     info.size = len(e.data)
                 tar.addfile(info, io.BytesIO(e.data) if e.kind == "file" else None)

@@ -293,13 +293,19 @@ def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, An
     (work / "measurements.json").write_bytes(measurements_bytes)
 
     # 3. the release image: EIF, manifest and measurements on the sleeve base (empty by default)
-    eif_bytes = eif_path.read_bytes()
-    rbuf = io.BytesIO()
-    release_layer = write_layer([Entry.file(RELEASE_EIF, eif_bytes, 0o644),
-                                 Entry.file(RELEASE_MANIFEST, raw, 0o644),
-                                 Entry.file(RELEASE_MEASUREMENTS, measurements_bytes, 0o644)],
-                                rbuf, mtime=epoch)
-    store.put_bytes(rbuf.getvalue(), release_layer.digest)
+    layer_file = work / ".release-layer.tar.gz"  # streamed: the EIF is as large as the app
+    with open(layer_file, "wb") as f:
+        release_layer = write_layer([Entry.from_file(RELEASE_EIF, eif_path, 0o644),
+                                     Entry.file(RELEASE_MANIFEST, raw, 0o644),
+                                     Entry.file(RELEASE_MEASUREMENTS, measurements_bytes, 0o644)],
+                                    f, mtime=epoch)
+    with open(layer_file, "rb") as f:
+        store.put_stream(f, release_layer.digest, release_layer.size, source="release layer")
+    layer_file.unlink()
+    eif_digest = hashlib.sha256()
+    with open(eif_path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            eif_digest.update(chunk)
     if manifest.sources.sleeve:
         raise InvalidInput("a sleeve base image is not supported yet", field="sources.sleeve",
                            fix="remove it: the release image is built on an empty base until the runtime image exists")
@@ -322,7 +328,7 @@ def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, An
     summary = {
         "name": name, "key": key, "target": manifest.target, "epoch": epoch,
         "enclave_image": str(edited.manifest_digest), "release_image": str(released.manifest_digest),
-        "eif": {"file": "application.eif", "sha256": hashlib.sha256(eif_bytes).hexdigest(), "size": len(eif_bytes)},
+        "eif": {"file": "application.eif", "sha256": eif_digest.hexdigest(), "size": eif_path.stat().st_size},
         "measurements": pcrs, "development": resolved["blobs"]["development"],
         "inputs": {k: resolved[k] for k in ("app", "odyn", "blobs")},
     }
