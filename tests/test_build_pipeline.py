@@ -309,3 +309,9 @@ def test_the_lock_pins_inputs_and_a_changed_input_is_refused_until_updated(monor
     assert stale.code == 1 and "app: the lock pins" in stale.stderr
     assert cli("lock", "-f", manifest, "--cache-dir", cache, "--update").code == 0
     assert doit(monorepo, "build:gamma").returncode == 0
+
+
+def test_doit_verify_proves_a_build_reproduces(monorepo: Path) -> None:
+    result = doit(monorepo, "verify:beta")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reproduced: beta rebuilds to the same PCR0, PCR1, PCR2" in result.stdout

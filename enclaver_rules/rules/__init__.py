@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from enclaver_rules.oci.store import default_cache_dir
-from enclaver_rules.rules.build import build_tasks, push_tasks, resolve_tasks, trust_tasks
+from enclaver_rules.rules.build import build_tasks, push_tasks, resolve_tasks, trust_tasks, verify_tasks
 from enclaver_rules.rules.check import check_tasks, explain_tasks
 from enclaver_rules.rules.discover import Enclave, discover
 from enclaver_rules.rules.odyn import odyn_tasks
@@ -65,7 +65,11 @@ def tasks(root: str, extra_deps: dict[str, list[str]] | None = None, enclaves: l
         """push every enclave's release image, measurements and policy"""
         yield from push_tasks(absolute, cache)
 
-    return {"task_push": task_push, "task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image,
+    def task_verify() -> Iterator[dict[str, Any]]:
+        """prove every enclave's build reproduces bit for bit (CI)"""
+        yield from verify_tasks(absolute, cache)
+
+    return {"task_verify": task_verify, "task_push": task_push, "task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image,
             "task_resolve": task_resolve, "task_build": task_build, "task_trust": task_trust}
 
 
