@@ -9,6 +9,7 @@ cannot boot. Both outputs are git-ignored. Imported by dodo.py; not part of the 
 
 from __future__ import annotations
 
+import io
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,8 @@ PAGE = b"<!doctype html><title>hello</title><p>Hello from an enclave.</p>\n"
 
 def hello_image(layout: str) -> None:
     from enclaver_rules.errors import InvalidInput
-    from enclaver_rules.oci import mediatypes as mt
     from enclaver_rules.oci.layer import Entry, source_date_epoch, write_layer
-    from enclaver_rules.oci.model import Descriptor
-    from enclaver_rules.oci.mutate import canonical_json, rfc3339
+    from enclaver_rules.oci.mutate import ConfigEdit, edit_image, empty_image
     from enclaver_rules.oci.store import Store
 
     if not BUSYBOX.is_file():
@@ -36,24 +35,14 @@ def hello_image(layout: str) -> None:
     store = Store(target).init()
     entries = [Entry.file("bin/busybox", BUSYBOX.read_bytes(), 0o755), Entry.symlink("bin/sh", "busybox"),
                Entry.file("www/index.html", PAGE), Entry.dir("tmp", 0o1777)]
-    import io
-
     buf = io.BytesIO()
     layer = write_layer(entries, buf, mtime=epoch)
     store.put_bytes(buf.getvalue(), layer.digest)
-    config = canonical_json({
-        "architecture": "amd64", "os": "linux", "created": rfc3339(epoch),
-        "config": {"Cmd": ["/bin/busybox", "httpd", "-f", "-v", "-p", "8080", "-h", "/www"],
-                   "Env": ["PATH=/bin"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [str(layer.diff_id)]},
-        "history": [{"created": rfc3339(epoch), "created_by": "examples/images.py"}]})
-    config_digest = store.put_bytes(config)
-    manifest = canonical_json({
-        "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
-        "config": {"mediaType": mt.OCI_CONFIG, "digest": str(config_digest), "size": len(config)},
-        "layers": [{"mediaType": layer.media_type, "digest": str(layer.digest), "size": layer.size}]})
-    digest = store.put_bytes(manifest)
-    store.tag("latest", Descriptor(mt.OCI_MANIFEST, digest, len(manifest)))
+    base, config = empty_image("x86_64")
+    edited = edit_image(base, config, layers=[layer], created=epoch, created_by="examples/images.py",
+                        edit=ConfigEdit(cmd=("/bin/busybox", "httpd", "-f", "-v", "-p", "8080", "-h", "/www"),
+                                        env=(("PATH", "/bin"),)))
+    store.keep_image("latest", edited)
 
 
 def dev_blobs(out: str) -> None:

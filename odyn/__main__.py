@@ -9,7 +9,7 @@ import sys
 
 from odyn import bringup, nsm, sandbox
 from odyn.logring import DEFAULT_SIZE
-from odyn.supervisor import DEFAULT_FLUSH, DEFAULT_LINGER, EXIT_FATAL, Supervisor
+from odyn.supervisor import DEFAULT_FLUSH, DEFAULT_LINGER, EXIT_FATAL, Supervisor, no_bring_up
 from odyn.transport import Transport, UnixTransport, VsockTransport
 
 
@@ -46,10 +46,6 @@ def transport(spec: str, cid: int) -> Transport:
     raise SystemExit(f"odyn: unknown transport {spec!r}; use vsock or unix:DIR")
 
 
-def bringup_none() -> list[str]:
-    return []
-
-
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -80,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         sandbox.protect_supervisor()
         supervisor = Supervisor(transport(args.transport, args.cid), args.log_ring_bytes, args.linger,
                                 flush=args.flush_timeout, confine=sandbox.confine_app,
-                                bring_up=bringup_none if args.no_bootstrap else bring_up,
+                                bring_up=no_bring_up if args.no_bootstrap else bring_up,
                                 set_hostname=not args.no_bootstrap)
         return asyncio.run(supervisor.run(args.app, dict(os.environ), path if os.path.exists(path) else None))
     except OSError as e:

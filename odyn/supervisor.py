@@ -37,7 +37,8 @@ DEFAULT_LINGER = 5.0  # seconds readers get to collect the final status and the 
 DEFAULT_FLUSH = 5.0  # seconds open ingress/egress connections get to deliver what the app left
 
 
-def _no_bring_up() -> list[str]:
+def no_bring_up() -> list[str]:
+    """The bring-up of `--no-bootstrap` (and of tests): nothing to do."""
     return []
 
 
@@ -47,7 +48,7 @@ class Supervisor:
     ring_size: int = DEFAULT_SIZE
     linger: float = DEFAULT_LINGER
     flush: float = DEFAULT_FLUSH
-    bring_up: Callable[[], list[str]] = _no_bring_up  # runs once the status and log services are up
+    bring_up: Callable[[], list[str]] = no_bring_up  # runs once the status and log services are up
     confine: Callable[[], None] | None = None  # runs in the app's process just before exec (no bypass)
     set_hostname: bool = False  # to the manifest's name, when the kernel has none (bring-up)
     resolv_conf: str = transparent.RESOLV_CONF  # rewritten for transparent egress

@@ -12,6 +12,7 @@ from rich.text import Text
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, epilog
 from enclaver_rules.cli.output import Output
+from enclaver_rules.cli.trust import is_eif
 from enclaver_rules.errors import InvalidInput
 
 CODES = {
@@ -48,36 +49,24 @@ def _expected_eif(source: str, cache_dir: str | None, work: Path) -> tuple[Path 
     if path.is_file():
         record = path.parent / "build.json"
         doc = json.loads(record.read_text()) if record.is_file() else None
-        return (path if path.read_bytes()[:4] == b".eif" else None), doc
+        return (path if is_eif(path) else None), doc
     return _eif_from_release(source, cache_dir, work), None
 
 
 def _eif_from_release(ref: str, cache_dir: str | None, work: Path) -> Path | None:
-    import tarfile
-
     from enclaver_rules.oci.model import Manifest
     from enclaver_rules.oci.store import Store, default_cache_dir
     from enclaver_rules.rules.build import RELEASE_EIF
 
     store = Store(Path(cache_dir) if cache_dir else default_cache_dir())
     descriptor = store.resolve(ref) if store.root.is_dir() else None
-    if descriptor is None:
-        return None
-    node = store.manifest(descriptor.digest)
+    node = store.manifest(descriptor.digest) if descriptor else None
     if not isinstance(node, Manifest):
         return None
-    for layer in node.layers:
-        with tarfile.open(fileobj=store.open(layer.digest), mode="r:*") as tar:
-            for member in tar:
-                if member.name.lstrip("./") == RELEASE_EIF.lstrip("/") and member.isfile():
-                    f = tar.extractfile(member)
-                    assert f is not None
-                    target = work / "expected.eif"
-                    with open(target, "wb") as out:
-                        while chunk := f.read(1 << 20):
-                            out.write(chunk)
-                    return target
-    return None
+    target = work / "expected.eif"
+    with open(target, "wb") as out:
+        found = store.copy_file(node, RELEASE_EIF, out)
+    return target if found else None
 
 
 def run(args: argparse.Namespace, out: Output) -> int:

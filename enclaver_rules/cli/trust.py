@@ -57,6 +57,14 @@ def _top(commands: Subparsers[argparse.ArgumentParser], common: argparse.Argumen
     return parser
 
 
+def is_eif(path: Path) -> bool:
+    """By its magic: four bytes read, not the whole file (an EIF is as large as the app)."""
+    from enclaver_rules.eif.format import MAGIC
+
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
 def _from_eif(path: Path) -> tuple[dict[str, str], str]:
     from enclaver_rules.eif.describe import describe
 
@@ -85,8 +93,7 @@ def measurements_of(source: str, cache_dir: str | None) -> tuple[dict[str, str],
             return pcrs, how
         path = path / "measurements.json"
     if path.is_file():
-        head = path.read_bytes()[:4]
-        if head == b".eif":
+        if is_eif(path):
             return _from_eif(path)
         try:
             doc = json.loads(path.read_text())

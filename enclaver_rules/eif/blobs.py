@@ -51,11 +51,7 @@ class BlobSet:
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return Digest.of_file(path).hex
 
 
 def load_blobs(path: str | Path, arch: str, expect: Digest | None = None) -> BlobSet:

@@ -8,6 +8,7 @@ keeps nothing on a mismatch. A mismatch names both digests, the byte count and t
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 
@@ -32,6 +33,15 @@ class Digest:
     @classmethod
     def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+    @classmethod
+    def of_file(cls, path: str | os.PathLike[str], algorithm: str = "sha256") -> Digest:
+        """Streamed in 1 MiB chunks: files here are EIFs and layers, hundreds of MiB."""
+        h = hashlib.new(algorithm)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return cls(algorithm, h.hexdigest())
 
     def hasher(self) -> hashlib._Hash:
         return hashlib.new(self.algorithm)

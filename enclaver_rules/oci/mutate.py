@@ -18,7 +18,7 @@ from typing import Any
 from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.layer import Layer
-from enclaver_rules.oci.model import ImageConfig, Manifest
+from enclaver_rules.oci.model import ImageConfig, Manifest, parse
 
 _TO_OCI = {mt.DOCKER_LAYER_GZIP: mt.OCI_LAYER_GZIP, mt.DOCKER_CONFIG: mt.OCI_CONFIG}
 
@@ -53,6 +53,22 @@ class EditedImage:
     @property
     def manifest_digest(self) -> Digest:
         return Digest.of(self.manifest)
+
+
+PLATFORMS = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+def empty_image(arch: str) -> tuple[Manifest, ImageConfig]:
+    """An image with no layers and an empty config for `arch` (x86_64 or aarch64): the base of
+    images made here from nothing (the odyn image, release images on an empty sleeve)."""
+    config = canonical_json({"architecture": PLATFORMS[arch], "os": "linux", "config": {},
+                             "rootfs": {"type": "layers", "diff_ids": []}})
+    manifest = canonical_json({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "layers": [],
+                               "config": {"mediaType": mt.OCI_CONFIG, "digest": str(Digest.of(config)),
+                                          "size": len(config)}})
+    parsed = parse(manifest, mt.OCI_MANIFEST, f"empty {arch} image")
+    assert isinstance(parsed, Manifest)
+    return parsed, ImageConfig.parse(config, f"empty {arch} image config")
 
 
 def edit_image(manifest: Manifest, config: ImageConfig, *, layers: Sequence[Layer] = (), edit: ConfigEdit = ConfigEdit(),

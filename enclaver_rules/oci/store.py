@@ -23,12 +23,15 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest, DigestMismatch
 from enclaver_rules.oci.model import Descriptor, Index, Manifest, parse
+
+if TYPE_CHECKING:
+    from enclaver_rules.oci.mutate import EditedImage
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 CHUNK = 1 << 20
@@ -242,6 +245,33 @@ class Store:
             manifests.append(entry)
             manifests.sort(key=lambda m: m["annotations"][REF_ANNOTATION] if "annotations" in m else "")
             self._write_index(manifests)
+
+    def keep_image(self, name: str, edited: EditedImage) -> Descriptor:
+        """Store an image made here (its config and manifest; its layers are already in) and tag it."""
+        self.put_bytes(edited.config, edited.config_digest, source=f"{name} config")
+        self.put_bytes(edited.manifest, edited.manifest_digest, source=f"{name} manifest")
+        descriptor = Descriptor(mt.OCI_MANIFEST, edited.manifest_digest, len(edited.manifest))
+        self.tag(name, descriptor)
+        return descriptor
+
+    def copy_file(self, manifest: Manifest, path: str, out: BinaryIO) -> bool:
+        """Copy one regular file of an image to `out`, as the merged root file system has it (the
+        topmost layer holding it wins), streamed from its layer; False when no layer has it.
+        Whiteouts are not followed: this is for files an image is known to carry (odyn's
+        binary, a release's EIF)."""
+        import shutil
+        import tarfile
+
+        wanted = path.strip("/")
+        for layer in reversed(manifest.layers):
+            with self.open(layer.digest) as blob, tarfile.open(fileobj=blob, mode="r:*") as tar:
+                for member in tar:
+                    if member.name.lstrip("./").rstrip("/") == wanted and member.isfile():
+                        source = tar.extractfile(member)
+                        assert source is not None
+                        shutil.copyfileobj(source, out, 1 << 20)
+                        return True
+        return False
 
     def untag(self, name: str) -> bool:
         with self._locked():

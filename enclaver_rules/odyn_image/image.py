@@ -15,11 +15,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.layer import Entry, write_layer
-from enclaver_rules.oci.model import Descriptor, ImageConfig, Manifest, parse
-from enclaver_rules.oci.mutate import ConfigEdit, canonical_json, edit_image
+from enclaver_rules.oci.mutate import ConfigEdit, edit_image, empty_image
 from enclaver_rules.oci.store import Store, atomic_write
 from enclaver_rules.odyn_image.build import BUILD_EPOCH, Binary, requirements_file
 
@@ -41,17 +39,6 @@ class OdynImage:
                                                                           "sha256": self.binary_sha256}}
 
 
-def _empty() -> tuple[Manifest, ImageConfig]:
-    config = canonical_json({"architecture": "amd64", "os": "linux", "config": {},
-                             "rootfs": {"type": "layers", "diff_ids": []}})
-    manifest = canonical_json({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
-                               "config": {"mediaType": mt.OCI_CONFIG, "digest": str(Digest.of(config)),
-                                          "size": len(config)}, "layers": []})
-    parsed = parse(manifest, mt.OCI_MANIFEST, "odyn image")
-    assert isinstance(parsed, Manifest)
-    return parsed, ImageConfig.parse(config, "odyn image config")
-
-
 def put_image(store: Store, binary: Binary, tag: str = DEFAULT_TAG) -> OdynImage:
     data = binary.path.read_bytes()
     if hashlib.sha256(data).hexdigest() != binary.sha256:
@@ -59,7 +46,7 @@ def put_image(store: Store, binary: Binary, tag: str = DEFAULT_TAG) -> OdynImage
     buf = io.BytesIO()
     layer = write_layer([Entry.file(ODYN_PATH, data, 0o755), Entry.dir(UNPACK_DIR, 0o700)], buf, mtime=BUILD_EPOCH)
     store.put_bytes(buf.getvalue(), layer.digest, source="odyn layer")
-    manifest, config = _empty()
+    manifest, config = empty_image("x86_64")  # the build is pinned for x86_64 (build.check_platform)
     labels = {
         "org.opencontainers.image.title": "odyn",
         "org.opencontainers.image.description": "enclaver's in-enclave supervisor (static binary)",
@@ -72,9 +59,7 @@ def put_image(store: Store, binary: Binary, tag: str = DEFAULT_TAG) -> OdynImage
     edited = edit_image(manifest, config, layers=[layer], created=BUILD_EPOCH, created_by="enclaver odyn image",
                         edit=ConfigEdit(entrypoint=(ODYN_PATH,), env=(("TMPDIR", UNPACK_DIR), ("ODYN_APP_TMPDIR", "")),
                                         labels=tuple(sorted(labels.items()))))
-    store.put_bytes(edited.config, edited.config_digest, source="odyn config")
-    store.put_bytes(edited.manifest, edited.manifest_digest, source="odyn manifest")
-    store.tag(tag, Descriptor(mt.OCI_MANIFEST, edited.manifest_digest, len(edited.manifest)))
+    store.keep_image(tag, edited)
     return OdynImage(edited.manifest_digest, tag, binary.size, binary.sha256)
 
 

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import shutil
-import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,8 @@ from doit.tools import config_changed
 
 from enclaver_rules import __version__
 from enclaver_rules.errors import EnclaverError, InvalidInput, OperationFailed
-from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest
-from enclaver_rules.oci.model import Descriptor, ImageConfig, Manifest, parse
+from enclaver_rules.oci.model import Descriptor, Manifest
 from enclaver_rules.oci.mutate import canonical_json
 from enclaver_rules.oci.store import Store, atomic_write
 
@@ -200,35 +198,11 @@ class Inputs:
 def _odyn_binary(store: Store, image_digest: Digest, where: str) -> bytes:
     node = store.manifest(image_digest)
     assert isinstance(node, Manifest)
-    for layer in reversed(node.layers):  # the topmost layer that has it wins
-        with tarfile.open(fileobj=store.open(layer.digest), mode="r:*") as tar:
-            for member in tar:
-                if member.name.lstrip("./") == ODYN_IN_IMAGE and member.isfile():
-                    f = tar.extractfile(member)
-                    assert f is not None
-                    return f.read()
-    raise InvalidInput(f"{where} has no /{ODYN_IN_IMAGE}", field="sources.odyn",
-                       fix="name an odyn image (upstream's layout: the binary at /usr/local/bin/odyn)")
-
-
-def _store_image(store: Store, tag: str, edited: Any) -> Descriptor:
-    store.put_bytes(edited.config, edited.config_digest)
-    store.put_bytes(edited.manifest, edited.manifest_digest)
-    descriptor = Descriptor(mt.OCI_MANIFEST, edited.manifest_digest, len(edited.manifest))
-    store.tag(tag, descriptor)
-    return descriptor
-
-
-def _empty_image(arch: str) -> tuple[Manifest, ImageConfig]:
-    platform = {"x86_64": "amd64", "aarch64": "arm64"}[arch]
-    config = canonical_json({"architecture": platform, "os": "linux", "config": {},
-                             "rootfs": {"type": "layers", "diff_ids": []}})
-    manifest = canonical_json({"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST, "layers": [],
-                               "config": {"mediaType": mt.OCI_CONFIG, "digest": str(Digest.of(config)),
-                                          "size": len(config)}})
-    parsed = parse(manifest, mt.OCI_MANIFEST, "empty base")
-    assert isinstance(parsed, Manifest)
-    return parsed, ImageConfig.parse(config, "empty base")
+    binary = io.BytesIO()
+    if not store.copy_file(node, ODYN_IN_IMAGE, binary):
+        raise InvalidInput(f"{where} has no /{ODYN_IN_IMAGE}", field="sources.odyn",
+                           fix="name an odyn image (upstream's layout: the binary at /usr/local/bin/odyn)")
+    return binary.getvalue()
 
 
 @reported
@@ -239,7 +213,7 @@ def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, An
     from enclaver_rules.eif.sign import Signer
     from enclaver_rules.oci import enclave
     from enclaver_rules.oci.layer import Entry, source_date_epoch, write_layer
-    from enclaver_rules.oci.mutate import ConfigEdit, edit_image
+    from enclaver_rules.oci.mutate import ConfigEdit, edit_image, empty_image, rfc3339
     from enclaver_rules.oci.transfer import load_stored
 
     manifest, _ = _build_settings(manifest_path)
@@ -278,7 +252,7 @@ def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, An
     edited = edit_image(app.manifest, app.config, layers=[layer], created=epoch, created_by="enclaver layer",
                         edit=enclave.config_edit(app.config, resolved["app"]["ref"], labels))
     enclave_tag = f"enclaver/{name}:enclave-{key[:16]}"
-    _store_image(store, enclave_tag, edited)
+    store.keep_image(enclave_tag, edited)
     enclave_image = load_stored(store, enclave_tag, edited.manifest_digest)
 
     # 2. the EIF and its measurements
@@ -302,17 +276,14 @@ def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, An
     with open(layer_file, "rb") as f:
         store.put_stream(f, release_layer.digest, release_layer.size, source="release layer")
     layer_file.unlink()
-    eif_digest = hashlib.sha256()
-    with open(eif_path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            eif_digest.update(chunk)
+    eif_digest = Digest.of_file(eif_path)
     if manifest.sources.sleeve:
         raise InvalidInput("a sleeve base image is not supported yet", field="sources.sleeve",
                            fix="remove it: the release image is built on an empty base until the runtime image exists")
-    base_manifest, base_config = _empty_image(arch)
+    base_manifest, base_config = empty_image(arch)
     pcrs = {k: v for k, v in result.measurements.to_json().items() if k.startswith("PCR")}
     release_labels = {
-        "org.opencontainers.image.created": _rfc3339(epoch),
+        "org.opencontainers.image.created": rfc3339(epoch),
         "org.opencontainers.image.title": manifest.name,
         f"{enclave.LABEL}.version": __version__,
         f"{enclave.LABEL}.app.digest": resolved["app"]["digest"],
@@ -323,12 +294,12 @@ def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, An
     }
     released = edit_image(base_manifest, base_config, layers=[release_layer], created=epoch,
                           created_by="enclaver release", edit=ConfigEdit(labels=tuple(sorted(release_labels.items()))))
-    _store_image(store, manifest.target, released)
+    store.keep_image(manifest.target, released)
 
     summary = {
         "name": name, "key": key, "target": manifest.target, "epoch": epoch,
         "enclave_image": str(edited.manifest_digest), "release_image": str(released.manifest_digest),
-        "eif": {"file": "application.eif", "sha256": eif_digest.hexdigest(), "size": eif_path.stat().st_size},
+        "eif": {"file": "application.eif", "sha256": eif_digest.hex, "size": eif_path.stat().st_size},
         "measurements": pcrs, "development": resolved["blobs"]["development"],
         "inputs": {k: resolved[k] for k in ("app", "odyn", "blobs")},
     }
@@ -338,12 +309,6 @@ def build_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, An
     os.replace(work, dest)
     _point_latest(out, key)
     return summary
-
-
-def _rfc3339(epoch: int) -> str:
-    from enclaver_rules.oci.mutate import rfc3339
-
-    return rfc3339(epoch)
 
 
 def _intact(dest: Path, *, quick: bool = False) -> bool:
@@ -356,11 +321,8 @@ def _intact(dest: Path, *, quick: bool = False) -> bool:
             st = (dest / summary["eif"]["file"]).stat()
             stamp = summary["eif"].get("stat")
             return bool(stamp == [st.st_size, st.st_mtime_ns, st.st_ino] and (dest / "measurements.json").is_file())
-        digest = hashlib.sha256()
-        with open(dest / summary["eif"]["file"], "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        return bool(digest.hexdigest() == summary["eif"]["sha256"] and (dest / "measurements.json").is_file())
+        eif = Digest.of_file(dest / summary["eif"]["file"])
+        return bool(eif.hex == summary["eif"]["sha256"] and (dest / "measurements.json").is_file())
     except (OSError, ValueError, KeyError):
         return False
 
