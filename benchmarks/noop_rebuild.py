@@ -73,9 +73,9 @@ def check_noop(report: Path, enclaves: int) -> None:
     """doit's report: `.  task` ran, `-- task` was up to date. No build may run, nor odyn_image."""
     lines = report.read_text().splitlines()
     ran = [line[3:] for line in lines if line.startswith(".  ") and not line[3:].startswith(("resolve:", "explain:"))]
-    skipped = [line for line in lines if line.startswith("-- build:")]
+    skipped = [line for line in lines if line.startswith("-- eif:")]
     if ran or len(skipped) != enclaves:
-        raise SystemExit(f"not a no-op: ran {ran[:5]}, {len(skipped)}/{enclaves} builds up to date "
+        raise SystemExit(f"not a no-op: ran {ran[:5]}, {len(skipped)}/{enclaves} EIFs up to date "
                          f"(were this repository's sources edited meanwhile?)")
 
 
@@ -85,9 +85,10 @@ PHASES = (
     ("  of which discover() (parses every manifest)", "rules/discover.py", "discover"),
     ("generate the tasks", "doit/cmd_base.py", "load_tasks"),
     ("doit's up-to-date checks, every task", "doit/dependency.py", "get_status"),
-    ("  of which build's uptodate: _latest_intact", "rules/build.py", "_latest_intact"),
-    ("resolve actions (uptodate [False]: every run)", "rules/build.py", "resolve_enclave"),
-    ("  of which _build_settings (manifest again)", "rules/build.py", "_build_settings"),
+    ("  of which eif's uptodate: latest_intact", "rules/eif.py", "latest_intact"),
+    ("  of which release's uptodate: release_present", "rules/release.py", "release_present"),
+    ("resolve actions (uptodate [False]: every run)", "rules/resolve.py", "resolve_enclave"),
+    ("  of which build_settings (manifest again)", "rules/common.py", "build_settings"),
     ("  of which import_oci_layout (app re-imported)", "oci/transfer.py", "import_oci_layout"),
     ("    of which Store.put of blobs it already has", "oci/store.py", "put"),
     ("    of which Store.tag (index.json rewritten)", "oci/store.py", "tag"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from enclaver_rules.cli.main import main
+from enclaver_rules.eif.blobs import write_dev_blobs
+from pipeline import NAMES, doit, make_app
 from services import Dockerd, Registry, start_dockerd, start_registry
 
 settings.register_profile("fast", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -91,3 +94,31 @@ def odyn_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     cache = tmp_path_factory.mktemp("odyn-cache")
     build_odyn_image(str(cache))
     yield cache
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory: pytest.TempPathFactory, odyn_cache: Path) -> Path:
+    """A monorepo whose doit state already knows the default odyn image (built once per session)."""
+    root = tmp_path_factory.mktemp("template") / "repo"
+    root.mkdir()
+    shutil.copy(REPO / "dodo.py", root / "dodo.py")
+    shutil.copytree(odyn_cache, root / "cache")
+    write_dev_blobs(root / "blobs", "x86_64")
+    for name in NAMES:
+        directory = root / "services" / name
+        directory.mkdir(parents=True)
+        make_app(directory, f"#!/bin/sh\necho {name}\n")
+        (directory / "enclaver.yaml").write_text(
+            f"version: v1\nname: {name}\ntarget: example.test/{name}:release\nsources:\n  app: oci:app:latest\n"
+            f"ingress:\n  - listen_port: 8080\nbuild:\n  blobs: ../../blobs\n")
+    result = doit(root, "odyn_image")  # reproducible: rebuilds the same bytes, and doit records it
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.fixture
+def monorepo(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("ENC_CACHE_DIR", raising=False)
+    root = tmp_path / "repo"
+    shutil.copytree(template, root, symlinks=True)
+    return root

@@ -8,67 +8,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
-from enclaver_rules.eif.blobs import write_dev_blobs
 from enclaver_rules.oci.layer import Entry
 from enclaver_rules.oci.store import Store
 from oci_helpers import make_layout
-
-DOIT = [sys.executable, "-m", "doit"]
-NAMES = ("alpha", "beta", "gamma")
-
-
-def _app(directory: Path, payload: str) -> None:
-    shutil.rmtree(directory / "app", ignore_errors=True)
-    make_layout(str(directory / "app"), "latest", [[Entry.file("bin/app", payload.encode(), 0o755),
-                                                    Entry.file("etc/motd", b"hello\n")]], cmd=("/bin/app", "--serve"))
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory: pytest.TempPathFactory, odyn_cache: Path) -> Path:
-    """A monorepo whose doit state already knows the default odyn image (built once per session)."""
-    root = tmp_path_factory.mktemp("template") / "repo"
-    root.mkdir()
-    shutil.copy(REPO / "dodo.py", root / "dodo.py")
-    shutil.copytree(odyn_cache, root / "cache")
-    write_dev_blobs(root / "blobs", "x86_64")
-    for name in NAMES:
-        directory = root / "services" / name
-        directory.mkdir(parents=True)
-        _app(directory, f"#!/bin/sh\necho {name}\n")
-        (directory / "enclaver.yaml").write_text(
-            f"version: v1\nname: {name}\ntarget: example.test/{name}:release\nsources:\n  app: oci:app:latest\n"
-            f"ingress:\n  - listen_port: 8080\nbuild:\n  blobs: ../../blobs\n")
-    result = doit(root, "odyn_image")  # reproducible: rebuilds the same bytes, and doit records it
-    assert result.returncode == 0, result.stderr
-    return root
-
-
-@pytest.fixture
-def monorepo(template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.delenv("ENC_CACHE_DIR", raising=False)
-    root = tmp_path / "repo"
-    shutil.copytree(template, root, symlinks=True)
-    return root
-
-
-def doit(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
-    return subprocess.run(DOIT + list(args), cwd=root, capture_output=True, text=True, timeout=600, env=env)
-
-
-def summary(root: Path, name: str) -> dict[str, object]:
-    return json.loads((root / "cache" / "out" / name / "latest" / "build.json").read_text())  # type: ignore[no-any-return]
-
-
-def ran(output: str, task: str) -> bool:
-    return any(line == f".  {task}" for line in output.splitlines())
+from pipeline import DOIT, NAMES, doit, make_app, ran, summary
 
 
 def test_a_monorepo_builds_in_parallel_and_rebuilds_nothing_when_nothing_changed(monorepo: Path) -> None:
@@ -77,7 +26,7 @@ def test_a_monorepo_builds_in_parallel_and_rebuilds_nothing_when_nothing_changed
     store = Store(monorepo / "cache")
     for name in NAMES:
         s = summary(monorepo, name)
-        assert ran(first.stdout, f"build:{name}")
+        assert ran(first.stdout, f"eif:{name}")
         out = monorepo / "cache" / "out" / name / "latest"
         measurements = json.loads((out / "measurements.json").read_text())["Measurements"]
         assert measurements["PCR0"] == s["measurements"]["PCR0"] and len(measurements["PCR0"]) == 96  # type: ignore[index]
@@ -89,17 +38,18 @@ def test_a_monorepo_builds_in_parallel_and_rebuilds_nothing_when_nothing_changed
     again = doit(monorepo, "-n", "2", "build")
     assert again.returncode == 0, again.stderr
     for name in NAMES:
-        assert not ran(again.stdout, f"build:{name}"), again.stdout  # up to date: "-- build:<name>"
+        for step in ("layer", "eif", "release", "trust"):
+            assert not ran(again.stdout, f"{step}:{name}"), again.stdout  # up to date: "-- <step>:<name>"
 
 
 def test_one_changed_app_byte_rebuilds_only_its_enclave(monorepo: Path) -> None:
     assert doit(monorepo, "build").returncode == 0
     before = {name: summary(monorepo, name) for name in NAMES}
-    _app(monorepo / "services" / "beta", "#!/bin/sh\necho Beta\n")  # one byte differs
+    make_app(monorepo / "services" / "beta", "#!/bin/sh\necho Beta\n")  # one byte differs
     result = doit(monorepo, "build")
     assert result.returncode == 0, result.stderr
-    assert ran(result.stdout, "build:beta")
-    assert not ran(result.stdout, "build:alpha") and not ran(result.stdout, "build:gamma")
+    assert ran(result.stdout, "eif:beta")
+    assert not ran(result.stdout, "eif:alpha") and not ran(result.stdout, "eif:gamma")
     after = {name: summary(monorepo, name) for name in NAMES}
     assert after["beta"]["key"] != before["beta"]["key"]
     assert after["alpha"] == before["alpha"] and after["gamma"] == before["gamma"]
@@ -140,7 +90,7 @@ def test_a_tampered_output_is_detected_and_rebuilt(monorepo: Path) -> None:
     data[len(data) // 2] ^= 0xFF
     eif.write_bytes(bytes(data))
     result = doit(monorepo, "build:gamma")
-    assert result.returncode == 0 and ran(result.stdout, "build:gamma"), result.stdout
+    assert result.returncode == 0 and ran(result.stdout, "eif:gamma"), result.stdout
     rebuilt = summary(monorepo, "gamma")
     assert rebuilt["measurements"] == good["measurements"] and rebuilt["eif"]["sha256"] == good["eif"]["sha256"]  # type: ignore[index]
     assert eif.read_bytes() != bytes(data)
@@ -173,7 +123,7 @@ def test_trust_reads_the_same_pcrs_from_the_eif_the_build_dir_and_the_release_im
 
     # a new release: --update keeps the old image for the rollover and prints what changed
     (monorepo / "policy.json").write_text(json.dumps(policy))
-    _app(monorepo / "services" / "alpha", "#!/bin/sh\necho v2\n")
+    make_app(monorepo / "services" / "alpha", "#!/bin/sh\necho v2\n")
     assert doit(monorepo, "build:alpha").returncode == 0
     result = cli("trust", str(latest), "--update", str(monorepo / "policy.json"), "--account", "111122223333",
                  "--json")
@@ -233,10 +183,10 @@ def test_enclaver_build_runs_the_same_tasks_and_prints_the_summary(monorepo: Pat
     # doit then finds it built: the same key, the same PCRs
     assert doit(monorepo, "build:beta").returncode == 0
     assert summary(monorepo, "beta")["measurements"] == doc["Measurements"]
-    assert "✓ build:beta" in result.stderr  # progress, one line per task
+    assert "✓ layer:beta" in result.stderr and "✓ eif:beta" in result.stderr  # progress, one line per task
 
     again = cli("build", "-f", str(manifest), "--cache-dir", str(monorepo / "cache"))
-    assert again.code == 0 and "= build:beta (up to date)" in again.stderr, again.stderr
+    assert again.code == 0 and "= eif:beta (up to date)" in again.stderr, again.stderr
     assert doc["Measurements"]["PCR0"] in again.stdout
 
     manifest.write_text(manifest.read_text().replace("listen_port: 8080", "listen_port: 17000"))
@@ -302,7 +252,7 @@ def test_the_lock_pins_inputs_and_a_changed_input_is_refused_until_updated(monor
     assert doit(monorepo, "build:gamma").returncode == 0
     assert summary(monorepo, "gamma")["inputs"]["app"]["digest"] == lock["app"]["digest"]  # type: ignore[index]
 
-    _app(monorepo / "services" / "gamma", "#!/bin/sh\necho other\n")
+    make_app(monorepo / "services" / "gamma", "#!/bin/sh\necho other\n")
     refused = doit(monorepo, "build:gamma")
     assert refused.returncode != 0 and "no longer match enclaver.lock" in refused.stdout + refused.stderr
     stale = cli("lock", "-f", manifest, "--cache-dir", cache)

@@ -27,7 +27,7 @@ CODES = {
 def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     parser = commands.add_parser(
         "build", parents=[common], help="build an enclave: enclave image, EIF, measurements, release image, policy",
-        description="Run the rule set's tasks for one manifest (check, odyn_image, resolve, build, trust) through "
+        description="Run the rule set's tasks for one manifest (check, odyn_image, resolve, layer, eif, release, trust) through "
                     "doit, sharing `doit build`'s cache and state: nothing already built is built again. Ends by "
                     "printing the release image's digest and tag, the PCRs, and where the outputs are.",
         epilog=epilog(CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,6 +41,12 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
     parser.add_argument("--push", action="store_true",
                         help="push the release image to `target`, with its measurements and KMS key policy attached "
                              "as OCI referrers")
+    parser.add_argument("--remote-cache", metavar="REGISTRY/REPO",
+                        help="share EIF builds through this registry repository: fetch an entry for the build's key "
+                             "before building (checked, refused if it is not what these inputs give), store what "
+                             "was built (or $ENC_REMOTE_CACHE)")
+    parser.add_argument("--remote-cache-read-only", action="store_true",
+                        help="fetch from the remote cache but never store into it (or $ENC_REMOTE_CACHE_READ_ONLY=1)")
     parser.add_argument("--cache-dir", metavar="DIR", help="the store and outputs (default: $ENC_CACHE_DIR, else "
                         "cache/ beside the nearest dodo.py, else ~/.cache/enclaver)")
     add_json(parser)
@@ -129,7 +135,8 @@ def run_rule_set(path: Path, name: str, cache: Path, task: str, out: Output, env
 def run(args: argparse.Namespace, out: Output) -> int:
     from enclaver_rules.manifest import resolve as resolve_config
     from enclaver_rules.oci.store import default_cache_dir
-    from enclaver_rules.rules.build import BUILD, POLICY, out_dir
+    from enclaver_rules.rules.common import BUILD, POLICY, latest_dir
+    from enclaver_rules.rules.eif import LOCAL
 
     path = Path(args.file)
     if not path.is_file():
@@ -141,10 +148,15 @@ def run(args: argparse.Namespace, out: Output) -> int:
         raise InvalidInput("the rule set builds EIFs with the pure backend only, for now", field="build.backend",
                            fix="use --backend pure, or `enclaver eif build --backend nitro-cli` on the enclave image")
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir(str(path.resolve().parent))
-    code = run_rule_set(path, manifest.name, cache, f"{'push' if args.push else 'trust'}:{manifest.name}", out)
+    env = {}
+    if args.remote_cache:
+        env["ENC_REMOTE_CACHE"] = args.remote_cache
+    if args.remote_cache_read_only:
+        env["ENC_REMOTE_CACHE_READ_ONLY"] = "1"
+    code = run_rule_set(path, manifest.name, cache, f"{'push' if args.push else 'trust'}:{manifest.name}", out, env)
     if code != ExitCode.OK:
         return code
-    latest = (out_dir(str(cache), manifest.name) / "latest").resolve()
+    latest = latest_dir(str(cache), manifest.name)
     summary: dict[str, Any] = json.loads((latest / BUILD).read_text())
     outputs = {"directory": str(latest), "eif": str(latest / "application.eif"),
                "measurements": str(latest / "measurements.json"), "policy": str(latest / POLICY)}
@@ -160,15 +172,21 @@ def run(args: argparse.Namespace, out: Output) -> int:
         except OSError as e:
             raise OperationFailed(f"cannot write {target}: {e.strerror}", file=str(target)) from None
         outputs["eif_copy"] = str(target)
+    try:
+        origin = json.loads((latest / LOCAL).read_text())["origin"]
+    except (OSError, ValueError, KeyError):
+        origin = "unknown"
     document = {"name": manifest.name, "release_image": {"tag": summary["target"], "digest": summary["release_image"]},
                 "enclave_image": summary["enclave_image"], "Measurements": summary["measurements"],
-                "development": summary["development"], "outputs": outputs}
+                "development": summary["development"], "eif_origin": origin, "outputs": outputs}
     if args.json:
         out.json(document)
         return ExitCode.OK
     out.line(Text(f"release image {summary['target']}  {summary['release_image']}", style="bold"))
     for pcr, value in summary["measurements"].items():
         out.line(f"{pcr}  {value}")
+    if origin != "built":
+        out.note(f"the EIF came from the {origin}", style="cyan")
     if summary["development"]:
         out.note("built with a development blob set: these PCRs are for trying the pipeline, not for AWS",
                  style="yellow")

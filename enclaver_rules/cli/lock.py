@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     from enclaver_rules.cli.build import run_rule_set
     from enclaver_rules.manifest import load_manifest
     from enclaver_rules.oci.store import atomic_write, default_cache_dir
-    from enclaver_rules.rules.build import lock_differences, lock_document, lock_path, resolve_enclave
+    from enclaver_rules.rules.resolve import lock_differences, lock_document, lock_path, resolve_enclave
 
     path = Path(args.file)
     if not path.is_file():

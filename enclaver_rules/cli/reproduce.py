@@ -56,7 +56,7 @@ def _expected_eif(source: str, cache_dir: str | None, work: Path) -> tuple[Path 
 def _eif_from_release(ref: str, cache_dir: str | None, work: Path) -> Path | None:
     from enclaver_rules.oci.model import Manifest
     from enclaver_rules.oci.store import Store, default_cache_dir
-    from enclaver_rules.rules.build import RELEASE_EIF
+    from enclaver_rules.rules.release import RELEASE_EIF
 
     store = Store(Path(cache_dir) if cache_dir else default_cache_dir())
     descriptor = store.resolve(ref) if store.root.is_dir() else None
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     from enclaver_rules.cli.trust import measurements_of
     from enclaver_rules.eif.diff import explain
     from enclaver_rules.manifest import load_manifest
-    from enclaver_rules.rules.build import BUILD, out_dir
+    from enclaver_rules.rules.common import BUILD, latest_dir
 
     path = Path(args.file)
     if not path.is_file():
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
         code = run_rule_set(path, manifest.name, cache, f"build:{manifest.name}", out, env)
         if code != ExitCode.OK:
             return code
-        latest = (out_dir(str(cache), manifest.name) / "latest").resolve()
+        latest = latest_dir(str(cache), manifest.name)
         rebuilt = json.loads((latest / BUILD).read_text())
         actual = rebuilt["measurements"]
         differing = sorted(k for k in expected if expected.get(k) != actual.get(k))

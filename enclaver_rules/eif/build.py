@@ -8,6 +8,7 @@ written to a temp file beside the target and renamed into place when complete.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from enclaver_rules.eif.format import (
     SectionSource,
     write_eif,
 )
-from enclaver_rules.eif.measure import Measurements
+from enclaver_rules.eif.measure import Measurements, extend
 from enclaver_rules.eif.metadata import kernel_info, metadata_json
 from enclaver_rules.eif.ramdisk import bootstrap, command_files, customer
 from enclaver_rules.eif.rootfs import build_tree
@@ -60,6 +61,19 @@ def _file_chunks(path: Path) -> Callable[[], Iterator[bytes]]:
         with open(path, "rb") as f:
             yield from iter(lambda: f.read(1 << 20), b"")
     return read
+
+
+def boot_pcr1(blobs: BlobSet) -> str:
+    """PCR1 of every EIF built on `blobs`: kernel ‖ cmdline ‖ bootstrap ramdisk, all three made from
+    the blob set alone. Lets an EIF from elsewhere (a remote cache) be checked against the blob set
+    here without rebuilding it."""
+    boot = hashlib.sha384()
+    for chunk in _file_chunks(blobs.kernel)():
+        boot.update(chunk)
+    boot.update(blobs.cmdline_bytes())
+    for chunk in bootstrap(blobs.init, blobs.nsm).stream():
+        boot.update(chunk)
+    return extend(boot.digest())
 
 
 def image_arch(image: StoredImage) -> str:

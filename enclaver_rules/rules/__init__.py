@@ -1,7 +1,10 @@
 """doit task generators: the rule set. `dodo.py` imports `tasks()` and declares nothing else.
 
-Each step of the pipeline is a generator in its own module (`check`, `odyn`; resolve, layer,
-eif, release, push and trust as they arrive), yielding tasks named `<step>:<enclave>`.
+Each step of the pipeline is a generator in its own module, yielding tasks named `<step>:<enclave>`:
+`check`, `explain`, `odyn_image` (once), `resolve` (inputs → digests), `layer` (enclave image),
+`eif` (EIF + measurements; the remote cache lives here), `release` (release image; `build:<name>`
+names resolve → release), `trust` (KMS key policy), `push`, `verify` (CI). Each step's key covers
+its inputs' digests and enclaver's version; see `common` for where outputs go.
 """
 
 from __future__ import annotations
@@ -11,10 +14,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from enclaver_rules.oci.store import default_cache_dir
-from enclaver_rules.rules.build import build_tasks, push_tasks, resolve_tasks, trust_tasks, verify_tasks
 from enclaver_rules.rules.check import check_tasks, explain_tasks
 from enclaver_rules.rules.discover import Enclave, discover
+from enclaver_rules.rules.eif import eif_tasks
+from enclaver_rules.rules.layer import layer_tasks
 from enclaver_rules.rules.odyn import odyn_tasks
+from enclaver_rules.rules.push import push_tasks
+from enclaver_rules.rules.release import build_tasks, release_tasks
+from enclaver_rules.rules.resolve import resolve_tasks
+from enclaver_rules.rules.trust import trust_tasks
+from enclaver_rules.rules.verify import verify_tasks
 
 DOIT_CONFIG: dict[str, Any] = {
     # sqlite3, not dbm: dbm is single-writer and breaks `doit -n 2`
@@ -53,9 +62,21 @@ def tasks(root: str, extra_deps: dict[str, list[str]] | None = None, enclaves: l
         """resolve every enclave's inputs to digests"""
         yield from resolve_tasks(absolute, cache, extra_deps or {})
 
+    def task_layer() -> Iterator[dict[str, Any]]:
+        """make every enclave image (app + odyn + manifest)"""
+        yield from layer_tasks(absolute, cache)
+
+    def task_eif() -> Iterator[dict[str, Any]]:
+        """build every enclave's EIF and measurements"""
+        yield from eif_tasks(absolute, cache)
+
+    def task_release() -> Iterator[dict[str, Any]]:
+        """make every enclave's release image"""
+        yield from release_tasks(absolute, cache)
+
     def task_build() -> Iterator[dict[str, Any]]:
         """build every enclave"""
-        yield from build_tasks(absolute, cache)
+        yield from build_tasks(absolute)
 
     def task_trust() -> Iterator[dict[str, Any]]:
         """write every enclave's KMS key policy"""
@@ -69,8 +90,10 @@ def tasks(root: str, extra_deps: dict[str, list[str]] | None = None, enclaves: l
         """prove every enclave's build reproduces bit for bit (CI)"""
         yield from verify_tasks(absolute, cache)
 
-    return {"task_verify": task_verify, "task_push": task_push, "task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image,
-            "task_resolve": task_resolve, "task_build": task_build, "task_trust": task_trust}
+    return {"task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image,
+            "task_resolve": task_resolve, "task_layer": task_layer, "task_eif": task_eif,
+            "task_release": task_release, "task_build": task_build, "task_trust": task_trust,
+            "task_push": task_push, "task_verify": task_verify}
 
 
 __all__ = ["DOIT_CONFIG", "Enclave", "discover", "tasks"]

@@ -1,0 +1,108 @@
+"""What every build step shares: where outputs go, how a step's key is made, how a task fails.
+
+Outputs of one enclave live in `cache/out/<name>/`: `resolved.json` (resolve), `layer.json`
+(layer), and one directory per EIF key, `<key>/`, holding the EIF, `measurements.json`,
+`eif.json` (eif), `build.json` (release), `kms-policy.json` (trust) and `pushed.json` (push);
+`latest` is a symlink to the newest such directory, replaced atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from doit.exceptions import TaskFailed
+
+from enclaver_rules import __version__
+from enclaver_rules.errors import EnclaverError
+from enclaver_rules.oci.mutate import canonical_json
+from enclaver_rules.oci.store import atomic_write
+
+RESOLVED = "resolved.json"
+LAYER = "layer.json"
+EIF_RECORD = "eif.json"
+BUILD = "build.json"
+POLICY = "kms-policy.json"
+PUSHED = "pushed.json"
+EIF_FILE = "application.eif"
+MEASUREMENTS = "measurements.json"
+LATEST = "latest"
+
+
+def reported(action: Callable[..., Any]) -> Callable[..., Any]:
+    """An enclaver error fails the task with its message (file, field, fix), not a traceback.
+    functools.wraps keeps the name, so doit can still pickle the action for `-n`."""
+    @functools.wraps(action)
+    def run(*args: Any) -> Any:
+        try:
+            return action(*args)
+        except EnclaverError as e:
+            return TaskFailed(str(e))
+
+    return run
+
+
+def out_dir(cache_dir: str, name: str) -> Path:
+    return Path(cache_dir) / "out" / name
+
+
+def latest_dir(cache_dir: str, name: str) -> Path:
+    """The newest complete build of `name` (resolved: readers keep reading one entry even if
+    `latest` moves under them)."""
+    return (out_dir(cache_dir, name) / LATEST).resolve()
+
+
+def step_key(step: str, parts: dict[str, Any]) -> str:
+    """A step's cache key: its inputs' digests and settings, the step's name and enclaver's version.
+    128 bits of SHA-256 over canonical JSON: stable across runs, machines and Python versions."""
+    document = {"step": step, "enclaver": __version__, **parts}
+    return hashlib.sha256(canonical_json(document)).hexdigest()[:32]
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Rewrite a record only when its bytes change: doit's file_dep then re-runs the next step
+    exactly when an input did (the record's mtime alone would re-run it every time)."""
+    try:
+        if path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
+    return True
+
+
+def point_latest(out: Path, key: str) -> None:
+    link = out / LATEST
+    tmp = out / f".latest-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(key, tmp)
+    os.replace(tmp, link)  # atomic: readers see the old or the new entry, never none
+
+
+def build_settings(manifest_path: str) -> tuple[Any, dict[str, Any]]:
+    """The manifest and its effective settings (ENC_* applied; a relative blob path is relative to
+    the manifest, like its other paths)."""
+    from enclaver_rules.manifest import resolve as resolve_config
+
+    config = resolve_config(manifest_path, {}, os.environ)
+    manifest = config.require_manifest()
+    values: dict[str, Any] = {}
+    base = Path(manifest_path).resolve().parent
+    for v in config.values:
+        values[v.setting.key] = v.value
+        if v.setting.key == "build.blobs" and v.origin == "file" and not Path(str(v.value)).is_absolute():
+            values[v.setting.key] = str(base / str(v.value))
+    return manifest, values
+
+
+def signing_files(manifest_path: str, manifest: Any) -> tuple[Path, Path] | None:
+    base = Path(manifest_path).resolve().parent
+    if not manifest.signature:
+        return None
+    return base / manifest.signature.certificate, base / manifest.signature.key

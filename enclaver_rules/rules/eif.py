@@ -1,0 +1,214 @@
+"""Task `eif:<name>`: the EIF and its measurements, in `out/<name>/<key>/`.
+
+The key covers the enclave image's digest, the blob set's digest, the signing certificate, the
+EIF's image name (the manifest's `target`, recorded in its metadata), SOURCE_DATE_EPOCH and
+enclaver's version. A complete entry for the key is a cache hit (its EIF re-hashed first, so a
+tampered entry is rebuilt, not used); else, with a remote cache, the entry is fetched and checked
+(`remote_cache` says what is checked and what cannot be); else the EIF is built. A build happens
+in `.tmp-<key>-<pid>/` and is renamed into place, so `kill -9` at any point leaves either nothing
+or a complete entry; `latest` then points at it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from enclaver_rules.errors import OperationFailed
+from enclaver_rules.oci.digest import Digest
+from enclaver_rules.oci.store import Store
+from enclaver_rules.rules.common import (
+    EIF_FILE,
+    EIF_RECORD,
+    LATEST,
+    LAYER,
+    MEASUREMENTS,
+    RESOLVED,
+    out_dir,
+    point_latest,
+    reported,
+    step_key,
+)
+from enclaver_rules.rules.layer import read_resolved
+from enclaver_rules.rules.remote_cache import OutputFile, Poisoned, RemoteCache
+
+#: Facts of this copy only, never in a remote entry: the EIF's size, mtime and inode (for the quick
+#: up-to-date check) and where the entry came from ("built", or "remote cache <location>").
+LOCAL = "local.json"
+OUTPUTS = (OutputFile(EIF_RECORD, "application/vnd.enclaver.eif-record.v1+json"),
+           OutputFile(MEASUREMENTS, "application/vnd.enclaver.measurements.v1+json"),
+           OutputFile(EIF_FILE, "application/vnd.enclaver.eif.v1"))
+
+
+def eif_key(resolved: dict[str, Any], layer: dict[str, Any]) -> str:
+    settings = resolved["settings"]
+    return step_key("eif", {
+        "enclave_image": layer["enclave_image"], "blobs": resolved["blobs"]["digest"],
+        "signing": settings["signing"]["certificate_sha256"] if settings["signing"] else None,
+        "image_name": settings["target"], "epoch": settings["epoch"], "backend": settings["backend"],
+    })
+
+
+def _stamp(dest: Path) -> list[int]:
+    st = (dest / EIF_FILE).stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def intact(dest: Path, *, quick: bool = False) -> bool:
+    """A complete entry whose EIF still has the digest it was recorded with. `quick` (doit's
+    up-to-date check, every run) compares size, mtime and inode instead of re-hashing hundreds of
+    MiB; a real build re-hashes before it reuses an entry."""
+    try:
+        record = json.loads((dest / EIF_RECORD).read_text())
+        if not (dest / MEASUREMENTS).is_file():
+            return False
+        if quick:
+            return bool(json.loads((dest / LOCAL).read_text())["stat"] == _stamp(dest))
+        return bool(Digest.of_file(dest / EIF_FILE).hex == record["eif"]["sha256"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _measurements_json(pcrs: dict[str, str]) -> bytes:
+    return json.dumps({"Measurements": {"HashAlgorithm": "Sha384 { ... }", **pcrs}}, indent=2).encode() + b"\n"
+
+
+def _build(work: Path, cache_dir: str, resolved: dict[str, Any], layer: dict[str, Any]) -> dict[str, str]:
+    from enclaver_rules.eif.blobs import load_blobs
+    from enclaver_rules.eif.build import build_eif
+    from enclaver_rules.eif.sign import Signer
+    from enclaver_rules.oci.transfer import load_stored
+
+    settings = resolved["settings"]
+    store = Store(cache_dir)
+    image = load_stored(store, layer["tag"], Digest.parse(layer["enclave_image"]))
+    blobs = load_blobs(resolved["blobs"]["path"], resolved["blobs"]["arch"], Digest.parse(resolved["blobs"]["digest"]))
+    signing = settings["signing"]
+    signer = Signer.load(signing["certificate"], signing["key"]) if signing else None
+    result = build_eif(image, store, blobs, work / EIF_FILE, epoch=settings["epoch"], image_name=settings["target"],
+                       signer=signer, workdir=str(work))
+    return {k: v for k, v in result.measurements.to_json().items() if k.startswith("PCR")}
+
+
+def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[str, Any]) -> None:
+    """Refuse a fetched entry unless it is what a build of these inputs would have recorded, as far
+    as that can be known without rebuilding (see `remote_cache`). Raises Poisoned."""
+    from enclaver_rules.eif.blobs import load_blobs
+    from enclaver_rules.eif.build import boot_pcr1
+    from enclaver_rules.eif.describe import describe
+    from enclaver_rules.eif.sign import Signer
+
+    def refuse(problem: str) -> Poisoned:
+        return Poisoned(f"remote cache entry eif-{key}: {problem}",
+                        fix="not used; it is replaced by this build when the cache is writable")
+
+    try:
+        record = json.loads((work / EIF_RECORD).read_text())
+        claimed = json.loads((work / MEASUREMENTS).read_text())["Measurements"]
+        claimed = {k: v for k, v in claimed.items() if k.startswith("PCR")}
+        recorded_digest = record["eif"]["sha256"]
+        got = {"key": record.get("key"), "enclave_image": record.get("enclave_image"), "target": record.get("target"),
+               "blobs": record.get("inputs", {}).get("blobs", {}).get("digest")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise refuse(f"its records are not readable ({e})") from None
+    expected = {"key": key, "enclave_image": layer["enclave_image"], "target": resolved["settings"]["target"],
+                "blobs": resolved["blobs"]["digest"]}
+    for field, value in expected.items():
+        if got[field] != value:
+            raise refuse(f"it records {field} {got[field]!r}, this build has {value!r}")
+    if Digest.of_file(work / EIF_FILE).hex != recorded_digest:
+        raise refuse("the EIF's digest is not the one its record gives")
+    try:
+        described = describe(str(work / EIF_FILE))
+    except (OperationFailed, ValueError, OSError) as e:
+        raise refuse(f"the EIF cannot be read: {e}") from None
+    actual = {k: v for k, v in described["Measurements"].items() if k.startswith("PCR")}
+    if not described.get("CheckCRC"):
+        raise refuse("the EIF's CRC does not match its contents")
+    if actual != record.get("measurements") or actual != claimed:
+        raise refuse("the PCRs recomputed from the EIF are not the ones it records")
+    blobs = load_blobs(resolved["blobs"]["path"], resolved["blobs"]["arch"], Digest.parse(resolved["blobs"]["digest"]))
+    if actual["PCR1"] != boot_pcr1(blobs):
+        raise refuse("its PCR1 (kernel, cmdline, bootstrap ramdisk) is not this blob set's")
+    metadata = described.get("Metadata", {}).get("enclaver", {})
+    if metadata.get("image") != layer["enclave_image"] or metadata.get("blobs") != resolved["blobs"]["digest"]:
+        raise refuse("the EIF's metadata names another enclave image or blob set")
+    signing = resolved["settings"]["signing"]
+    if signing:
+        pcr8 = Signer.load(signing["certificate"], signing["key"]).pcr8
+        if actual.get("PCR8") != pcr8 or not described.get("SignatureCheck"):
+            raise refuse("it is not signed with this build's certificate")
+    elif "PCR8" in actual:
+        raise refuse("it is signed, and this build is not")
+
+
+@reported
+def eif_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]:
+    _, resolved = read_resolved(manifest_path, cache_dir, name)
+    out = out_dir(cache_dir, name)
+    layer = json.loads((out / LAYER).read_text())
+    key = eif_key(resolved, layer)
+    dest = out / key
+    if dest.is_dir() and intact(dest):
+        point_latest(out, key)
+        return json.loads((dest / EIF_RECORD).read_text())  # type: ignore[no-any-return]
+    if dest.exists():
+        shutil.rmtree(dest)  # incomplete or tampered: rebuild it
+    for stale in out.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed build
+    work = out / f".tmp-{key}-{os.getpid()}"
+    work.mkdir(parents=True)
+    remote = RemoteCache.from_env()
+    epoch = resolved["settings"]["epoch"]
+    fetched = False
+    if remote is not None:
+        try:
+            fetched = remote.fetch("eif", key, work, OUTPUTS)
+            if fetched:
+                check_fetched(work, key, resolved, layer)
+                print(f"{name}: EIF {key} fetched from the remote cache {remote.location}")
+        except Poisoned as e:
+            print(f"{name}: refused: {e}")
+            fetched = False
+            for f in OUTPUTS:
+                (work / f.name).unlink(missing_ok=True)
+    if not fetched:
+        pcrs = _build(work, cache_dir, resolved, layer)
+        (work / MEASUREMENTS).write_bytes(_measurements_json(pcrs))
+        record = {
+            "name": name, "key": key, "target": resolved["settings"]["target"], "epoch": epoch,
+            "enclave_image": layer["enclave_image"],
+            "eif": {"file": EIF_FILE, "sha256": Digest.of_file(work / EIF_FILE).hex,
+                    "size": (work / EIF_FILE).stat().st_size},
+            "measurements": pcrs, "development": resolved["blobs"]["development"],
+            "inputs": {k: resolved[k] for k in ("app", "odyn", "blobs")},
+        }
+        (work / EIF_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    origin = f"remote cache {remote.location}" if fetched and remote else "built"
+    (work / LOCAL).write_text(json.dumps({"stat": _stamp(work), "origin": origin}))  # the rename keeps both
+    os.replace(work, dest)
+    point_latest(out, key)
+    if remote is not None and not fetched and remote.upload("eif", key, dest, OUTPUTS, epoch):
+        print(f"{name}: EIF {key} stored in the remote cache {remote.location}")
+    return json.loads((dest / EIF_RECORD).read_text())  # type: ignore[no-any-return]
+
+
+def latest_intact(cache_dir: str, name: str) -> bool:
+    return intact(out_dir(cache_dir, name) / LATEST, quick=True)
+
+
+def eif_tasks(enclaves: list[Any], cache_dir: str) -> Any:
+    yield {"basename": "eif", "name": None, "doc": "build every enclave's EIF and measurements"}
+    for e in enclaves:
+        out = out_dir(cache_dir, e.name)
+        yield {
+            "basename": "eif", "name": e.name, "doc": f"the EIF and PCRs of {e.path}",
+            "actions": [(eif_enclave, [e.path, e.name, cache_dir])],
+            "file_dep": [str(out / RESOLVED), str(out / LAYER)],
+            "targets": [str(out / LATEST / EIF_RECORD)],
+            "uptodate": [(latest_intact, [cache_dir, e.name])],
+            "verbosity": 2,
+        }

@@ -1,0 +1,133 @@
+"""Tasks `release:<name>` (the release image) and `build:<name>` (every build step of one enclave).
+
+The release image is what the runtime image consumes: the EIF at /enclave/application.eif, the
+manifest and measurements.json beside it, on the base `sources.sleeve` names (empty until the
+runtime image exists), labelled with what was built from what. It is a function of the EIF entry
+alone (the EIF key covers everything its labels say), so it is written into that entry's
+directory as `build.json`, the summary every later step and command reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from enclaver_rules import __version__
+from enclaver_rules.errors import InvalidInput
+from enclaver_rules.oci import mediatypes as mt
+from enclaver_rules.oci.digest import Digest
+from enclaver_rules.oci.model import Descriptor
+from enclaver_rules.oci.store import Store, atomic_write
+from enclaver_rules.rules.common import (
+    BUILD,
+    EIF_FILE,
+    EIF_RECORD,
+    LATEST,
+    MEASUREMENTS,
+    build_settings,
+    latest_dir,
+    out_dir,
+    reported,
+)
+
+RELEASE_EIF = "/enclave/application.eif"
+RELEASE_MANIFEST = "/enclave/enclaver.yaml"
+RELEASE_MEASUREMENTS = "/enclave/measurements.json"
+
+
+def _present(store: Store, summary: dict[str, Any]) -> bool:
+    return store.has(Digest.parse(summary["release_image"]))
+
+
+def release_labels(record: dict[str, Any], title: str) -> dict[str, str]:
+    """Labels (and the same as config labels) of a release image: who built it from what, and its PCRs."""
+    from enclaver_rules.oci import enclave
+    from enclaver_rules.oci.mutate import rfc3339
+
+    inputs = record["inputs"]
+    return {
+        "org.opencontainers.image.created": rfc3339(record["epoch"]),
+        "org.opencontainers.image.title": title,
+        f"{enclave.LABEL}.version": __version__,
+        f"{enclave.LABEL}.app.digest": inputs["app"]["digest"],
+        f"{enclave.LABEL}.odyn.digest": inputs["odyn"]["digest"],
+        f"{enclave.LABEL}.blobs.digest": inputs["blobs"]["digest"],
+        f"{enclave.LABEL}.blobs.development": str(record["development"]).lower(),
+        **{f"{enclave.LABEL}.{k.lower()}": v for k, v in record["measurements"].items()},
+    }
+
+
+@reported
+def release_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]:
+    from enclaver_rules.oci.layer import Entry, write_layer
+    from enclaver_rules.oci.mutate import ConfigEdit, edit_image, empty_image
+
+    manifest, _ = build_settings(manifest_path)
+    if manifest.sources.sleeve:
+        raise InvalidInput("a sleeve base image is not supported yet", field="sources.sleeve",
+                           fix="remove it: the release image is built on an empty base until the runtime image exists")
+    entry = latest_dir(cache_dir, name)
+    record = json.loads((entry / EIF_RECORD).read_text())
+    store = Store(cache_dir).init()
+    try:
+        summary: dict[str, Any] = json.loads((entry / BUILD).read_text())
+        if summary["key"] == record["key"] and _present(store, summary):
+            digest = Digest.parse(summary["release_image"])  # the target tag may name another build now
+            store.tag(summary["target"], Descriptor(mt.OCI_MANIFEST, digest, store.path(digest).stat().st_size))
+            return summary
+    except (OSError, ValueError, KeyError):
+        pass
+    raw = Path(manifest_path).read_bytes()
+    epoch = record["epoch"]
+    layer_file = entry / ".release-layer.tar.gz"  # streamed: the EIF is as large as the app
+    with open(layer_file, "wb") as f:
+        layer = write_layer([Entry.from_file(RELEASE_EIF, entry / EIF_FILE, 0o644),
+                             Entry.file(RELEASE_MANIFEST, raw, 0o644),
+                             Entry.file(RELEASE_MEASUREMENTS, (entry / MEASUREMENTS).read_bytes(), 0o644)],
+                            f, mtime=epoch)
+    with open(layer_file, "rb") as f:
+        store.put_stream(f, layer.digest, layer.size, source="release layer")
+    layer_file.unlink()
+    base_manifest, base_config = empty_image(record["inputs"]["blobs"]["arch"])
+    labels = release_labels(record, manifest.name)
+    released = edit_image(base_manifest, base_config, layers=[layer], created=epoch, created_by="enclaver release",
+                          edit=ConfigEdit(labels=tuple(sorted(labels.items()))))
+    store.keep_image(record["target"], released)
+    summary = {**record, "release_image": str(released.manifest_digest)}
+    atomic_write(entry / BUILD, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
+    return summary
+
+
+def release_present(cache_dir: str, name: str) -> bool:
+    """doit's up-to-date check: the summary describes the latest EIF and its image is in the store."""
+    try:
+        entry = latest_dir(cache_dir, name)
+        summary = json.loads((entry / BUILD).read_text())
+        record = json.loads((entry / EIF_RECORD).read_text())
+        return bool(summary["key"] == record["key"]) and _present(Store(cache_dir), summary)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def release_tasks(enclaves: list[Any], cache_dir: str) -> Any:
+    yield {"basename": "release", "name": None, "doc": "make every enclave's release image"}
+    for e in enclaves:
+        latest = out_dir(cache_dir, e.name) / LATEST
+        yield {
+            "basename": "release", "name": e.name, "doc": f"the release image of {e.path} (EIF, manifest, PCRs)",
+            "actions": [(release_enclave, [e.path, e.name, cache_dir])],
+            "file_dep": [e.path, str(latest / EIF_RECORD)],
+            "targets": [str(latest / BUILD)],
+            "uptodate": [(release_present, [cache_dir, e.name])],
+            "verbosity": 1,
+        }
+
+
+def build_tasks(enclaves: list[Any]) -> Any:
+    """`build:<name>`: resolve, layer, eif and release of one enclave, as one name to ask for."""
+    yield {"basename": "build", "name": None, "doc": "build every enclave: enclave image, EIF, measurements, "
+                                                     "release image"}
+    for e in enclaves:
+        yield {"basename": "build", "name": e.name, "doc": f"build {e.path}", "actions": [],
+               "task_dep": [f"release:{e.name}"]}

@@ -1,0 +1,186 @@
+"""A shared cache of step outputs in an ordinary OCI registry (`--remote-cache`, `ENC_REMOTE_CACHE`).
+
+Bazel's remote cache, without a server of our own: a step's outputs under its key are one OCI
+artifact in `REGISTRY/REPO`, tagged `<step>-<key>` (the key is 32 hex digits, so the tag is valid
+and names exactly one set of inputs). The artifact's config is the empty descriptor; each output
+file is a layer titled with its file name; annotations carry the step, the key and the build's
+SOURCE_DATE_EPOCH (never the clock: the same outputs give the same manifest digest, so two CI
+runners uploading the same entry agree).
+
+Trust. Every byte fetched is verified against the digest that names it (the manifest against
+the digest the registry serves for the tag, each blob as it streams), but the registry itself
+chooses which manifest a tag points at. So an entry is a claim, and the caller (`eif`) checks
+what it can without rebuilding before it uses one, refusing it otherwise: the key and the
+inputs the entry records, the EIF's digest, its PCRs recomputed from its bytes, PCR1 against the
+local blob set and PCR8 and the signature against the local certificate. What those checks
+cannot prove is that the application ramdisk (PCR2) came from these inputs: only a rebuild can.
+Give write access to the cache repository to trusted CI only, read access to developers
+(`ENC_REMOTE_CACHE_READ_ONLY=1`), and run `doit verify` in CI.
+
+Failures to reach the cache never fail a build: it is an optimization, so an unreachable registry
+is reported and the step builds locally, and a failed upload is reported and the local result kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from enclaver_rules.errors import InvalidInput, OperationFailed
+from enclaver_rules.oci import mediatypes as mt
+from enclaver_rules.oci.digest import Digest
+from enclaver_rules.oci.model import Descriptor
+from enclaver_rules.oci.mutate import canonical_json, rfc3339
+from enclaver_rules.oci.referrers import EMPTY_DESCRIPTOR, EMPTY_JSON, TITLE, parse_artifact
+from enclaver_rules.oci.store import Store
+
+if TYPE_CHECKING:  # the registry client (requests) is imported only when a cache is used
+    from enclaver_rules.oci.registry import Registry
+
+ENV = "ENC_REMOTE_CACHE"
+ENV_READ_ONLY = "ENC_REMOTE_CACHE_READ_ONLY"
+STEP = "dev.enclaver.cache.step"
+KEY = "dev.enclaver.cache.key"
+#: An entry's files together: an EIF is as large as the app's root file system, and nothing
+#: built for an enclave's memory is near this; a manifest declaring more is refused unread.
+MAX_ENTRY_BYTES = 64 << 30
+
+
+def artifact_type(step: str) -> str:
+    return f"application/vnd.enclaver.cache.{step}.v1"
+
+
+def tag(step: str, key: str) -> str:
+    return f"{step}-{key}"
+
+
+class Poisoned(OperationFailed):
+    """An entry that does not hold what its key says: never used, replaced when the cache is writable."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputFile:
+    """One output of a step, as stored: the file name (its title) and its media type."""
+
+    name: str
+    media_type: str
+
+
+def entry_manifest(step: str, key: str, files: Sequence[tuple[OutputFile, Digest, int]], created: int) -> bytes:
+    """The artifact manifest of an entry, canonical JSON (same outputs, same bytes). Pure."""
+    if not files:
+        raise InvalidInput("a cache entry needs at least one file", fix="pass the step's outputs")
+    return canonical_json({
+        "schemaVersion": 2,
+        "mediaType": mt.OCI_MANIFEST,
+        "artifactType": artifact_type(step),
+        "config": EMPTY_DESCRIPTOR.to_json(),
+        "layers": [Descriptor(f.media_type, digest, size, ((TITLE, f.name),)).to_json() for f, digest, size in files],
+        "annotations": {STEP: step, KEY: key, "org.opencontainers.image.created": rfc3339(created)},
+    })
+
+
+@dataclass(frozen=True)
+class RemoteCache:
+    """One cache repository. `location` is REGISTRY/REPO (e.g. registry.example.com/team/enclaver-cache)."""
+
+    location: str
+    read_only: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RemoteCache | None:
+        env = os.environ if environ is None else environ
+        location = (env.get(ENV) or "").strip()
+        if not location:
+            return None
+        read_only = (env.get(ENV_READ_ONLY) or "").strip().lower() in ("1", "true", "yes")
+        return cls(location, read_only)
+
+    def _registry(self) -> tuple[Registry, str]:
+        from enclaver_rules.oci.reference import Reference
+        from enclaver_rules.oci.registry import Registry
+
+        try:
+            ref = Reference.parse(self.location)
+        except (InvalidInput, ValueError) as e:
+            raise InvalidInput(f"{self.location!r} is not a registry repository: {e}", file=ENV,
+                               fix="give REGISTRY/REPO, e.g. registry.example.com:5000/enclaver-cache") from None
+        insecure = {h.strip() for h in os.environ.get("ENC_INSECURE_REGISTRY", "").split(",") if h.strip()}
+        return Registry(ref.registry, insecure=ref.registry in insecure), ref.repository
+
+    def fetch(self, step: str, key: str, into: Path, expect: Sequence[OutputFile]) -> bool:
+        """Download the entry for (step, key) into the directory `into`, each file verified against
+        its digest; False when there is none or the cache cannot be reached (said on stderr).
+        Raises Poisoned when the entry is not what an entry for this key must look like."""
+        from enclaver_rules.oci.registry import NotFound, RegistryUnavailable
+
+        registry, repository = self._registry()
+        where = f"{self.location}:{tag(step, key)}"
+        try:
+            raw, _ = registry.get_manifest(repository, tag(step, key))
+        except NotFound:
+            return False
+        except RegistryUnavailable as e:
+            print(f"remote cache {self.location} unreachable, building locally: {e}")
+            return False
+        parsed = parse_artifact(raw, where)
+        notes = dict(parsed.annotations)
+        if parsed.artifact_type != artifact_type(step) or notes.get(KEY) != key or notes.get(STEP) != step:
+            raise Poisoned(f"{where}: the entry says it is {notes.get(STEP)!r} {notes.get(KEY)!r} "
+                           f"({parsed.artifact_type}), not {step} {key}",
+                           fix="something else wrote this tag; it is replaced when this cache is writable")
+        titles = {d.annotation(TITLE): d for d in parsed.layers}
+        wanted = {f.name for f in expect}
+        if set(titles) != wanted or len(parsed.layers) != len(wanted):
+            raise Poisoned(f"{where}: holds {sorted(str(t) for t in titles)}, an entry holds {sorted(wanted)}",
+                           fix="the entry is incomplete or was tampered with")
+        if sum(d.size for d in parsed.layers) > MAX_ENTRY_BYTES:
+            raise Poisoned(f"{where}: declares more than {MAX_ENTRY_BYTES >> 30} GiB", fix="not an enclaver entry")
+        blobs = Store(into / ".remote-blobs").init()  # verified as it streams, then moved into place
+        try:
+            for f in expect:
+                descriptor = titles[f.name]
+                registry.fetch_blob(repository, descriptor, blobs)
+                os.replace(blobs.path(descriptor.digest), into / f.name)
+        except RegistryUnavailable as e:
+            print(f"remote cache {self.location}: download failed, building locally: {e}")
+            return False
+        finally:
+            shutil.rmtree(into / ".remote-blobs", ignore_errors=True)
+        return True
+
+    def upload(self, step: str, key: str, directory: Path, files: Sequence[OutputFile], created: int) -> Digest | None:
+        """Store the step's outputs (files of `directory`) as the entry for (step, key); None when
+        read-only or when the upload failed (said on stderr: the local build stands)."""
+        if self.read_only:
+            return None
+        registry, repository = self._registry()  # a malformed location is the user's to fix: raised
+        try:
+            described = []
+            for f in files:
+                path = directory / f.name
+                digest = Digest.of_file(path)
+                size = path.stat().st_size
+                descriptor = Descriptor(f.media_type, digest, size)
+                registry.push_blob(repository, descriptor, functools.partial(_open, path))
+                described.append((f, digest, size))
+            registry.push_blob(repository, EMPTY_DESCRIPTOR, _empty)
+            raw = entry_manifest(step, key, described, created)
+            return registry.put_manifest(repository, tag(step, key), raw, mt.OCI_MANIFEST)
+        except OperationFailed as e:
+            print(f"remote cache {self.location}: upload of {step} {key} failed, the local build stands: {e}")
+            return None
+
+
+def _open(path: Path) -> BinaryIO:
+    return open(path, "rb")
+
+
+def _empty() -> BinaryIO:
+    return io.BytesIO(EMPTY_JSON)

@@ -1,0 +1,148 @@
+"""Task `resolve:<name>`: every input of an enclave as a digest, and `enclaver.lock`.
+
+`resolve` turns the app image, the odyn image and the kernel blob set into digests and writes
+`out/<name>/resolved.json`, rewriting it only when something changed, so doit re-runs the later
+steps exactly when an input did. It always runs (a tag may have moved); a pinned input is a store
+lookup. With an `enclaver.lock` beside the manifest, registry images are fetched by their locked
+digests and every input must match the lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from enclaver_rules.errors import InvalidInput, OperationFailed
+from enclaver_rules.oci.digest import Digest
+from enclaver_rules.oci.store import Store
+from enclaver_rules.rules.common import RESOLVED, build_settings, out_dir, reported, signing_files, write_if_changed
+
+
+def _relative_to(manifest_path: str, ref: str) -> str:
+    """`oci:` paths in a manifest are relative to the manifest's directory, like its other paths."""
+    if ref.startswith("oci:") and not ref[4:].startswith("/"):
+        return "oci:" + str(Path(manifest_path).resolve().parent / ref[4:])
+    return ref
+
+
+LOCK = "enclaver.lock"
+
+
+def lock_path(manifest_path: str) -> Path:
+    return Path(manifest_path).resolve().parent / LOCK
+
+
+def lock_document(resolved: dict[str, Any]) -> dict[str, Any]:
+    """What `enclaver.lock` pins: every input's digest (the manifest itself is in git)."""
+    return {"lockVersion": 1,
+            "app": {"ref": resolved["app"]["ref"], "digest": resolved["app"]["digest"]},
+            "odyn": {"ref": resolved["odyn"]["ref"], "digest": resolved["odyn"]["digest"]},
+            "blobs": {"arch": resolved["blobs"]["arch"], "digest": resolved["blobs"]["digest"]}}
+
+
+def lock_differences(locked: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
+    now = lock_document(resolved)
+    return [f"{k}: the lock pins {locked.get(k, {}).get('digest')}, it is now {now[k]['digest']}"
+            for k in ("app", "odyn", "blobs") if locked.get(k, {}).get("digest") != now[k]["digest"]]
+
+
+def _pinned(ref: str, digest: str) -> str:
+    """A registry reference pinned to the locked digest (served from the store when present);
+    other transports (oci:, docker-archive:, docker-daemon:) are checked after resolution instead."""
+    if ref.startswith(("oci:", "docker-archive:", "docker-daemon:")) or "@" in ref:
+        return ref
+    return f"{ref.removeprefix('docker://')}@{digest}"
+
+
+def _settings(manifest_path: str, manifest: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """The effective settings later steps key on, ENC_* and SOURCE_DATE_EPOCH applied. Kept here
+    because `resolve` always runs: a changed variable or certificate changes this record, and doit
+    re-runs exactly the steps that depend on it."""
+    from enclaver_rules.oci.layer import source_date_epoch
+
+    signing = signing_files(manifest_path, manifest)
+    if signing is not None:
+        try:
+            certificate = hashlib.sha256(signing[0].read_bytes()).hexdigest()
+        except OSError as e:
+            raise InvalidInput(f"cannot read the signing certificate: {e.strerror}", file=str(signing[0]),
+                               field="signature.certificate", fix="give the path of a PEM certificate") from None
+    return {
+        "target": manifest.target,
+        "name": manifest.name,
+        "epoch": source_date_epoch(),
+        "backend": values.get("build.backend") or "pure",
+        "signing": None if signing is None else {"certificate": str(signing[0]), "key": str(signing[1]),
+                                                 "certificate_sha256": certificate},
+    }
+
+
+@reported
+def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock: bool = True) -> dict[str, Any]:
+    """Every input as a digest, in `out/<name>/resolved.json`. With an `enclaver.lock` beside the
+    manifest, registry images are fetched by their locked digests and every input must match it."""
+    from enclaver_rules.eif.blobs import load_blobs
+    from enclaver_rules.eif.build import image_arch
+    from enclaver_rules.oci.resolve import Sources, resolve
+    from enclaver_rules.oci.transfer import load_stored
+    from enclaver_rules.odyn_image.image import DEFAULT_TAG
+    from enclaver_rules.rules.odyn import record_path
+
+    manifest, values = build_settings(manifest_path)
+    raw = Path(manifest_path).read_bytes()
+    store = Store(cache_dir).init()
+    sources = Sources(store)
+    locked: dict[str, Any] | None = None
+    if enforce_lock and lock_path(manifest_path).is_file():
+        try:
+            locked = json.loads(lock_path(manifest_path).read_text())
+            assert isinstance(locked, dict)
+        except (ValueError, AssertionError):
+            raise InvalidInput("not a JSON lock file", file=str(lock_path(manifest_path)),
+                               fix="write it again with `enclaver lock --update`") from None
+    app_ref = manifest.sources.app
+    if locked and locked.get("app", {}).get("ref") == app_ref:
+        app_ref = _pinned(app_ref, locked["app"]["digest"])
+    app = resolve(_relative_to(manifest_path, app_ref), sources)
+    if manifest.sources.odyn:
+        odyn = resolve(_relative_to(manifest_path, manifest.sources.odyn), sources)
+    else:
+        try:
+            record = json.loads(record_path(cache_dir).read_text())
+        except OSError:
+            raise OperationFailed("the default odyn image has not been built", fix="run `doit odyn_image`") from None
+        odyn = load_stored(store, DEFAULT_TAG, Digest.parse(record["digest"]))
+    arch = image_arch(app)
+    blobs = load_blobs(str(values.get("build.blobs")), arch)
+    doc = {
+        "manifest": {"path": manifest_path, "sha256": hashlib.sha256(raw).hexdigest()},
+        "app": {"ref": manifest.sources.app, "name": app.name, "digest": str(app.digest)},
+        "odyn": {"ref": manifest.sources.odyn or DEFAULT_TAG, "name": odyn.name, "digest": str(odyn.digest)},
+        "blobs": {"path": str(blobs.root), "digest": str(blobs.digest), "arch": arch,
+                  "development": blobs.development},
+        "settings": _settings(manifest_path, manifest, values),
+    }
+    if locked is not None:
+        stale = lock_differences(locked, doc)
+        if stale:
+            raise InvalidInput("the inputs no longer match enclaver.lock: " + "; ".join(stale),
+                               file=str(lock_path(manifest_path)),
+                               fix="if the change is intended, run `enclaver lock --update` and commit the lock")
+    write_if_changed(out_dir(cache_dir, name) / RESOLVED, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+    return doc
+
+
+def resolve_tasks(enclaves: list[Any], cache_dir: str, extra_deps: dict[str, list[str]] | None = None) -> Any:
+    yield {"basename": "resolve", "name": None, "doc": "turn every enclave's inputs into digests"}
+    for e in enclaves:
+        yield {
+            "basename": "resolve", "name": e.name, "doc": f"resolve the images and blob set of {e.path}",
+            "actions": [(resolve_enclave, [e.path, e.name, cache_dir])],
+            "file_dep": [e.path],
+            "task_dep": [f"check:{e.name}", "odyn_image", *(extra_deps or {}).get(e.name, [])],
+            "targets": [str(out_dir(cache_dir, e.name) / RESOLVED)],
+            "uptodate": [False],  # a tag may have moved: always ask (a pinned input is a store lookup)
+            "verbosity": 1,
+        }

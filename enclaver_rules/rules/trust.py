@@ -1,0 +1,60 @@
+"""Task `trust:<name>`: the KMS key policy for the latest build, beside its EIF.
+
+The policy lets the decrypt-side KMS actions through only for an enclave whose attested
+measurements match (`enclaver_rules.policy.kms`). The account, key administrator and principal
+come from ENC_KMS_ACCOUNT, ENC_KMS_ADMIN and ENC_KMS_PRINCIPAL; changing one re-runs the task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from doit.tools import config_changed
+
+from enclaver_rules.oci.store import atomic_write
+from enclaver_rules.rules.common import BUILD, LATEST, POLICY, latest_dir, out_dir, reported
+
+PLACEHOLDER_ACCOUNT = "000000000000"
+
+
+@reported
+def write_policy(cache_dir: str, name: str) -> dict[str, Any]:
+    """The KMS key policy for the latest build, beside its EIF. The account comes from
+    ENC_KMS_ACCOUNT; without it the policy names 000000000000 and says so."""
+    from enclaver_rules.policy import kms
+
+    latest = latest_dir(cache_dir, name)
+    summary = json.loads((latest / BUILD).read_text())
+    account = os.environ.get("ENC_KMS_ACCOUNT") or PLACEHOLDER_ACCOUNT
+    trust = kms.Trust.for_account(account, os.environ.get("ENC_KMS_ADMIN"), os.environ.get("ENC_KMS_PRINCIPAL"),
+                                  allow_debug=False)
+    policy = kms.key_policy(summary["measurements"], trust)
+    path = latest / POLICY
+    atomic_write(path, json.dumps(policy, indent=2).encode() + b"\n")
+    print(f"{name}: PCR0 {summary['measurements']['PCR0']}")
+    print(f"{name}: PCR1 {summary['measurements']['PCR1']}")
+    print(f"{name}: PCR2 {summary['measurements']['PCR2']}")
+    if summary.get("development"):
+        print(f"{name}: built with a development blob set: these PCRs are for trying the pipeline, not for AWS")
+    print(f"{name}: KMS key policy written to {path}")
+    if account == PLACEHOLDER_ACCOUNT:
+        print(f"{name}: the policy names account {PLACEHOLDER_ACCOUNT}: set ENC_KMS_ACCOUNT (and ENC_KMS_PRINCIPAL)")
+    return {"policy": str(path), "account": account}
+
+
+def trust_tasks(enclaves: list[Any], cache_dir: str) -> Any:
+    yield {"basename": "trust", "name": None, "doc": "write every enclave's KMS key policy"}
+    for e in enclaves:
+        latest = out_dir(cache_dir, e.name) / LATEST
+        yield {
+            "basename": "trust", "name": e.name, "doc": f"KMS key policy for {e.path}",
+            "actions": [(write_policy, [cache_dir, e.name])],
+            "task_dep": [f"build:{e.name}"],
+            "file_dep": [str(latest / BUILD)],
+            "targets": [str(latest / POLICY)],
+            "uptodate": [config_changed({k: os.environ.get(k) for k in
+                                         ("ENC_KMS_ACCOUNT", "ENC_KMS_ADMIN", "ENC_KMS_PRINCIPAL")})],
+            "verbosity": 2,
+        }
