@@ -2,7 +2,7 @@
 
     doit list            # every task
     doit                 # check and explain every enclave; in this repository also build the hello example
-    doit build           # build every enclave (build:<name> for one)
+    doit build           # build every enclave (build:<name> for one); here the vault example needs VAULT_BINARY
     doit check:hello     # one enclave
 """
 
@@ -22,7 +22,8 @@ if os.path.isfile(EXAMPLES):
     examples = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(examples)
     task_examples = examples.task_examples
-    globals().update(tasks(ROOT, extra_deps={"hello": ["examples"]}))
+    made_here = {name: [f"examples:{name}", "examples:blobs"] for name in ("hello", "no-fly-list", "vault")}
+    globals().update(tasks(ROOT, extra_deps=made_here))
     DOIT_CONFIG = {**DOIT_CONFIG, "default_tasks": ["check", "explain", "trust:hello"]}
 else:
     globals().update(tasks(ROOT))

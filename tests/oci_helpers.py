@@ -57,3 +57,27 @@ def make_layout(path: str, tag: str, layer_entries: list[list[object]], *, arch:
 
     store.tag(tag, Descriptor(mt.OCI_MANIFEST, digest, len(manifest)))
     return str(digest)
+
+
+def import_standin(client: object, name: str, script: bytes, files: dict[str, bytes] | None = None) -> str:
+    """Import a nitro-cli stand-in into a Docker engine as `name` (repo:tag): Debian's static busybox,
+    `script` as /bin/nitro-cli (the entrypoint, WORKDIR /build, as in the real image) and `files`."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for d in ("bin", "build", "tmp", "var", "var/run", "standin"):
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
+            tar.addfile(info)
+        tar.add("/bin/busybox", arcname="bin/busybox")
+        for applet in ("sh", "cat", "cp", "printf", "echo", "pwd"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+        for path, data in {"bin/nitro-cli": script, **(files or {})}.items():
+            info = tarfile.TarInfo(path)
+            info.size, info.mode = len(data), 0o755
+            tar.addfile(info, io.BytesIO(data))
+    repo, tag = name.rsplit(":", 1)
+    client.api.import_image_from_data(buf.getvalue(), repository=repo, tag=tag, changes=[  # type: ignore[attr-defined]
+        'ENTRYPOINT ["/bin/nitro-cli"]', "WORKDIR /build", "ENV PATH=/bin"])
+    return name

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.layer import Entry
 from enclaver_rules.oci.store import Store
 from oci_helpers import make_layout
@@ -55,6 +56,22 @@ def test_one_changed_app_byte_rebuilds_only_its_enclave(monorepo: Path) -> None:
     assert after["alpha"] == before["alpha"] and after["gamma"] == before["gamma"]
     # the builds are deterministic: the same inputs give the same PCRs in another cache
     assert after["beta"]["measurements"] != before["beta"]["measurements"]
+
+
+def test_a_new_source_date_epoch_or_target_rebuilds_what_it_reaches(monorepo: Path) -> None:
+    """Settings that reach the outputs without changing a file doit watches: resolve records them."""
+    assert doit(monorepo, "build:alpha").returncode == 0
+    before = summary(monorepo, "alpha")
+    later = doit(monorepo, "build:alpha", env={"SOURCE_DATE_EPOCH": "1700000001"})
+    assert later.returncode == 0 and ran(later.stdout, "layer:alpha") and ran(later.stdout, "eif:alpha")
+    assert summary(monorepo, "alpha")["key"] != before["key"] and summary(monorepo, "alpha")["epoch"] == 1700000001
+    retarget = doit(monorepo, "build:alpha", env={"ENC_TARGET": "example.test/alpha:other"})
+    assert retarget.returncode == 0 and ran(retarget.stdout, "eif:alpha")  # the target is the EIF's image name
+    layered = summary(monorepo, "alpha")["enclave_image"]
+    assert summary(monorepo, "alpha")["target"] == "example.test/alpha:other"
+    assert layered == before["enclave_image"]  # layer:alpha ran (its input record changed), found its key built
+    back = doit(monorepo, "build:alpha")  # the first inputs again: the first entry, reused
+    assert back.returncode == 0 and summary(monorepo, "alpha") == before
 
 
 def test_kill_9_mid_build_then_rebuild_gives_the_clean_result(monorepo: Path, tmp_path: Path) -> None:
@@ -166,6 +183,35 @@ def test_a_bare_doit_builds_the_hello_example_with_no_docker_engine(template: Pa
     assert policy["Statement"][1]["Condition"]["StringEqualsIgnoreCase"][
         "kms:RecipientAttestation:ImageSha384"] == s["measurements"]["PCR0"]  # type: ignore[index]
     trust = cli("trust", "enclaver-examples/hello:enclave", "--cache-dir", str(root / "cache"), "--json")
+    assert trust.code == 0 and json.loads(trust.stdout)["Measurements"] == s["measurements"]
+
+
+def test_the_no_fly_list_example_builds_from_debian_packages(template: Path, tmp_path: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    """examples/no-fly-list: a Python root made here by mmdebstrap (python3, boto3, cryptography from
+    Debian) plus the app, built end to end like hello; the enclave image runs the app under odyn."""
+    import io
+
+    from enclaver_rules.oci.model import ImageConfig, Manifest
+
+    root = tmp_path / "clone"
+    root.mkdir()
+    shutil.copy(REPO / "dodo.py", root / "dodo.py")
+    shutil.copytree(REPO / "examples", root / "examples",
+                    ignore=shutil.ignore_patterns("image", "blobs-dev", "__pycache__"))
+    shutil.copytree(template / "cache", root / "cache")
+    result = doit(root, "trust:no-fly-list")
+    assert result.returncode == 0, result.stdout + result.stderr
+    s = summary(root, "no-fly-list")
+    assert f"no-fly-list: PCR0 {s['measurements']['PCR0']}" in result.stdout  # type: ignore[index]
+    store = Store(root / "cache")
+    enclave = store.manifest(Digest.parse(str(s["enclave_image"])))
+    assert isinstance(enclave, Manifest)
+    config = ImageConfig.parse(store.read(enclave.config.digest), "enclave config")
+    assert list(config.entrypoint)[-2:] == ["/usr/bin/python3", "/app/no_fly_list.py"]
+    for path in ("usr/bin/python3.11", "app/no_fly_list.py", "sbin/odyn", "etc/enclaver/enclaver.yaml"):
+        assert store.copy_file(enclave, path, io.BytesIO()), path
+    assert store.copy_file(enclave, "usr/lib/python3/dist-packages/boto3/__init__.py", io.BytesIO())
+    trust = cli("trust", "enclaver-examples/no-fly-list:enclave", "--cache-dir", str(root / "cache"), "--json")
     assert trust.code == 0 and json.loads(trust.stdout)["Measurements"] == s["measurements"]
 
 

@@ -8,9 +8,7 @@ the ways the backend must report: a full disk, unusable output, no EIF written.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import docker
@@ -18,6 +16,7 @@ import pytest
 
 from enclaver_rules.eif import nitro_cli
 from enclaver_rules.errors import OperationFailed
+from oci_helpers import import_standin
 
 pytestmark = pytest.mark.services
 PCR = {"PCR0": "a" * 96, "PCR1": "b" * 96, "PCR2": "c" * 96}
@@ -63,24 +62,7 @@ def standins(dockerd) -> dict[str, str]:  # type: ignore[no-untyped-def]
     try:
         for variant, (mode, output) in VARIANTS.items():
             script = SCRIPT.replace("MODE", mode).replace("OUTPUT", output).encode()
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as tar:
-                for d in ("bin", "build", "tmp", "var", "var/run"):
-                    info = tarfile.TarInfo(d)
-                    info.type, info.mode = tarfile.DIRTYPE, 0o1777 if d == "tmp" else 0o755
-                    tar.addfile(info)
-                tar.add("/bin/busybox", arcname="bin/busybox")
-                for applet in ("sh", "cat", "printf", "echo", "pwd"):
-                    link = tarfile.TarInfo(f"bin/{applet}")
-                    link.type, link.linkname = tarfile.SYMTYPE, "busybox"
-                    tar.addfile(link)
-                info = tarfile.TarInfo("bin/nitro-cli")
-                info.size, info.mode = len(script), 0o755
-                tar.addfile(info, io.BytesIO(script))
-            repo = "enclaver-test/nitro-cli-standin"
-            client.api.import_image_from_data(buf.getvalue(), repository=repo, tag=variant, changes=[
-                'ENTRYPOINT ["/bin/nitro-cli"]', "WORKDIR /build", "ENV PATH=/bin"])
-            names[variant] = f"{repo}:{variant}"
+            names[variant] = import_standin(client, f"enclaver-test/nitro-cli-standin:{variant}", script)
     finally:
         client.close()
     return names

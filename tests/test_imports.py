@@ -62,3 +62,13 @@ def test_clients_stay_in_their_adapters() -> None:
             top = name.split(".")[0]
             if top in ADAPTERS:
                 assert rel in ADAPTERS[top], f"{rel} imports {name}; only {sorted(ADAPTERS[top])} may"
+
+
+def test_loading_the_rule_set_imports_no_registry_client() -> None:
+    """doit imports the rule set on every run, a no-op one too: the registry client (requests,
+    oras; ~70 ms) and the engine client load only when a step needs them."""
+    import subprocess
+
+    code = "import sys, enclaver_rules.rules; print(sorted(m for m in ('requests', 'oras', 'docker', 'boto3') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -36,8 +36,8 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
                         "enclaver.yaml)")
     parser.add_argument("--eif-only", metavar="FILE", help="also copy the EIF to FILE")
     parser.add_argument("--backend", choices=["pure", "nitro-cli"],
-                        help="how to build the EIF (overrides build.backend; only `pure` builds through the rule "
-                             "set so far: use `enclaver eif build --backend nitro-cli` for the other)")
+                        help="how to build the EIF (overrides build.backend and ENC_BUILD_BACKEND): `pure` needs no "
+                             "Docker engine; `nitro-cli` runs build.nitro_cli_image through the engine at DOCKER_HOST")
     parser.add_argument("--push", action="store_true",
                         help="push the release image to `target`, with its measurements and KMS key policy attached "
                              "as OCI referrers")
@@ -143,12 +143,10 @@ def run(args: argparse.Namespace, out: Output) -> int:
         raise InvalidInput(f"{args.file}: no such file", file=args.file, fix="pass the manifest with -f FILE")
     config = resolve_config(str(path), {"build.backend": args.backend}, os.environ)
     manifest = config.require_manifest()
-    backend = next((v.value for v in config.values if v.setting.key == "build.backend"), "pure") or "pure"
-    if backend != "pure":
-        raise InvalidInput("the rule set builds EIFs with the pure backend only, for now", field="build.backend",
-                           fix="use --backend pure, or `enclaver eif build --backend nitro-cli` on the enclave image")
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir(str(path.resolve().parent))
     env = {}
+    if args.backend:  # a flag beats ENC_BUILD_BACKEND and the manifest (the foundation's precedence)
+        env["ENC_BUILD_BACKEND"] = args.backend
     if args.remote_cache:
         env["ENC_REMOTE_CACHE"] = args.remote_cache
     if args.remote_cache_read_only:

@@ -164,26 +164,15 @@ def run_build(args: argparse.Namespace, out: Output) -> int:
 
 def _build_with_nitro_cli(args: argparse.Namespace, out: Output, sources: Sources) -> int:
     """Upstream's path: the image goes into the engine under a build tag, nitro-cli builds from it."""
-    import contextlib
-
     from enclaver_rules.eif import nitro_cli
-    from enclaver_rules.oci.engine import Engine
     from enclaver_rules.oci.resolve import resolve
-    from enclaver_rules.oci.transfer import docker_archive
 
     with reporter(out.err, not out.quiet) as progress:
         sources.reporter = progress
         image = resolve(args.image, sources)
-    engine = Engine()
-    tag = f"enclaver-build/{image.digest.hex[:12]}:{image.digest.hex[12:24]}"
-    engine.load(docker_archive(image, sources.store, tag))
     signing = (Path(args.signing_certificate), Path(args.signing_key)) if args.signing_certificate else None
-    try:
-        run = nitro_cli.build(engine, tag, Path(args.output), image=args.nitro_cli_image or nitro_cli.DEFAULT_IMAGE,
-                              signing=signing)
-    finally:
-        with contextlib.suppress(Exception):
-            engine.client.images.remove(tag, noprune=False)
+    run = nitro_cli.build_stored(image, sources.store, Path(args.output),
+                                 nitro_cli_image=args.nitro_cli_image or nitro_cli.DEFAULT_IMAGE, signing=signing)
     doc = {"Measurements": run.measurements.to_json(), "eif": args.output, "backend": "nitro-cli",
            "size": Path(args.output).stat().st_size, "image": {"name": image.name, "digest": str(image.digest)}}
     if args.json:

@@ -18,12 +18,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enclaver_rules.eif.measure import Measurements
 from enclaver_rules.errors import InvalidInput, OperationFailed
 from enclaver_rules.oci.engine import Engine
-from enclaver_rules.oci.store import atomic_file
+from enclaver_rules.oci.store import Store, atomic_file
+
+if TYPE_CHECKING:
+    from enclaver_rules.oci.transfer import StoredImage
 
 DEFAULT_IMAGE = "public.ecr.aws/s2t1d4c6/enclaver-io/nitro-cli:latest"
 SOCKET = "/var/run/docker.sock"
@@ -117,3 +120,22 @@ def build(engine: Engine, tag: str, output: Path, *, image: str = DEFAULT_IMAGE,
         with atomic_file(output) as out, open(produced, "rb") as source:
             shutil.copyfileobj(source, out, 1 << 20)  # a copy, not a rename: /build may be another file system
     return NitroCliRun(measurements, tuple(stderr))
+
+
+def build_stored(image: StoredImage, store: Store, output: Path, *, nitro_cli_image: str = DEFAULT_IMAGE,
+                 signing: tuple[Path, Path] | None = None, engine: Engine | None = None,
+                 workdir: str | None = None) -> NitroCliRun:
+    """Upstream's path for an image in our store: load it into the engine under a build tag (nitro-cli
+    reads images by name), run nitro-cli on it, remove the tag whatever happens."""
+    import docker.errors
+
+    from enclaver_rules.oci.transfer import docker_archive
+
+    engine = engine or Engine()
+    tag = f"enclaver-build/{image.digest.hex[:12]}:{image.digest.hex[12:24]}"
+    engine.load(docker_archive(image, store, tag))
+    try:
+        return build(engine, tag, output, image=nitro_cli_image, signing=signing, workdir=workdir)
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            engine.client.images.remove(tag, noprune=False)

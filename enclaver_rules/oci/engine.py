@@ -62,17 +62,21 @@ class Engine:
         return self._client
 
     def has(self, name: str) -> bool:
+        return self.image_id(name) is not None
+
+    def image_id(self, name: str) -> str | None:
+        """The engine's ID of image `name` (the digest of its config: what it runs), None if absent."""
         import docker.errors
 
         try:
-            self.client.api.inspect_image(name)
+            found = self.client.api.inspect_image(name)
         except docker.errors.ImageNotFound:
-            return False
+            return None
         except docker.errors.APIError as e:
             if e.status_code == 404:
-                return False
+                return None
             raise OperationFailed(f"{self.host}: inspect {name}: {e}", fix="check the engine") from None
-        return True
+        return str(found["Id"])
 
     def save(self, name: str) -> io.BufferedReader:
         """The `docker save` tar of `name`, as a stream."""

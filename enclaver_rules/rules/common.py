@@ -97,7 +97,7 @@ def build_settings(manifest_path: str) -> tuple[Any, dict[str, Any]]:
     for v in config.values:
         values[v.setting.key] = v.value
         if v.setting.key == "build.blobs" and v.origin == "file" and not Path(str(v.value)).is_absolute():
-            values[v.setting.key] = str(base / str(v.value))
+            values[v.setting.key] = os.path.normpath(base / str(v.value))
     return manifest, values
 
 

@@ -49,6 +49,7 @@ def eif_key(resolved: dict[str, Any], layer: dict[str, Any]) -> str:
         "enclave_image": layer["enclave_image"], "blobs": resolved["blobs"]["digest"],
         "signing": settings["signing"]["certificate_sha256"] if settings["signing"] else None,
         "image_name": settings["target"], "epoch": settings["epoch"], "backend": settings["backend"],
+        "nitro_cli": (settings.get("nitro_cli") or {}).get("id"),
     })
 
 
@@ -87,10 +88,38 @@ def _build(work: Path, cache_dir: str, resolved: dict[str, Any], layer: dict[str
     image = load_stored(store, layer["tag"], Digest.parse(layer["enclave_image"]))
     blobs = load_blobs(resolved["blobs"]["path"], resolved["blobs"]["arch"], Digest.parse(resolved["blobs"]["digest"]))
     signing = settings["signing"]
+    if settings["backend"] == "nitro-cli":
+        return _build_with_nitro_cli(work, store, image, settings)
     signer = Signer.load(signing["certificate"], signing["key"]) if signing else None
     result = build_eif(image, store, blobs, work / EIF_FILE, epoch=settings["epoch"], image_name=settings["target"],
                        signer=signer, workdir=str(work))
-    return {k: v for k, v in result.measurements.to_json().items() if k.startswith("PCR")}
+    return _pcrs(result.measurements.to_json())
+
+
+def _pcrs(measurements: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in measurements.items() if k.startswith("PCR")}
+
+
+def _build_with_nitro_cli(work: Path, store: Store, image: Any, settings: dict[str, Any]) -> dict[str, str]:
+    """AWS's nitro-cli in a container (upstream's way), with its own kernel blobs. What it prints is
+    checked against the PCRs recomputed from the EIF it wrote: a build tool's claim is not a measurement."""
+    from enclaver_rules.eif import nitro_cli
+    from enclaver_rules.eif.describe import describe
+
+    signing = settings["signing"]
+    files = (Path(signing["certificate"]), Path(signing["key"])) if signing else None
+    run = nitro_cli.build_stored(image, store, work / EIF_FILE, nitro_cli_image=settings["nitro_cli"]["image"],
+                                 signing=files, workdir=str(work))
+    printed = _pcrs(run.measurements.to_json())
+    try:
+        measured = _pcrs(describe(str(work / EIF_FILE))["Measurements"])
+    except (OperationFailed, ValueError, OSError) as e:
+        raise OperationFailed(f"nitro-cli wrote an EIF that cannot be read: {e}",
+                              fix="check the nitro-cli image (build.nitro_cli_image)") from None
+    if printed != measured:
+        raise OperationFailed(f"nitro-cli printed PCRs {printed} but its EIF measures {measured}",
+                              fix="do not use this nitro-cli image; report it")
+    return measured
 
 
 def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[str, Any]) -> None:
@@ -130,12 +159,14 @@ def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[st
         raise refuse("the EIF's CRC does not match its contents")
     if actual != record.get("measurements") or actual != claimed:
         raise refuse("the PCRs recomputed from the EIF are not the ones it records")
-    blobs = load_blobs(resolved["blobs"]["path"], resolved["blobs"]["arch"], Digest.parse(resolved["blobs"]["digest"]))
-    if actual["PCR1"] != boot_pcr1(blobs):
-        raise refuse("its PCR1 (kernel, cmdline, bootstrap ramdisk) is not this blob set's")
-    metadata = described.get("Metadata", {}).get("enclaver", {})
-    if metadata.get("image") != layer["enclave_image"] or metadata.get("blobs") != resolved["blobs"]["digest"]:
-        raise refuse("the EIF's metadata names another enclave image or blob set")
+    if resolved["settings"]["backend"] == "pure":  # nitro-cli brings its own blobs and metadata
+        blobs = load_blobs(resolved["blobs"]["path"], resolved["blobs"]["arch"],
+                           Digest.parse(resolved["blobs"]["digest"]))
+        if actual["PCR1"] != boot_pcr1(blobs):
+            raise refuse("its PCR1 (kernel, cmdline, bootstrap ramdisk) is not this blob set's")
+        metadata = described.get("Metadata", {}).get("enclaver", {})
+        if metadata.get("image") != layer["enclave_image"] or metadata.get("blobs") != resolved["blobs"]["digest"]:
+            raise refuse("the EIF's metadata names another enclave image or blob set")
     signing = resolved["settings"]["signing"]
     if signing:
         pcr8 = Signer.load(signing["certificate"], signing["key"]).pcr8

@@ -37,10 +37,10 @@ from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.model import Descriptor
 from enclaver_rules.oci.mutate import canonical_json, rfc3339
-from enclaver_rules.oci.referrers import EMPTY_DESCRIPTOR, EMPTY_JSON, TITLE, parse_artifact
 from enclaver_rules.oci.store import Store
 
-if TYPE_CHECKING:  # the registry client (requests) is imported only when a cache is used
+if TYPE_CHECKING:  # the registry client (requests, ~70 ms) is imported only when a cache is used: doit
+    # imports this module on every run, and a no-op build should not pay for it
     from enclaver_rules.oci.registry import Registry
 
 ENV = "ENC_REMOTE_CACHE"
@@ -74,6 +74,8 @@ class OutputFile:
 
 def entry_manifest(step: str, key: str, files: Sequence[tuple[OutputFile, Digest, int]], created: int) -> bytes:
     """The artifact manifest of an entry, canonical JSON (same outputs, same bytes). Pure."""
+    from enclaver_rules.oci.referrers import EMPTY_DESCRIPTOR, TITLE
+
     if not files:
         raise InvalidInput("a cache entry needs at least one file", fix="pass the step's outputs")
     return canonical_json({
@@ -118,6 +120,7 @@ class RemoteCache:
         """Download the entry for (step, key) into the directory `into`, each file verified against
         its digest; False when there is none or the cache cannot be reached (said on stderr).
         Raises Poisoned when the entry is not what an entry for this key must look like."""
+        from enclaver_rules.oci.referrers import TITLE, parse_artifact
         from enclaver_rules.oci.registry import NotFound, RegistryUnavailable
 
         registry, repository = self._registry()
@@ -158,6 +161,8 @@ class RemoteCache:
     def upload(self, step: str, key: str, directory: Path, files: Sequence[OutputFile], created: int) -> Digest | None:
         """Store the step's outputs (files of `directory`) as the entry for (step, key); None when
         read-only or when the upload failed (said on stderr: the local build stands)."""
+        from enclaver_rules.oci.referrers import EMPTY_DESCRIPTOR
+
         if self.read_only:
             return None
         registry, repository = self._registry()  # a malformed location is the user's to fix: raised
@@ -183,4 +188,6 @@ def _open(path: Path) -> BinaryIO:
 
 
 def _empty() -> BinaryIO:
+    from enclaver_rules.oci.referrers import EMPTY_JSON
+
     return io.BytesIO(EMPTY_JSON)

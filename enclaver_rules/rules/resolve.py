@@ -69,11 +69,25 @@ def _settings(manifest_path: str, manifest: Any, values: dict[str, Any]) -> dict
         except OSError as e:
             raise InvalidInput(f"cannot read the signing certificate: {e.strerror}", file=str(signing[0]),
                                field="signature.certificate", fix="give the path of a PEM certificate") from None
+    backend = values.get("build.backend") or "pure"
+    nitro_cli = None
+    if backend == "nitro-cli":  # the image is a build tool: its ID goes into the EIF's key
+        from enclaver_rules.eif.nitro_cli import DEFAULT_IMAGE
+        from enclaver_rules.oci.engine import Engine
+
+        engine = Engine()
+        image = values.get("build.nitro_cli_image") or DEFAULT_IMAGE
+        image_id = engine.image_id(image)
+        if image_id is None:
+            raise OperationFailed(f"the nitro-cli image {image} is not in the engine at {engine.host}",
+                                  fix=f"docker pull {image}, or name another in build.nitro_cli_image")
+        nitro_cli = {"image": image, "id": image_id}
     return {
         "target": manifest.target,
         "name": manifest.name,
         "epoch": source_date_epoch(),
-        "backend": values.get("build.backend") or "pure",
+        "backend": backend,
+        "nitro_cli": nitro_cli,
         "signing": None if signing is None else {"certificate": str(signing[0]), "key": str(signing[1]),
                                                  "certificate_sha256": certificate},
     }
