@@ -74,6 +74,38 @@ def test_a_new_source_date_epoch_or_target_rebuilds_what_it_reaches(monorepo: Pa
     assert back.returncode == 0 and summary(monorepo, "alpha") == before
 
 
+def test_the_release_image_names_its_git_commit_without_credentials(monorepo: Path) -> None:
+    from enclaver_rules.oci.model import ImageConfig, Manifest
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(monorepo), "-c", "user.name=t", "-c", "user.email=t@example.test",
+                               *args], check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("remote", "add", "origin", "https://ci-bot:s3cr3t@git.example.test/team/enclaves.git")
+    git("commit", "-q", "--allow-empty", "-m", "one")
+    assert doit(monorepo, "build:alpha").returncode == 0
+    first = summary(monorepo, "alpha")
+
+    def labels() -> dict[str, str]:
+        store = Store(monorepo / "cache")
+        image = store.manifest(Digest.parse(str(summary(monorepo, "alpha")["release_image"])))
+        assert isinstance(image, Manifest)
+        config = ImageConfig.parse(store.read(image.config.digest), "release config")
+        assert dict(image.annotations) == config.labels  # the same, as OCI annotations
+        return config.labels
+
+    assert labels()["org.opencontainers.image.revision"] == git("rev-parse", "HEAD")
+    assert labels()["org.opencontainers.image.source"] == "https://git.example.test/team/enclaves.git"
+    assert "s3cr3t" not in json.dumps(labels())
+    git("commit", "-q", "--allow-empty", "-m", "two")  # same inputs, new commit: same EIF, new labels
+    again = doit(monorepo, "build:alpha")
+    assert again.returncode == 0 and ran(again.stdout, "release:alpha")
+    assert summary(monorepo, "alpha")["key"] == first["key"]
+    assert labels()["org.opencontainers.image.revision"] == git("rev-parse", "HEAD")
+    assert summary(monorepo, "alpha")["release_image"] != first["release_image"]
+
+
 def test_kill_9_mid_build_then_rebuild_gives_the_clean_result(monorepo: Path, tmp_path: Path) -> None:
     clean = monorepo.parent / "clean"
     shutil.copytree(monorepo, clean)

@@ -72,7 +72,10 @@ def empty_image(arch: str) -> tuple[Manifest, ImageConfig]:
 
 
 def edit_image(manifest: Manifest, config: ImageConfig, *, layers: Sequence[Layer] = (), edit: ConfigEdit = ConfigEdit(),
-               created: int = 0, created_by: str = "enclaver") -> EditedImage:
+               created: int = 0, created_by: str = "enclaver",
+               annotations: Sequence[tuple[str, str]] = ()) -> EditedImage:
+    """The image with `layers` appended and `edit` applied to its config; `annotations` are added
+    to the manifest's (registries and `oras` show those without fetching the config)."""
     data = copy.deepcopy(config.data)
     if not isinstance(data.get("config"), dict):
         data["config"] = {}
@@ -106,6 +109,6 @@ def edit_image(manifest: Manifest, config: ImageConfig, *, layers: Sequence[Laye
         "config": {"mediaType": mt.OCI_CONFIG, "digest": str(Digest.of(config_bytes)), "size": len(config_bytes)},
         "layers": layer_descriptors,
     }
-    if manifest.annotations:
-        new_manifest["annotations"] = dict(manifest.annotations)
+    if manifest.annotations or annotations:
+        new_manifest["annotations"] = {**dict(manifest.annotations), **dict(annotations)}
     return EditedImage(config_bytes, canonical_json(new_manifest))

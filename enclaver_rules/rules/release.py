@@ -30,6 +30,7 @@ from enclaver_rules.rules.common import (
     out_dir,
     reported,
 )
+from enclaver_rules.rules.vcs import source_labels
 
 RELEASE_EIF = "/enclave/application.eif"
 RELEASE_MANIFEST = "/enclave/enclaver.yaml"
@@ -72,7 +73,7 @@ def release_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, 
     store = Store(cache_dir).init()
     try:
         summary: dict[str, Any] = json.loads((entry / BUILD).read_text())
-        if summary["key"] == record["key"] and _present(store, summary):
+        if _current(summary, record, manifest_path) and _present(store, summary):
             digest = Digest.parse(summary["release_image"])  # the target tag may name another build now
             store.tag(summary["target"], Descriptor(mt.OCI_MANIFEST, digest, store.path(digest).stat().st_size))
             return summary
@@ -90,22 +91,29 @@ def release_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, 
         store.put_stream(f, layer.digest, layer.size, source="release layer")
     layer_file.unlink()
     base_manifest, base_config = empty_image(record["inputs"]["blobs"]["arch"])
-    labels = release_labels(record, manifest.name)
+    labels = tuple(sorted({**release_labels(record, manifest.name), **source_labels(manifest_path)}.items()))
     released = edit_image(base_manifest, base_config, layers=[layer], created=epoch, created_by="enclaver release",
-                          edit=ConfigEdit(labels=tuple(sorted(labels.items()))))
+                          edit=ConfigEdit(labels=labels), annotations=labels)
     store.keep_image(record["target"], released)
-    summary = {**record, "release_image": str(released.manifest_digest)}
+    summary = {**record, "release_image": str(released.manifest_digest), "source": source_labels(manifest_path)}
     atomic_write(entry / BUILD, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
     return summary
 
 
-def release_present(cache_dir: str, name: str) -> bool:
-    """doit's up-to-date check: the summary describes the latest EIF and its image is in the store."""
+def _current(summary: dict[str, Any], record: dict[str, Any], manifest_path: str) -> bool:
+    """The summary is of this EIF entry and this commit (the revision label is not in the EIF's key:
+    a new commit with the same inputs reuses the EIF and relabels the release image)."""
+    return bool(summary["key"] == record["key"] and summary.get("source", {}) == source_labels(manifest_path))
+
+
+def release_present(cache_dir: str, name: str, manifest_path: str) -> bool:
+    """doit's up-to-date check: the summary describes the latest EIF and this commit, and its image
+    is in the store."""
     try:
         entry = latest_dir(cache_dir, name)
         summary = json.loads((entry / BUILD).read_text())
         record = json.loads((entry / EIF_RECORD).read_text())
-        return bool(summary["key"] == record["key"]) and _present(Store(cache_dir), summary)
+        return _current(summary, record, manifest_path) and _present(Store(cache_dir), summary)
     except (OSError, ValueError, KeyError):
         return False
 
@@ -119,7 +127,7 @@ def release_tasks(enclaves: list[Any], cache_dir: str) -> Any:
             "actions": [(release_enclave, [e.path, e.name, cache_dir])],
             "file_dep": [e.path, str(latest / EIF_RECORD)],
             "targets": [str(latest / BUILD)],
-            "uptodate": [(release_present, [cache_dir, e.name])],
+            "uptodate": [(release_present, [cache_dir, e.name, e.path])],
             "verbosity": 1,
         }
 
