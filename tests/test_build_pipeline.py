@@ -106,6 +106,44 @@ def test_the_release_image_names_its_git_commit_without_credentials(monorepo: Pa
     assert summary(monorepo, "alpha")["release_image"] != first["release_image"]
 
 
+def test_the_sleeve_is_the_release_images_base_and_a_new_one_reuses_the_eif(monorepo: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    from enclaver_rules.oci.model import ImageConfig, Manifest
+
+    directory = monorepo / "services" / "gamma"
+
+    def sleeve(version: str) -> None:
+        shutil.rmtree(directory / "sleeve", ignore_errors=True)
+        make_layout(str(directory / "sleeve"), "v", [[Entry.file("usr/bin/runner", version.encode(), 0o755)]],
+                    cmd=("/usr/bin/runner", "--run"))
+
+    def release() -> tuple[Manifest, ImageConfig]:
+        store = Store(monorepo / "cache")
+        image = store.manifest(Digest.parse(str(summary(monorepo, "gamma")["release_image"])))
+        assert isinstance(image, Manifest)
+        return image, ImageConfig.parse(store.read(image.config.digest), "release config")
+
+    sleeve("runner v1")
+    manifest = directory / "enclaver.yaml"
+    manifest.write_text(manifest.read_text().replace("  app: oci:app:latest\n", "  app: oci:app:latest\n  wrapper: oci:sleeve:v\n"))
+    assert doit(monorepo, "build:gamma").returncode == 0  # `wrapper`: upstream's old name, still taken
+    first = summary(monorepo, "gamma")
+    image, config = release()
+    assert len(image.layers) == 2 and config.cmd == ["/usr/bin/runner", "--run"]  # the sleeve's, kept
+    assert config.labels["dev.enclaver.sleeve.digest"] == json.loads(
+        (monorepo / "cache" / "out" / "gamma" / "resolved.json").read_text())["sleeve"]["digest"]
+    assert cli("lock", "-f", str(manifest), "--cache-dir", str(monorepo / "cache")).code == 0
+    assert "sleeve" in json.loads((directory / "enclaver.lock").read_text())  # pinned like the other inputs
+
+    sleeve("runner v2")
+    refused = doit(monorepo, "build:gamma")
+    assert refused.returncode != 0 and "sleeve: the lock pins" in refused.stdout + refused.stderr
+    assert cli("lock", "-f", str(manifest), "--cache-dir", str(monorepo / "cache"), "--update").code == 0
+    again = doit(monorepo, "build:gamma")
+    assert again.returncode == 0 and ran(again.stdout, "release:gamma"), again.stdout + again.stderr
+    assert summary(monorepo, "gamma")["key"] == first["key"]  # the EIF does not hold the sleeve
+    assert summary(monorepo, "gamma")["release_image"] != first["release_image"]
+
+
 def test_kill_9_mid_build_then_rebuild_gives_the_clean_result(monorepo: Path, tmp_path: Path) -> None:
     clean = monorepo.parent / "clean"
     shutil.copytree(monorepo, clean)

@@ -1,8 +1,9 @@
 """Tasks `release:<name>` (the release image) and `build:<name>` (every build step of one enclave).
 
 The release image is what the runtime image consumes: the EIF at /enclave/application.eif, the
-manifest and measurements.json beside it, on the base `sources.sleeve` names (empty until the
-runtime image exists), labelled with what was built from what. It is a function of the EIF entry
+manifest and measurements.json beside it, on the base `sources.sleeve` names (resolved by the
+resolve step; empty when none is named, until enclaver's runtime image exists), labelled with what
+was built from what. It is a function of the EIF entry
 alone (the EIF key covers everything its labels say), so it is written into that entry's
 directory as `build.json`, the summary every later step and command reads.
 """
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from enclaver_rules import __version__
-from enclaver_rules.errors import InvalidInput
 from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.model import Descriptor
@@ -25,6 +25,7 @@ from enclaver_rules.rules.common import (
     EIF_RECORD,
     LATEST,
     MEASUREMENTS,
+    RESOLVED,
     build_settings,
     latest_dir,
     out_dir,
@@ -63,17 +64,16 @@ def release_labels(record: dict[str, Any], title: str) -> dict[str, str]:
 def release_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]:
     from enclaver_rules.oci.layer import Entry, write_layer
     from enclaver_rules.oci.mutate import ConfigEdit, edit_image, empty_image
+    from enclaver_rules.oci.transfer import load_stored
 
     manifest, _ = build_settings(manifest_path)
-    if manifest.sources.sleeve:
-        raise InvalidInput("a sleeve base image is not supported yet", field="sources.sleeve",
-                           fix="remove it: the release image is built on an empty base until the runtime image exists")
+    sleeve = json.loads((out_dir(cache_dir, name) / RESOLVED).read_text()).get("sleeve")
     entry = latest_dir(cache_dir, name)
     record = json.loads((entry / EIF_RECORD).read_text())
     store = Store(cache_dir).init()
     try:
         summary: dict[str, Any] = json.loads((entry / BUILD).read_text())
-        if _current(summary, record, manifest_path) and _present(store, summary):
+        if _current(summary, record, manifest_path, sleeve) and _present(store, summary):
             digest = Digest.parse(summary["release_image"])  # the target tag may name another build now
             store.tag(summary["target"], Descriptor(mt.OCI_MANIFEST, digest, store.path(digest).stat().st_size))
             return summary
@@ -90,20 +90,31 @@ def release_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, 
     with open(layer_file, "rb") as f:
         store.put_stream(f, layer.digest, layer.size, source="release layer")
     layer_file.unlink()
-    base_manifest, base_config = empty_image(record["inputs"]["blobs"]["arch"])
-    labels = tuple(sorted({**release_labels(record, manifest.name), **source_labels(manifest_path)}.items()))
+    if sleeve:
+        base = load_stored(store, sleeve["name"], Digest.parse(sleeve["digest"]))
+        base_manifest, base_config = base.manifest, base.config
+    else:
+        base_manifest, base_config = empty_image(record["inputs"]["blobs"]["arch"])
+    named = {**release_labels(record, manifest.name), **source_labels(manifest_path)}
+    if sleeve:
+        from enclaver_rules.oci import enclave
+
+        named[f"{enclave.LABEL}.sleeve.digest"] = sleeve["digest"]
+    labels = tuple(sorted(named.items()))
     released = edit_image(base_manifest, base_config, layers=[layer], created=epoch, created_by="enclaver release",
                           edit=ConfigEdit(labels=labels), annotations=labels)
     store.keep_image(record["target"], released)
-    summary = {**record, "release_image": str(released.manifest_digest), "source": source_labels(manifest_path)}
+    summary = {**record, "release_image": str(released.manifest_digest), "source": source_labels(manifest_path),
+               "sleeve": sleeve["digest"] if sleeve else None}
     atomic_write(entry / BUILD, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
     return summary
 
 
-def _current(summary: dict[str, Any], record: dict[str, Any], manifest_path: str) -> bool:
-    """The summary is of this EIF entry and this commit (the revision label is not in the EIF's key:
-    a new commit with the same inputs reuses the EIF and relabels the release image)."""
-    return bool(summary["key"] == record["key"] and summary.get("source", {}) == source_labels(manifest_path))
+def _current(summary: dict[str, Any], record: dict[str, Any], manifest_path: str, sleeve: dict[str, Any] | None) -> bool:
+    """The summary is of this EIF entry, this commit and this sleeve: neither the revision label nor
+    the base is in the EIF's key, so a new commit or runtime image reuses the EIF and redoes only this."""
+    return bool(summary["key"] == record["key"] and summary.get("source", {}) == source_labels(manifest_path)
+                and summary.get("sleeve") == (sleeve["digest"] if sleeve else None))
 
 
 def release_present(cache_dir: str, name: str, manifest_path: str) -> bool:
@@ -113,7 +124,8 @@ def release_present(cache_dir: str, name: str, manifest_path: str) -> bool:
         entry = latest_dir(cache_dir, name)
         summary = json.loads((entry / BUILD).read_text())
         record = json.loads((entry / EIF_RECORD).read_text())
-        return _current(summary, record, manifest_path) and _present(Store(cache_dir), summary)
+        sleeve = json.loads((out_dir(cache_dir, name) / RESOLVED).read_text()).get("sleeve")
+        return _current(summary, record, manifest_path, sleeve) and _present(Store(cache_dir), summary)
     except (OSError, ValueError, KeyError):
         return False
 
@@ -125,7 +137,7 @@ def release_tasks(enclaves: list[Any], cache_dir: str) -> Any:
         yield {
             "basename": "release", "name": e.name, "doc": f"the release image of {e.path} (EIF, manifest, PCRs)",
             "actions": [(release_enclave, [e.path, e.name, cache_dir])],
-            "file_dep": [e.path, str(latest / EIF_RECORD)],
+            "file_dep": [e.path, str(out_dir(cache_dir, e.name) / RESOLVED), str(latest / EIF_RECORD)],
             "targets": [str(latest / BUILD)],
             "uptodate": [(release_present, [cache_dir, e.name, e.path])],
             "verbosity": 1,

@@ -36,16 +36,20 @@ def lock_path(manifest_path: str) -> Path:
 
 def lock_document(resolved: dict[str, Any]) -> dict[str, Any]:
     """What `enclaver.lock` pins: every input's digest (the manifest itself is in git)."""
-    return {"lockVersion": 1,
-            "app": {"ref": resolved["app"]["ref"], "digest": resolved["app"]["digest"]},
-            "odyn": {"ref": resolved["odyn"]["ref"], "digest": resolved["odyn"]["digest"]},
-            "blobs": {"arch": resolved["blobs"]["arch"], "digest": resolved["blobs"]["digest"]}}
+    document = {"lockVersion": 1,
+                "app": {"ref": resolved["app"]["ref"], "digest": resolved["app"]["digest"]},
+                "odyn": {"ref": resolved["odyn"]["ref"], "digest": resolved["odyn"]["digest"]},
+                "blobs": {"arch": resolved["blobs"]["arch"], "digest": resolved["blobs"]["digest"]}}
+    if resolved.get("sleeve"):
+        document["sleeve"] = {"ref": resolved["sleeve"]["ref"], "digest": resolved["sleeve"]["digest"]}
+    return document
 
 
 def lock_differences(locked: dict[str, Any], resolved: dict[str, Any]) -> list[str]:
     now = lock_document(resolved)
-    return [f"{k}: the lock pins {locked.get(k, {}).get('digest')}, it is now {now[k]['digest']}"
-            for k in ("app", "odyn", "blobs") if locked.get(k, {}).get("digest") != now[k]["digest"]]
+    return [f"{k}: the lock pins {(locked.get(k) or {}).get('digest')}, it is now {(now.get(k) or {}).get('digest')}"
+            for k in ("app", "odyn", "blobs", "sleeve")
+            if (locked.get(k) or {}).get("digest") != (now.get(k) or {}).get("digest")]
 
 
 def _pinned(ref: str, digest: str) -> str:
@@ -128,7 +132,16 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
         except OSError:
             raise OperationFailed("the default odyn image has not been built", fix="run `doit odyn_image`") from None
         odyn = load_stored(store, DEFAULT_TAG, Digest.parse(record["digest"]))
+    sleeve = None
+    if manifest.sources.sleeve:  # the release image's base (upstream's name; `wrapper` before)
+        sleeve_ref = manifest.sources.sleeve
+        if locked and (locked.get("sleeve") or {}).get("ref") == sleeve_ref:
+            sleeve_ref = _pinned(sleeve_ref, locked["sleeve"]["digest"])
+        sleeve = resolve(_relative_to(manifest_path, sleeve_ref), sources)
     arch = image_arch(app)
+    if sleeve is not None and image_arch(sleeve) != arch:
+        raise InvalidInput(f"the sleeve image is {image_arch(sleeve)} but the app is {arch}", field="sources.sleeve",
+                           fix=f"name the {arch} build of the runtime image: it runs on the same instance")
     blobs = load_blobs(str(values.get("build.blobs")), arch)
     doc = {
         "manifest": {"path": manifest_path, "sha256": hashlib.sha256(raw).hexdigest()},
@@ -136,6 +149,8 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
         "odyn": {"ref": manifest.sources.odyn or DEFAULT_TAG, "name": odyn.name, "digest": str(odyn.digest)},
         "blobs": {"path": str(blobs.root), "digest": str(blobs.digest), "arch": arch,
                   "development": blobs.development},
+        "sleeve": None if sleeve is None else {"ref": manifest.sources.sleeve, "name": sleeve.name,
+                                               "digest": str(sleeve.digest)},
         "settings": _settings(manifest_path, manifest, values),
     }
     if locked is not None:
