@@ -1,0 +1,158 @@
+"""What the shared remote cache saves: `doit eif:<name>` fetching the EIF from a registry, side by side with building it.
+
+    .venv/bin/python benchmarks/remote_cache.py [--size-mib 256] [--repeat 3]
+    .venv/bin/python benchmarks/remote_cache.py --quick           # smoke run: 32 MiB, 1 repeat
+
+Setup, not timed: a temporary monorepo (this repository's dodo.py, a development blob set and
+one enclave whose app image is SIZE MiB of random, incompressible bytes in a few files, in an
+OCI layout beside its enclaver.yaml), its `cache/` after one `doit odyn_image` (~15-60 s), a
+local registry (distribution 2.8, `docker-registry`; README command (b)), and one first build
+with ENC_REMOTE_CACHE set, which stores the entry there. Timed, in alternating order, `--repeat`
+times each, `doit eif:<name>` in a fresh clone of that monorepo with no `cache/out/<name>`:
+(a) without a remote cache, so the EIF is built; (b) with ENC_REMOTE_CACHE pointing at the
+filled registry, so the EIF is fetched and checked (digest, PCRs recomputed from its bytes)
+instead. Both also resolve the app and make the enclave image first: the same work on each side.
+Every run's output is checked ((b) said "fetched from the remote cache", (a) did not, and both
+ended with the first build's EIF), so a broken run fails instead of looking fast. Printed:
+medians, best times and the ratio fetched/built, with the EIF's size and MiB/s as context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from services import start_registry  # noqa: E402
+
+PY = sys.executable
+NAME = "bench"
+FILES = 4
+FETCHED = "fetched from the remote cache"
+STORED = "stored in the remote cache"
+
+
+def make_monorepo(root: Path, size_mib: int) -> None:
+    """dodo.py, cache/, blobs/ and services/NAME/ with enclaver.yaml and a SIZE MiB random app image."""
+    from enclaver_rules.eif.blobs import write_dev_blobs
+    from enclaver_rules.oci.layer import Entry
+    from oci_helpers import make_layout  # type: ignore[import-not-found]  # tests/, as the pipeline test does
+
+    root.mkdir(parents=True)
+    shutil.copy(REPO / "dodo.py", root / "dodo.py")  # alone: no examples/, so its examples branch is skipped
+    (root / "cache").mkdir()
+    write_dev_blobs(root / "blobs", "x86_64")
+    directory = root / "services" / NAME
+    directory.mkdir(parents=True)
+    per_file = (size_mib << 20) // FILES
+    make_layout(str(directory / "app"), "latest",
+                [[Entry.file("bin/app", b"#!/bin/sh\nexec sleep infinity\n", 0o755),
+                  *(Entry.file(f"srv/data/part{i}", os.urandom(per_file)) for i in range(FILES))]],
+                cmd=("/bin/app",))
+    (directory / "enclaver.yaml").write_text(
+        f"version: v1\nname: {NAME}\ntarget: example.test/{NAME}:release\nsources:\n  app: oci:app:latest\n"
+        f"ingress:\n  - listen_port: 8080\nbuild:\n  blobs: ../../blobs\n")
+
+
+def doit(root: Path, *args: str, remote: str | None = None) -> tuple[float, str]:
+    """`doit ARGS` in `root` (a remote cache only if given): its wall seconds and stdout; exits loudly if it fails."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENC_")}
+    env["SOURCE_DATE_EPOCH"] = "1700000000"
+    if remote:
+        env["ENC_REMOTE_CACHE"] = remote
+    start = time.perf_counter()
+    result = subprocess.run([PY, "-m", "doit", *args], cwd=root, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"doit {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return elapsed, result.stdout
+
+
+def clone(template: Path, where: Path) -> Path:
+    """A fresh clone with the template's cache/ (odyn image, doit state) but no EIF; written out before timing."""
+    shutil.rmtree(where, ignore_errors=True)
+    shutil.copytree(template, where, symlinks=True)
+    shutil.rmtree(where / "cache" / "out" / NAME, ignore_errors=True)
+    os.sync()  # the copy's dirty pages are not flushed during the timed run
+    return where
+
+
+def record(root: Path) -> dict[str, Any]:
+    """What must be the same on every machine: the key, the EIF's digest and size, the PCRs."""
+    doc = json.loads((root / "cache" / "out" / NAME / "latest" / "eif.json").read_text())
+    return {k: doc[k] for k in ("key", "eif", "measurements")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 32 MiB, 1 repeat")
+    parser.add_argument("--make-monorepo", metavar="DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.size_mib, args.repeat = 32, 1
+    if args.make_monorepo:
+        make_monorepo(Path(args.make_monorepo), args.size_mib)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="enclaver-remote-cache-bench-") as tmp:
+        base = Path(tmp)
+        template = base / "template"
+        print(f"making a monorepo with a {args.size_mib} MiB app image ...", file=sys.stderr)
+        # in a child: this process stays small (the random data and its layer are held in memory)
+        subprocess.run([PY, __file__, "--make-monorepo", str(template), "--size-mib", str(args.size_mib)], check=True)
+        print("`doit odyn_image` (~15-60 s) ...", file=sys.stderr)
+        odyn_s, _ = doit(template, "odyn_image")
+        (base / "registry").mkdir()
+        registry = start_registry(base / "registry")
+        try:
+            location = f"{next(registry).address}/enclaver-cache"
+            print("first build, filling the remote cache ...", file=sys.stderr)
+            first = clone(template, base / "first")
+            first_s, out = doit(first, f"eif:{NAME}", remote=location)
+            if STORED not in out:
+                raise SystemExit(f"the first build did not fill the remote cache:\n{out[-3000:]}")
+            expected = record(first)
+            shutil.rmtree(first)
+            times: dict[str, list[float]] = {"built": [], "fetched": []}
+            for round_ in range(args.repeat):
+                for how in ("built", "fetched") if round_ % 2 == 0 else ("fetched", "built"):
+                    root = clone(template, base / how)
+                    elapsed, out = doit(root, f"eif:{NAME}", remote=location if how == "fetched" else None)
+                    if (FETCHED in out) != (how == "fetched") or f".  eif:{NAME}" not in out.splitlines():
+                        raise SystemExit(f"({how}) the EIF was not {how}:\n{out[-3000:]}")
+                    if record(root) != expected:
+                        raise SystemExit(f"({how}) not the first build's EIF: {record(root)} != {expected}")
+                    times[how].append(elapsed)
+                    shutil.rmtree(root)
+        finally:
+            registry.close()
+    eif_mib = expected["eif"]["size"] / (1 << 20)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"remote cache: `doit eif:{NAME}` in a fresh clone, app image {args.size_mib} MiB of random bytes "
+          f"in {FILES} files; {args.repeat} runs each, alternating order; {os.cpu_count()} CPUs")
+    print(f"  {'':42} {'median':>8} {'best':>8} {'ratio':>6} {'EIF MiB/s':>10}")
+    for how, label in (("built", "(a) built locally, no remote cache"),
+                       ("fetched", "(b) fetched from a local registry")):
+        print(f"  {label:42} {med[how]:7.2f}s {min(times[how]):7.2f}s {med[how] / med['built']:5.2f}x "
+              f"{eif_mib / med[how]:10.1f}")
+    print(f"  ratio = median / (a) median (fetched/built: {med['fetched'] / med['built']:.2f}); "
+          f"EIF {eif_mib:.1f} MiB; MiB/s = EIF size / median")
+    print(f"  both include resolving the app and making the enclave image; setup (not timed): "
+          f"odyn image {odyn_s:.0f} s, first build + upload {first_s:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
