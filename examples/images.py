@@ -28,11 +28,14 @@ from typing import Any
 
 from doit.tools import config_changed
 
+from enclaver_rules.rules.common import reported  # an enclaver error fails the task with its message
+
 HERE = Path(__file__).resolve().parent
 BUSYBOX = Path("/bin/busybox")
 PAGE = b"<!doctype html><title>hello</title><p>Hello from an enclave.</p>\n"
 
 
+@reported
 def hello_image(layout: str) -> None:
     from enclaver_rules.errors import InvalidInput
     from enclaver_rules.oci.layer import Entry, source_date_epoch, write_layer
@@ -76,6 +79,7 @@ def _rootfs_layer(store: Any, tar: Path) -> Any:
     return Layer(digest, digest, size, mt.OCI_LAYER)
 
 
+@reported
 def no_fly_list_image(layout: str) -> None:
     from enclaver_rules.errors import InvalidInput, OperationFailed
     from enclaver_rules.oci.layer import Entry, source_date_epoch, write_layer
@@ -112,6 +116,7 @@ def no_fly_list_image(layout: str) -> None:
     store.keep_image("latest", edited)
 
 
+@reported
 def vault_image(layout: str) -> None:
     from enclaver_rules.errors import InvalidInput
     from enclaver_rules.oci.layer import Entry, source_date_epoch, write_layer
@@ -145,6 +150,7 @@ def vault_image(layout: str) -> None:
     store.keep_image("latest", edited)
 
 
+@reported
 def dev_blobs(out: str) -> None:
     from enclaver_rules.eif.blobs import write_dev_blobs
 
