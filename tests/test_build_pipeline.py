@@ -311,6 +311,35 @@ def test_enclaver_build_runs_the_same_tasks_and_prints_the_summary(monorepo: Pat
     assert cli("build", "-f", str(tmp_path / "missing.yaml")).code == 2
 
 
+def test_enclaver_build_draws_progress_for_the_eif(monorepo: Path, cli,  # type: ignore[no-untyped-def]
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The long step reports bytes as it writes them to whoever draws (rich, on a terminal)."""
+    import contextlib
+    from collections.abc import Callable, Iterator
+
+    seen: dict[str, int] = {}
+
+    class Bars:
+        def task(self, description: str, total: int | None) -> Callable[[int], None]:
+            seen[description] = 0
+            return lambda n: seen.__setitem__(description, seen[description] + n)
+
+        def done(self, description: str) -> None:
+            pass
+
+    @contextlib.contextmanager
+    def bars(console: object, enabled: bool = True) -> Iterator[Bars]:
+        yield Bars()
+
+    monkeypatch.setattr("enclaver_rules.cli.progress.reporter", bars)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    manifest = monorepo / "services" / "alpha" / "enclaver.yaml"
+    assert cli("build", "-f", str(manifest), "--cache-dir", str(monorepo / "cache")).code == 0
+    eif = monorepo / "cache" / "out" / "alpha" / "latest" / "application.eif"
+    assert list(seen) == ["eif alpha"]
+    assert 0.99 * eif.stat().st_size <= seen["eif alpha"] <= eif.stat().st_size  # the sections; not the headers
+
+
 def test_push_sends_the_release_image_and_attaches_measurements_and_policy(monorepo: Path, registry) -> None:  # type: ignore[no-untyped-def]
     from enclaver_rules.oci import referrers
     from enclaver_rules.oci.digest import Digest

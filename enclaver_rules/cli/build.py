@@ -104,7 +104,9 @@ def run_rule_set(path: Path, name: str, cache: Path, task: str, out: Output, env
     from doit.cmd_base import ModuleTaskLoader
     from doit.doit_cmd import DoitMain
 
+    from enclaver_rules.cli.progress import reporter
     from enclaver_rules.rules import DOIT_CONFIG, tasks
+    from enclaver_rules.rules.common import set_reporter
     from enclaver_rules.rules.discover import Enclave
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -121,8 +123,11 @@ def run_rule_set(path: Path, name: str, cache: Path, task: str, out: Output, env
     saved = dict(os.environ)
     os.environ.update(env or {})
     try:
-        code = DoitMain(loader).run([task])
+        with reporter(out.err, not out.quiet) as bars:  # drawn only on a terminal
+            set_reporter(bars)
+            code = DoitMain(loader).run([task])
     finally:
+        set_reporter(None)
         os.environ.clear()
         os.environ.update(saved)
     if code == 0:

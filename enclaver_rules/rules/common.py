@@ -8,12 +8,13 @@ Outputs of one enclave live in `cache/out/<name>/`: `resolved.json` (resolve), `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from doit.exceptions import TaskFailed
 
@@ -31,6 +32,36 @@ PUSHED = "pushed.json"
 EIF_FILE = "application.eif"
 MEASUREMENTS = "measurements.json"
 LATEST = "latest"
+
+
+class _Reporter(Protocol):
+    def task(self, description: str, total: int | None) -> Callable[[int], None]: ...
+
+    def done(self, description: str) -> None: ...
+
+
+#: Who draws progress for the long steps (building, fetching or storing an EIF). `enclaver build`
+#: installs its rich reporter here while it runs doit in its own process; under plain `doit` (and
+#: in `doit -n` workers) it stays None and the steps print their summary lines only.
+_reporter: _Reporter | None = None
+
+
+def set_reporter(reporter: _Reporter | None) -> None:
+    global _reporter
+    _reporter = reporter
+
+
+@contextlib.contextmanager
+def progress(description: str, total: int | None) -> Iterator[Callable[[int], None] | None]:
+    """A callback that advances a progress bar by a number of bytes, or None when nobody draws."""
+    if _reporter is None:
+        yield None
+        return
+    advance = _reporter.task(description, total)
+    try:
+        yield advance
+    finally:
+        _reporter.done(description)
 
 
 def reported(action: Callable[..., Any]) -> Callable[..., Any]:

@@ -29,6 +29,7 @@ from enclaver_rules.rules.common import (
     RESOLVED,
     out_dir,
     point_latest,
+    progress,
     reported,
     step_key,
 )
@@ -77,7 +78,7 @@ def _measurements_json(pcrs: dict[str, str]) -> bytes:
     return json.dumps({"Measurements": {"HashAlgorithm": "Sha384 { ... }", **pcrs}}, indent=2).encode() + b"\n"
 
 
-def _build(work: Path, cache_dir: str, resolved: dict[str, Any], layer: dict[str, Any]) -> dict[str, str]:
+def _build(work: Path, cache_dir: str, name: str, resolved: dict[str, Any], layer: dict[str, Any]) -> dict[str, str]:
     from enclaver_rules.eif.blobs import load_blobs
     from enclaver_rules.eif.build import build_eif
     from enclaver_rules.eif.sign import Signer
@@ -91,8 +92,9 @@ def _build(work: Path, cache_dir: str, resolved: dict[str, Any], layer: dict[str
     if settings["backend"] == "nitro-cli":
         return _build_with_nitro_cli(work, store, image, settings)
     signer = Signer.load(signing["certificate"], signing["key"]) if signing else None
-    result = build_eif(image, store, blobs, work / EIF_FILE, epoch=settings["epoch"], image_name=settings["target"],
-                       signer=signer, workdir=str(work))
+    with progress(f"eif {name}", None) as advance:
+        result = build_eif(image, store, blobs, work / EIF_FILE, epoch=settings["epoch"],
+                           image_name=settings["target"], signer=signer, workdir=str(work), progress=advance)
     return _pcrs(result.measurements.to_json())
 
 
@@ -122,9 +124,11 @@ def _build_with_nitro_cli(work: Path, store: Store, image: Any, settings: dict[s
     return measured
 
 
-def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[str, Any]) -> None:
+def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[str, Any],
+                  digests: dict[str, Digest]) -> None:
     """Refuse a fetched entry unless it is what a build of these inputs would have recorded, as far
-    as that can be known without rebuilding (see `remote_cache`). Raises Poisoned."""
+    as that can be known without rebuilding (see `remote_cache`). `digests` are the files' digests,
+    verified as they were downloaded. Raises Poisoned."""
     from enclaver_rules.eif.blobs import load_blobs
     from enclaver_rules.eif.build import boot_pcr1
     from enclaver_rules.eif.describe import describe
@@ -148,7 +152,7 @@ def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[st
     for field, value in expected.items():
         if got[field] != value:
             raise refuse(f"it records {field} {got[field]!r}, this build has {value!r}")
-    if Digest.of_file(work / EIF_FILE).hex != recorded_digest:
+    if digests[EIF_FILE] != Digest("sha256", recorded_digest):
         raise refuse("the EIF's digest is not the one its record gives")
     try:
         described = describe(str(work / EIF_FILE))
@@ -197,9 +201,10 @@ def eif_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]
     fetched = False
     if remote is not None:
         try:
-            fetched = remote.fetch("eif", key, work, OUTPUTS)
-            if fetched:
-                check_fetched(work, key, resolved, layer)
+            digests = remote.fetch("eif", key, work, OUTPUTS)
+            if digests is not None:
+                check_fetched(work, key, resolved, layer, digests)
+                fetched = True
                 print(f"{name}: EIF {key} fetched from the remote cache {remote.location}")
         except Poisoned as e:
             print(f"{name}: refused: {e}")
@@ -207,7 +212,7 @@ def eif_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]
             for f in OUTPUTS:
                 (work / f.name).unlink(missing_ok=True)
     if not fetched:
-        pcrs = _build(work, cache_dir, resolved, layer)
+        pcrs = _build(work, cache_dir, name, resolved, layer)
         (work / MEASUREMENTS).write_bytes(_measurements_json(pcrs))
         record = {
             "name": name, "key": key, "target": resolved["settings"]["target"], "epoch": epoch,

@@ -38,6 +38,7 @@ from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.model import Descriptor
 from enclaver_rules.oci.mutate import canonical_json, rfc3339
 from enclaver_rules.oci.store import Store
+from enclaver_rules.rules.common import progress
 
 if TYPE_CHECKING:  # the registry client (requests, ~70 ms) is imported only when a cache is used: doit
     # imports this module on every run, and a no-op build should not pay for it
@@ -116,10 +117,11 @@ class RemoteCache:
         insecure = {h.strip() for h in os.environ.get("ENC_INSECURE_REGISTRY", "").split(",") if h.strip()}
         return Registry(ref.registry, insecure=ref.registry in insecure), ref.repository
 
-    def fetch(self, step: str, key: str, into: Path, expect: Sequence[OutputFile]) -> bool:
+    def fetch(self, step: str, key: str, into: Path, expect: Sequence[OutputFile]) -> dict[str, Digest] | None:
         """Download the entry for (step, key) into the directory `into`, each file verified against
-        its digest; False when there is none or the cache cannot be reached (said on stderr).
-        Raises Poisoned when the entry is not what an entry for this key must look like."""
+        its digest as it streams; the files' digests, or None when there is none or the cache cannot
+        be reached (said on stdout). Raises Poisoned when the entry is not what an entry for this
+        key must look like."""
         from enclaver_rules.oci.referrers import TITLE, parse_artifact
         from enclaver_rules.oci.registry import NotFound, RegistryUnavailable
 
@@ -128,10 +130,10 @@ class RemoteCache:
         try:
             raw, _ = registry.get_manifest(repository, tag(step, key))
         except NotFound:
-            return False
+            return None
         except RegistryUnavailable as e:
             print(f"remote cache {self.location} unreachable, building locally: {e}")
-            return False
+            return None
         parsed = parse_artifact(raw, where)
         notes = dict(parsed.annotations)
         if parsed.artifact_type != artifact_type(step) or notes.get(KEY) != key or notes.get(STEP) != step:
@@ -149,14 +151,15 @@ class RemoteCache:
         try:
             for f in expect:
                 descriptor = titles[f.name]
-                registry.fetch_blob(repository, descriptor, blobs)
+                with progress(f"fetch {f.name}", descriptor.size) as advance:
+                    registry.fetch_blob(repository, descriptor, blobs, progress=advance)
                 os.replace(blobs.path(descriptor.digest), into / f.name)
         except RegistryUnavailable as e:
             print(f"remote cache {self.location}: download failed, building locally: {e}")
-            return False
+            return None
         finally:
             shutil.rmtree(into / ".remote-blobs", ignore_errors=True)
-        return True
+        return {f.name: titles[f.name].digest for f in expect}
 
     def upload(self, step: str, key: str, directory: Path, files: Sequence[OutputFile], created: int) -> Digest | None:
         """Store the step's outputs (files of `directory`) as the entry for (step, key); None when
@@ -173,7 +176,8 @@ class RemoteCache:
                 digest = Digest.of_file(path)
                 size = path.stat().st_size
                 descriptor = Descriptor(f.media_type, digest, size)
-                registry.push_blob(repository, descriptor, functools.partial(_open, path))
+                with progress(f"store {f.name}", size) as advance:
+                    registry.push_blob(repository, descriptor, functools.partial(_open, path), progress=advance)
                 described.append((f, digest, size))
             registry.push_blob(repository, EMPTY_DESCRIPTOR, _empty)
             raw = entry_manifest(step, key, described, created)
