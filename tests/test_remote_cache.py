@@ -92,6 +92,8 @@ def _poison(source: Path, into: Path, how: str, other: Path) -> Path:
         record["measurements"] = other_record["measurements"]
     elif how == "another key":
         record["key"] = "0" * 32
+    elif how == "another app in the record":  # the release image's labels would repeat it
+        record["inputs"]["app"]["digest"] = "sha256:" + "0" * 64
     (into / "eif.json").write_text(json.dumps(record))
     return into
 
@@ -101,6 +103,7 @@ POISONS = {
     "claimed PCRs": "the PCRs recomputed from the EIF are not the ones it records",
     "another enclave's EIF": "the EIF's metadata names another enclave image or blob set",
     "another key": "it records key '00000000000000000000000000000000'",
+    "another app in the record": "it records app digest 'sha256:000000",
     "entry of another key under this tag": "the entry says it is 'eif' '00000000000000000000000000000000'",
 }
 

@@ -143,12 +143,16 @@ def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[st
         claimed = json.loads((work / MEASUREMENTS).read_text())["Measurements"]
         claimed = {k: v for k, v in claimed.items() if k.startswith("PCR")}
         recorded_digest = record["eif"]["sha256"]
+        inputs = record.get("inputs", {})
         got = {"key": record.get("key"), "enclave_image": record.get("enclave_image"), "target": record.get("target"),
-               "blobs": record.get("inputs", {}).get("blobs", {}).get("digest")}
+               "epoch": record.get("epoch"), "development": record.get("development"),
+               **{f"{k} digest": inputs.get(k, {}).get("digest") for k in ("app", "odyn", "blobs")}}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise refuse(f"its records are not readable ({e})") from None
+    # everything the release image's labels will repeat from the record, not only what the key covers
     expected = {"key": key, "enclave_image": layer["enclave_image"], "target": resolved["settings"]["target"],
-                "blobs": resolved["blobs"]["digest"]}
+                "epoch": resolved["settings"]["epoch"], "development": resolved["blobs"]["development"],
+                **{f"{k} digest": resolved[k]["digest"] for k in ("app", "odyn", "blobs")}}
     for field, value in expected.items():
         if got[field] != value:
             raise refuse(f"it records {field} {got[field]!r}, this build has {value!r}")
