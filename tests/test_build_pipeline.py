@@ -365,6 +365,51 @@ def test_push_sends_the_release_image_and_attaches_measurements_and_policy(monor
     assert again.returncode == 0 and not ran(again.stdout, "push:alpha")
 
 
+def test_trust_reads_a_pushed_image_from_its_registry_labels_referrer_or_eif(monorepo: Path, registry, cli,  # type: ignore[no-untyped-def]
+                                                                            tmp_path: Path) -> None:
+    """A security team's view: no local build, only the registry. Labels and referrers are the
+    pusher's claims; --recompute measures the EIF itself and refuses labels that disagree."""
+    from enclaver_rules.oci import referrers
+    from enclaver_rules.oci.model import Descriptor
+    from enclaver_rules.oci.mutate import ConfigEdit, edit_image
+    from enclaver_rules.oci.reference import Reference
+    from enclaver_rules.oci.registry import Registry
+    from enclaver_rules.oci.transfer import load_stored, push
+
+    manifest = monorepo / "services" / "alpha" / "enclaver.yaml"
+    manifest.write_text(manifest.read_text().replace("example.test/alpha:release", f"{registry.address}/alpha:release"))
+    assert doit(monorepo, "push:alpha").returncode == 0
+    pcrs = summary(monorepo, "alpha")["measurements"]
+    empty = str(tmp_path / "elsewhere")  # another machine: nothing in its store
+    image = f"{registry.address}/alpha:release"
+
+    labels = cli("trust", image, "--cache-dir", empty, "--json")
+    assert labels.code == 0 and labels.json()["Measurements"] == pcrs, labels.stderr
+    assert labels.json()["Source"].startswith(f"read from the labels of {image}") and "in its registry" in labels.json()["Source"]
+    measured = cli("trust", image, "--cache-dir", empty, "--recompute", "--json")
+    assert measured.code == 0 and measured.json()["Measurements"] == pcrs, measured.stderr
+    assert measured.json()["Source"].endswith("its labels agree")
+
+    reg, store = Registry(registry.address), Store(monorepo / "cache")
+    built = load_stored(store, "built", Digest.parse(str(summary(monorepo, "alpha")["release_image"])))
+    unlabelled = edit_image(built.manifest, built.config, created=0,
+                            edit=ConfigEdit(labels=tuple((k, "") for k in built.config.labels if ".pcr" in k)))
+    forged = edit_image(built.manifest, built.config, created=0, edit=ConfigEdit(labels=(("dev.enclaver.pcr0", "ab" * 48),)))
+    for name, edited in (("plain", unlabelled), ("forged", forged)):
+        store.keep_image(name, edited)
+        push(load_stored(store, name, edited.manifest_digest), store, Reference.parse(f"{registry.address}/{name}:v"), reg)
+    subject = Descriptor(built.manifest.media_type, unlabelled.manifest_digest, len(unlabelled.manifest))
+    measurements = (monorepo / "cache" / "out" / "alpha" / "latest" / "measurements.json").read_bytes()
+    referrers.attach(reg, "plain", subject, referrers.MEASUREMENTS.artifact_type,
+                     [referrers.MEASUREMENTS.file(measurements)], created=0)
+    # the empty labels are not PCRs: the referrer answers
+    via_referrer = cli("trust", f"{registry.address}/plain:v", "--cache-dir", empty, "--json")
+    assert via_referrer.code == 0, via_referrer.stderr
+    assert via_referrer.json()["Measurements"] == pcrs and "measurements referrer" in via_referrer.json()["Source"]
+    refused = cli("trust", f"{registry.address}/forged:v", "--cache-dir", empty, "--recompute")
+    assert refused.code == 1 and "its labels say" in refused.stderr and "do not trust this image" in refused.stderr
+
+
 def test_verify_reproduce_passes_on_a_rebuild_and_names_the_changed_file(monorepo: Path, cli,  # type: ignore[no-untyped-def]
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """From nothing: a fresh cache, the odyn binary built again from source, the app from its layout."""

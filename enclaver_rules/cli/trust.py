@@ -26,7 +26,13 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
     parser = _top(commands, common)  # a top-level command, not a group
     parser.add_argument("source", metavar="IMAGE|EIF|DIR",
                         help="an EIF (PCRs recomputed), a build output directory (cache/out/NAME/latest), a "
-                             "measurements.json, or a release image in the store (read from its labels)")
+                             "measurements.json, or a release image: in the store, else in its registry (read "
+                             "from its labels, else from its measurements referrer; --recompute: from its EIF)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="for a release image: fetch it and recompute the PCRs from the EIF inside, refusing "
+                             "labels that disagree (labels and referrers are the pusher's claims)")
+    parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                        help="allow plain HTTP to this registry (localhost and 127.0.0.1 always may)")
     parser.add_argument("--kms-policy", action="store_true", help="also print a KMS key policy for it")
     parser.add_argument("--account", metavar="ID", help="the AWS account that owns the key (with --kms-policy)")
     parser.add_argument("--admin", metavar="ARN", help="who administers the key (default: the account root)")
@@ -78,7 +84,8 @@ def _pcrs(measurements: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in measurements.items() if k.startswith("PCR")}
 
 
-def measurements_of(source: str, cache_dir: str | None) -> tuple[dict[str, str], str]:
+def measurements_of(source: str, cache_dir: str | None, recompute: bool = False,
+                    insecure: frozenset[str] = frozenset()) -> tuple[dict[str, str], str]:
     """(PCRs, where they came from)."""
     path = Path(source)
     if path.is_dir():
@@ -100,33 +107,96 @@ def measurements_of(source: str, cache_dir: str | None) -> tuple[dict[str, str],
             return _pcrs(doc["Measurements"]), f"read from {path}"
         except (ValueError, KeyError, TypeError):
             raise OperationFailed(f"{path} is neither an EIF nor a measurements.json") from None
-    return _from_image(source, cache_dir)
+    return _from_image(source, cache_dir, recompute, insecure)
 
 
-def _from_image(ref: str, cache_dir: str | None) -> tuple[dict[str, str], str]:
+def _label_pcrs(labels: dict[str, str]) -> dict[str, str]:
+    return {k[len(LABEL_PREFIX):].upper(): v for k, v in labels.items() if k.startswith(LABEL_PREFIX + "pcr") and v}
+
+
+def _eif_pcrs(store: Any, manifest: Any, ref: str) -> dict[str, str]:
+    """The PCRs recomputed from the EIF a release image carries (copied out of its layer first)."""
+    import tempfile
+
+    from enclaver_rules.rules.release import RELEASE_EIF
+
+    with tempfile.TemporaryDirectory(prefix="enclaver-trust-") as work:
+        eif = Path(work) / "application.eif"
+        with open(eif, "wb") as f:
+            if not store.copy_file(manifest, RELEASE_EIF, f):
+                raise OperationFailed(f"{ref} holds no {RELEASE_EIF}", fix="is it a release image?")
+        return _from_eif(eif)[0]
+
+
+def _from_referrer(registry: Any, repository: str, digest: Any, ref: str, store: Any) -> tuple[dict[str, str], str]:
+    from enclaver_rules.oci import referrers
+
+    for descriptor in referrers.list_referrers(registry, repository, digest, referrers.MEASUREMENTS.artifact_type):
+        artifact = referrers.fetch_artifact(registry, repository, descriptor, store, subject=digest)
+        try:
+            doc = json.loads(artifact.file(referrers.MEASUREMENTS.filename).data)
+            return _pcrs(doc["Measurements"]), f"read from the measurements referrer {artifact.digest} of {ref}"
+        except (ValueError, KeyError, TypeError):
+            continue
+    raise OperationFailed(f"{ref} carries no enclaver measurement labels and no measurements referrer",
+                          fix="is it a release image? `enclaver build --push` attaches both")
+
+
+def _from_image(ref: str, cache_dir: str | None, recompute: bool = False,
+                insecure: frozenset[str] = frozenset()) -> tuple[dict[str, str], str]:
+    """A release image's PCRs: from the store when it is there, else from its registry; from its
+    labels, else its measurements referrer; with `recompute`, from the EIF inside, checked against
+    the labels."""
     from enclaver_rules.oci.model import ImageConfig, Manifest
     from enclaver_rules.oci.store import Store, default_cache_dir
 
     store = Store(Path(cache_dir) if cache_dir else default_cache_dir())
     descriptor = store.resolve(ref) if store.root.is_dir() else None
-    if descriptor is None:
-        raise OperationFailed(f"{ref}: no such file, and no image of that name in the store at {store.root}",
-                              fix="build it first (doit build), or pass the EIF or the build directory")
-    node = store.manifest(descriptor.digest)
-    if not isinstance(node, Manifest):
-        raise OperationFailed(f"{ref} is an index, not a release image")
-    labels = ImageConfig.parse(store.read(node.config.digest), f"{ref} config").labels
-    pcrs = {k[len(LABEL_PREFIX):].upper(): v for k, v in labels.items()
-            if k.startswith(LABEL_PREFIX + "pcr")}
-    if "PCR0" not in pcrs:
-        raise OperationFailed(f"{ref} carries no enclaver measurement labels", fix="is it a release image?")
-    return pcrs, f"read from the labels of {ref} ({descriptor.digest})"
+    if descriptor is not None:
+        node = store.manifest(descriptor.digest)
+        if not isinstance(node, Manifest):
+            raise OperationFailed(f"{ref} is an index, not a release image")
+        labels = ImageConfig.parse(store.read(node.config.digest), f"{ref} config").labels
+        where, manifest = f"{ref} ({descriptor.digest}) in the store", node
+        claimed = _label_pcrs(labels)
+        if not claimed and not recompute:
+            raise OperationFailed(f"{ref} carries no enclaver measurement labels", fix="is it a release image?")
+    else:
+        from enclaver_rules.oci.reference import BadReference, Reference
+        from enclaver_rules.oci.registry import Registry
+        from enclaver_rules.oci.transfer import metadata, pull
+
+        try:
+            parsed = Reference.parse(ref)
+        except (BadReference, ValueError):
+            raise OperationFailed(f"{ref}: no such file, and not an image reference",
+                                  fix="pass an EIF, a build directory, a measurements.json or a release image") from None
+        registry = Registry(parsed.registry, insecure=parsed.registry in insecure)
+        remote, config, _ = metadata(registry, parsed, None)
+        where = f"{ref} ({remote.digest}) in its registry"
+        claimed = _label_pcrs(config.labels)
+        if not recompute:
+            if claimed:
+                return claimed, f"read from the labels of {where}"
+            return _from_referrer(registry, parsed.repository, remote.digest, ref, store.init())
+        manifest = pull(parsed, store.init(), registry).manifest
+        if manifest.digest != remote.digest:
+            raise OperationFailed(f"{ref} moved while it was read ({remote.digest}, then {manifest.digest})",
+                                  fix="pin it by digest: REPO@sha256:…")
+    if not recompute:
+        return claimed, f"read from the labels of {where}"
+    measured = _eif_pcrs(store, manifest, ref)
+    if claimed and claimed != measured:
+        raise OperationFailed(f"{ref}: its labels say {claimed} but its EIF measures {measured}",
+                              fix="do not trust this image: it was relabelled or its EIF replaced")
+    agree = "; its labels agree" if claimed else "; it has no measurement labels"
+    return measured, f"recomputed from the EIF in {where}{agree}"
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
     from enclaver_rules.policy import kms
 
-    pcrs, how = measurements_of(args.source, args.cache_dir)
+    pcrs, how = measurements_of(args.source, args.cache_dir, args.recompute, frozenset(args.insecure_registry))
     document: dict[str, Any] = {"Source": how, "Measurements": pcrs}
     if args.kms_policy or args.update:
         if not args.account:
