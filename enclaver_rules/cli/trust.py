@@ -55,7 +55,9 @@ def _top(commands: Subparsers[argparse.ArgumentParser], common: argparse.Argumen
     parser = commands.add_parser(
         "trust", parents=[common], help="print an enclave's measurements and a KMS key policy that trusts it",
         description="Read the measurements of an enclave (recomputed from an EIF, or from a build's outputs, or "
-                    "from a release image's labels — the output says which) and print them, with --kms-policy "
+                    "from a release image's labels or measurements referrer, in the store or its registry, or "
+                    "recomputed from the EIF inside it with --recompute — the output says which) and print "
+                    "them, with --kms-policy "
                     "as a KMS key policy that lets the decrypt-side actions through only for this PCR0 (and the "
                     "PCRs given with --pcr), with a deny backstop for every other caller.",
         epilog=epilog(CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
