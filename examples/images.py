@@ -70,12 +70,11 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 def _rootfs_layer(store: Any, tar: Path) -> Any:
     """A root file system tarball as an uncompressed layer, streamed (hundreds of MB)."""
     from enclaver_rules.oci import mediatypes as mt
-    from enclaver_rules.oci.digest import Digest
     from enclaver_rules.oci.layer import Layer
 
-    digest, size = Digest.of_file(tar), tar.stat().st_size
+    size = tar.stat().st_size
     with open(tar, "rb") as f:
-        store.put_stream(f, digest, size, source=str(tar))
+        digest = store.put_stream(f, size=size, source=str(tar))  # hashed as it is stored: one pass
     return Layer(digest, digest, size, mt.OCI_LAYER)
 
 

@@ -116,6 +116,14 @@ def test_unknown_variable_gets_did_you_mean(manifest: str) -> None:
     assert str(w) == "ENC_DEFAULT_MEMORY_MB: warning: not an enclaver setting — did you mean ENC_DEFAULTS_MEMORY_MB?"
 
 
+def test_tool_variables_are_not_taken_for_mistyped_settings(manifest: str) -> None:
+    from enclaver_rules.manifest.config import TOOL_VARIABLES
+
+    assert {"ENC_REMOTE_CACHE", "ENC_REMOTE_CACHE_READ_ONLY", "ENC_INSECURE_REGISTRY"} <= set(TOOL_VARIABLES)
+    config = resolve(manifest, {}, dict.fromkeys(TOOL_VARIABLES, "x"))
+    assert config.manifest is not None and not config.diagnostics
+
+
 def test_conflicts_are_listed_and_logged_once(manifest: str, caplog: pytest.LogCaptureFixture) -> None:
     flags, env = {"defaults.memory_mb": "2048"}, {"ENC_DEFAULTS_MEMORY_MB": "1024"}
     config = resolve(manifest, flags, env)

@@ -166,7 +166,10 @@ TOOL_VARIABLES = {
     "ENC_KMS_ACCOUNT": "the AWS account that owns the enclave's KMS key (task trust:<name>)",
     "ENC_KMS_ADMIN": "the key's administrator ARN (task trust:<name>; default: the account root)",
     "ENC_KMS_PRINCIPAL": "the ARN the parent instance calls KMS as (task trust:<name>; default: the account root)",
-    "ENC_INSECURE_REGISTRY": "comma-separated registries push:<name> may reach over plain HTTP (127.0.0.1 always may)",
+    "ENC_INSECURE_REGISTRY": "comma-separated registries push:<name> and the remote cache may reach over plain HTTP "
+                             "(127.0.0.1 always may)",
+    "ENC_REMOTE_CACHE": "REGISTRY/REPO sharing EIF builds (task eif:<name>; `enclaver build --remote-cache`)",
+    "ENC_REMOTE_CACHE_READ_ONLY": "1: fetch from the remote cache, never store into it",
 }
 
 

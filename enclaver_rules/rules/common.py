@@ -116,6 +116,11 @@ def point_latest(out: Path, key: str) -> None:
     os.replace(tmp, link)  # atomic: readers see the old or the new entry, never none
 
 
+def insecure_registries() -> frozenset[str]:
+    """Registries named in ENC_INSECURE_REGISTRY (comma-separated): plain HTTP allowed to them."""
+    return frozenset(h.strip() for h in os.environ.get("ENC_INSECURE_REGISTRY", "").split(",") if h.strip())
+
+
 def build_settings(manifest_path: str) -> tuple[Any, dict[str, Any]]:
     """The manifest and its effective settings (ENC_* applied; a relative blob path is relative to
     the manifest, like its other paths)."""

@@ -212,16 +212,16 @@ def eif_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]
                 print(f"{name}: EIF {key} fetched from the remote cache {remote.location}")
         except Poisoned as e:
             print(f"{name}: refused: {e}")
-            fetched = False
             for f in OUTPUTS:
                 (work / f.name).unlink(missing_ok=True)
     if not fetched:
         pcrs = _build(work, cache_dir, name, resolved, layer)
         (work / MEASUREMENTS).write_bytes(_measurements_json(pcrs))
+        eif_digest = Digest.of_file(work / EIF_FILE)
         record = {
             "name": name, "key": key, "target": resolved["settings"]["target"], "epoch": epoch,
             "enclave_image": layer["enclave_image"],
-            "eif": {"file": EIF_FILE, "sha256": Digest.of_file(work / EIF_FILE).hex,
+            "eif": {"file": EIF_FILE, "sha256": eif_digest.hex,
                     "size": (work / EIF_FILE).stat().st_size},
             "measurements": pcrs, "development": resolved["blobs"]["development"],
             "inputs": {k: resolved[k] for k in ("app", "odyn", "blobs")},
@@ -231,7 +231,7 @@ def eif_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]
     (work / LOCAL).write_text(json.dumps({"stat": _stamp(work), "origin": origin}))  # the rename keeps both
     os.replace(work, dest)
     point_latest(out, key)
-    if remote is not None and not fetched and remote.upload("eif", key, dest, OUTPUTS, epoch):
+    if remote is not None and not fetched and remote.upload("eif", key, dest, OUTPUTS, epoch, {EIF_FILE: eif_digest}):
         print(f"{name}: EIF {key} stored in the remote cache {remote.location}")
     return json.loads((dest / EIF_RECORD).read_text())  # type: ignore[no-any-return]
 

@@ -6,13 +6,22 @@ Plain HTTP only to local registries and those named in ENC_INSECURE_REGISTRY (co
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.model import Descriptor
 from enclaver_rules.oci.store import Store, atomic_write
-from enclaver_rules.rules.common import BUILD, LATEST, MEASUREMENTS, POLICY, PUSHED, latest_dir, out_dir, reported
+from enclaver_rules.rules.common import (
+    BUILD,
+    LATEST,
+    MEASUREMENTS,
+    POLICY,
+    PUSHED,
+    insecure_registries,
+    latest_dir,
+    out_dir,
+    reported,
+)
 
 
 @reported
@@ -27,8 +36,7 @@ def push_enclave(cache_dir: str, name: str) -> dict[str, Any]:
     latest = latest_dir(cache_dir, name)
     summary = json.loads((latest / BUILD).read_text())
     target = Reference.parse(summary["target"])
-    insecure = {h.strip() for h in os.environ.get("ENC_INSECURE_REGISTRY", "").split(",") if h.strip()}
-    registry = Registry(target.registry, insecure=target.registry in insecure)
+    registry = Registry(target.registry, insecure=target.registry in insecure_registries())
     store = Store(cache_dir)
     image = load_stored(store, summary["target"], Digest.parse(summary["release_image"]))
     digest = push(image, store, target, registry)

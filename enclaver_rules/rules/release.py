@@ -3,9 +3,9 @@
 The release image is what the runtime image consumes: the EIF at /enclave/application.eif, the
 manifest and measurements.json beside it, on the base `sources.sleeve` names (resolved by the
 resolve step; empty when none is named, until enclaver's runtime image exists), labelled with what
-was built from what. It is a function of the EIF entry
-alone (the EIF key covers everything its labels say), so it is written into that entry's
-directory as `build.json`, the summary every later step and command reads.
+was built from what. It is a function of the EIF entry, the sleeve and the git commit, so its
+summary, `build.json`, is written into the EIF entry's directory and redone when the sleeve or the
+commit changes; every later step and command reads it.
 """
 
 from __future__ import annotations
@@ -42,8 +42,10 @@ def _present(store: Store, summary: dict[str, Any]) -> bool:
     return store.has(Digest.parse(summary["release_image"]))
 
 
-def release_labels(record: dict[str, Any], title: str) -> dict[str, str]:
-    """Labels (and the same as config labels) of a release image: who built it from what, and its PCRs."""
+def release_labels(record: dict[str, Any], title: str, sleeve: dict[str, Any] | None,
+                   source: dict[str, str]) -> dict[str, str]:
+    """Labels (also the manifest's annotations) of a release image: who built it from what, its PCRs,
+    its base and the commit."""
     from enclaver_rules.oci import enclave
     from enclaver_rules.oci.mutate import rfc3339
 
@@ -57,6 +59,8 @@ def release_labels(record: dict[str, Any], title: str) -> dict[str, str]:
         f"{enclave.LABEL}.blobs.digest": inputs["blobs"]["digest"],
         f"{enclave.LABEL}.blobs.development": str(record["development"]).lower(),
         **{f"{enclave.LABEL}.{k.lower()}": v for k, v in record["measurements"].items()},
+        **({f"{enclave.LABEL}.sleeve.digest": sleeve["digest"]} if sleeve else {}),
+        **source,
     }
 
 
@@ -95,16 +99,12 @@ def release_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, 
         base_manifest, base_config = base.manifest, base.config
     else:
         base_manifest, base_config = empty_image(record["inputs"]["blobs"]["arch"])
-    named = {**release_labels(record, manifest.name), **source_labels(manifest_path)}
-    if sleeve:
-        from enclaver_rules.oci import enclave
-
-        named[f"{enclave.LABEL}.sleeve.digest"] = sleeve["digest"]
-    labels = tuple(sorted(named.items()))
+    source = source_labels(manifest_path)
+    labels = tuple(sorted(release_labels(record, manifest.name, sleeve, source).items()))
     released = edit_image(base_manifest, base_config, layers=[layer], created=epoch, created_by="enclaver release",
                           edit=ConfigEdit(labels=labels), annotations=labels)
     store.keep_image(record["target"], released)
-    summary = {**record, "release_image": str(released.manifest_digest), "source": source_labels(manifest_path),
+    summary = {**record, "release_image": str(released.manifest_digest), "source": source,
                "sleeve": sleeve["digest"] if sleeve else None}
     atomic_write(entry / BUILD, json.dumps(summary, indent=2, sort_keys=True).encode() + b"\n")
     return summary

@@ -38,7 +38,7 @@ from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.model import Descriptor
 from enclaver_rules.oci.mutate import canonical_json, rfc3339
 from enclaver_rules.oci.store import Store
-from enclaver_rules.rules.common import progress
+from enclaver_rules.rules.common import insecure_registries, progress
 
 if TYPE_CHECKING:  # the registry client (requests, ~70 ms) is imported only when a cache is used: doit
     # imports this module on every run, and a no-op build should not pay for it
@@ -114,8 +114,7 @@ class RemoteCache:
         except (InvalidInput, ValueError) as e:
             raise InvalidInput(f"{self.location!r} is not a registry repository: {e}", file=ENV,
                                fix="give REGISTRY/REPO, e.g. registry.example.com:5000/enclaver-cache") from None
-        insecure = {h.strip() for h in os.environ.get("ENC_INSECURE_REGISTRY", "").split(",") if h.strip()}
-        return Registry(ref.registry, insecure=ref.registry in insecure), ref.repository
+        return Registry(ref.registry, insecure=ref.registry in insecure_registries()), ref.repository
 
     def fetch(self, step: str, key: str, into: Path, expect: Sequence[OutputFile]) -> dict[str, Digest] | None:
         """Download the entry for (step, key) into the directory `into`, each file verified against
@@ -161,9 +160,11 @@ class RemoteCache:
             shutil.rmtree(into / ".remote-blobs", ignore_errors=True)
         return {f.name: titles[f.name].digest for f in expect}
 
-    def upload(self, step: str, key: str, directory: Path, files: Sequence[OutputFile], created: int) -> Digest | None:
+    def upload(self, step: str, key: str, directory: Path, files: Sequence[OutputFile], created: int,
+               known: Mapping[str, Digest] | None = None) -> Digest | None:
         """Store the step's outputs (files of `directory`) as the entry for (step, key); None when
-        read-only or when the upload failed (said on stderr: the local build stands)."""
+        read-only or when the upload failed (said on stdout: the local build stands). `known`: digests
+        the step already computed, by file name (an EIF is not hashed a second time)."""
         from enclaver_rules.oci.referrers import EMPTY_DESCRIPTOR
 
         if self.read_only:
@@ -173,7 +174,7 @@ class RemoteCache:
             described = []
             for f in files:
                 path = directory / f.name
-                digest = Digest.of_file(path)
+                digest = (known or {}).get(f.name) or Digest.of_file(path)
                 size = path.stat().st_size
                 descriptor = Descriptor(f.media_type, digest, size)
                 with progress(f"store {f.name}", size) as advance:
