@@ -7,13 +7,17 @@ import io
 import tarfile
 
 
-def tar_bytes(members: list[tuple[str, str, bytes | str]], *, compress: bool = True) -> bytes:
-    """members: (name, kind, data-or-linkname); kind in file, dir, symlink, hardlink, chardev, fifo."""
+def tar_bytes(members: list[tuple[str, str, bytes | str]] | list[tuple[str, str, bytes | str, dict[str, int]]],
+              *, compress: bool = True) -> bytes:
+    """members: (name, kind, data-or-linkname[, {mode, uid, gid, mtime}]); kind in file, dir, symlink,
+    hardlink, chardev, fifo. Without attributes: directories 0755, the rest 0644, root, mtime 0."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, kind, payload in members:
+        for name, kind, payload, *rest in members:
             info = tarfile.TarInfo(name)
             info.mode = 0o755 if kind == "dir" else 0o644
+            for attr, value in (rest[0] if rest else {}).items():
+                setattr(info, attr, value)
             if kind == "file":
                 data = payload if isinstance(payload, bytes) else payload.encode()
                 info.size = len(data)

@@ -299,6 +299,54 @@ def test_customer_ramdisk_follows_nitro_cli(tmp_path: Path) -> None:
     assert [e["ino"] for e in entries] == list(range(721, 721 + len(entries)))
 
 
+#: Directory modes and owners that ordinary images carry at the init layer's paths (Debian and
+#: Ubuntu ship `proc` and `sys` as 0555), plus ones no image should need but any image may have.
+ODD_INIT_DIRS = [("proc", "dir", "", {"mode": 0o555}), ("sys", "dir", "", {"mode": 0o555}),
+                 ("etc", "dir", "", {"mode": 0o700, "uid": 1000, "gid": 1001}),
+                 ("etc/hosts", "file", "10.9.9.9 evil\n", {"mode": 0o600, "uid": 1000}),
+                 ("dev", "dir", "", {"mode": 0o750, "uid": 7, "gid": 8}),
+                 ("dev/shm", "dir", "", {"mode": 0o1777}),
+                 ("dev/console", "chardev", ""),
+                 ("bin", "dir", ""), ("bin/app", "file", "#!/bin/sh\n")]
+
+
+def test_init_layer_keeps_the_image_directories_attributes(tmp_path: Path) -> None:
+    """eif.md §8 (CONFIRMED with a real dockerd): a directory the image has keeps its mode and owner;
+    what the init layer creates is 0755 root; its files replace the image's own, 0755 root; the
+    `touch` list only forces mtimes. Regression: the builder used to reset them all to 0755 root."""
+    entries = customer_entries(tmp_path, [tar_bytes(ODD_INIT_DIRS)], cmd=["/bin/app"])
+    by_name = {e["name"]: e for e in entries}
+
+    def attrs(name: str) -> tuple[object, ...]:
+        e = by_name[name]
+        return e["mode"], e["uid"], e["gid"], e["mtime"]
+
+    assert attrs("rootfs/proc/") == (0o040555, 0, 0, 1492533000)
+    assert attrs("rootfs/sys/") == (0o040555, 0, 0, 1492533000)
+    assert attrs("rootfs/etc/") == (0o040700, 1000, 1001, 1492533000)
+    assert attrs("rootfs/dev/") == (0o040750, 7, 8, 1492533000)
+    assert attrs("rootfs/dev/shm/") == (0o041777, 0, 0, 1492533000)
+    assert attrs("rootfs/dev/pts/") == (0o040755, 0, 0, 1492533000)  # not in the image: created
+    # the init layer's files are unlinked and recreated (0755 root) even when the image ships them
+    assert attrs("rootfs/etc/hosts") == (0o100755, 0, 0, 1492533000)
+    assert "rootfs/dev/console" not in by_name  # recreated as a file, then dropped by linuxkit
+
+
+def test_init_layer_replaces_what_is_not_a_directory(tmp_path: Path) -> None:
+    """unlink(2) removes a symlink or file on an init path's way, and the init layer then makes a
+    0755 root directory there: an image's `etc` → elsewhere symlink is not followed."""
+    layers = [tar_bytes([("private", "dir", ""), ("private/etc", "dir", "", {"mode": 0o700}),
+                         ("private/etc/passwd", "file", "root:x:0:0::/:/bin/sh\n"),
+                         ("etc", "symlink", "private/etc"), ("proc", "file", "not a dir"),
+                         ("sys", "symlink", "/nowhere"), ("bin", "dir", ""), ("bin/app", "file", "A")])]
+    entries = customer_entries(tmp_path, layers, cmd=["/bin/app"])
+    by_name = {e["name"]: e for e in entries}
+    for name in ("rootfs/etc/", "rootfs/proc/", "rootfs/sys/"):
+        assert (by_name[name]["mode"], by_name[name]["uid"]) == (0o040755, 0), name
+    assert "rootfs/private/etc/hosts" not in by_name and "rootfs/etc/passwd" not in by_name
+    assert by_name["rootfs/private/etc/"]["mode"] == 0o040700
+
+
 def test_cmd_wins_over_entrypoint_and_one_is_needed(tmp_path: Path) -> None:
     entries = customer_entries(tmp_path / "a", APP, cmd=["/bin/app"], entrypoint=["/bin/ignored"])
     assert next(e for e in entries if e["name"] == "cmd")["data"] == b"/bin/app\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import docker
 import pytest
-from test_eif import customer_entries, read_newc, stored_image
+from test_eif import ODD_INIT_DIRS, customer_entries, read_newc, stored_image
 
 from enclaver_rules.eif.blobs import write_dev_blobs
 from enclaver_rules.eif.build import build_eif
@@ -83,11 +83,30 @@ def test_customer_ramdisk_equals_linuxkit_over_a_real_docker_export(dockerd, tmp
                    ("usr/lib/libx.so", "file", "ELF"), ("dev", "dir", ""), ("dev/null", "chardev", "")]),
         tar_bytes([("a", "dir", ""), ("a/.wh.b", "file", ""), ("bin", "dir", ""), ("bin/new", "file", "new")]),
     ]
+    assert_same_as_docker(tmp_path, layers, dockerd)
+
+
+def test_init_layer_directories_keep_the_images_attributes_in_a_real_export(dockerd, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian's 0555 proc and sys, a 0700 etc owned by a user, a 0750 dev, a sticky dev/shm; and,
+    in a second layer, an image whose `etc` is a symlink and whose `sys` is a file."""
+    monkeypatch.setenv("DOCKER_HOST", dockerd.host)
+    assert_same_as_docker(tmp_path / "a", [tar_bytes(ODD_INIT_DIRS)], dockerd, tag="odd-a")
+    layers = [tar_bytes([("private", "dir", ""), ("private/etc", "dir", "", {"mode": 0o700}),
+                         ("private/etc/passwd", "file", "root:x:0:0::/:/bin/sh\n"), ("etc", "symlink", "private/etc"),
+                         ("sys", "file", "not a dir"), ("proc", "dir", "", {"mode": 0o555, "uid": 3}),
+                         ("bin", "dir", ""), ("bin/app", "file", "A")])]
+    assert_same_as_docker(tmp_path / "b", layers, dockerd, tag="odd-b")
+
+
+def assert_same_as_docker(tmp_path: Path, layers: list[bytes], dockerd, tag: str = "1") -> None:  # type: ignore[no-untyped-def]
+    """The customer ramdisk we build without an engine equals linuxkit's view of `docker export`."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     store, image = stored_image(tmp_path, layers, cmd=["/bin/app"], env=["A=1"])
-    Engine().load(docker_archive(image, store, "enclaver-test/export:1"))
+    Engine().load(docker_archive(image, store, f"enclaver-test/export:{tag}"))
     client = docker.DockerClient(base_url=dockerd.host, version="auto")
     try:
-        container = client.containers.create("enclaver-test/export:1", network_mode="none")
+        container = client.containers.create(f"enclaver-test/export:{tag}", network_mode="none")
         try:
             export = b"".join(container.export())
         finally:

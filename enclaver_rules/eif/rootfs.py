@@ -10,9 +10,10 @@ Emulated from the sources in ../shared/reference/eif.md §8:
 * overlay semantics: the topmost layer's entry wins; `.wh.NAME` and opaque directories hide
   lower entries; a hard link shares its target's bytes and inode, and its header's mode, owner
   and mtime apply to that inode; a symlink's mode is 0777 (what lstat reports on Linux);
-* Docker's init layer on top: dev, dev/pts, dev/shm, proc, sys, etc (directories 0755),
-  .dockerenv, etc/resolv.conf, etc/hosts, etc/hostname, dev/console (empty files 0755) and
-  etc/mtab → /proc/mounts, all owned by root;
+* Docker's init layer on top (moby `daemon/initlayer`, run over the image's own tree): for each
+  of its paths, every component that is not a directory is unlinked; what is then missing is
+  created, directories 0755 and empty files 0755, owned by root. A directory the image already
+  has keeps its mode and owner (Debian's 0555 `proc` and `sys` stay 0555);
 * export walk order: `filepath.WalkDir` (each directory's entries sorted by name, depth first),
   directories named with a trailing `/`; the first path of an inode is the file, later paths
   are hard links to it.
@@ -34,9 +35,10 @@ from enclaver_rules.oci.flatten import OPAQUE, WHITEOUT, UnsafeLayer
 
 CHUNK = 4 << 20  # big reads: fewer hand-offs to the hashing threads
 MAX_SYMLINKS = 40
-INIT_DIRS = ("dev", "dev/pts", "dev/shm", "proc", "sys", "etc")
-INIT_FILES = (".dockerenv", "etc/resolv.conf", "etc/hosts", "etc/hostname", "dev/console")
-INIT_SYMLINKS = (("etc/mtab", "/proc/mounts"),)
+#: Docker's init layer (moby daemon/initlayer/setup_unix.go): path → "dir", "file" or a symlink's target.
+INIT_LAYER = (("dev/pts", "dir"), ("dev/shm", "dir"), ("proc", "dir"), ("sys", "dir"), (".dockerenv", "file"),
+              ("etc/resolv.conf", "file"), ("etc/hosts", "file"), ("etc/hostname", "file"), ("dev/console", "file"),
+              ("etc/mtab", "/proc/mounts"))
 
 
 @dataclass(slots=True)
@@ -192,26 +194,33 @@ class Tree:
         added[id(node)] = node
 
     def add_init_layer(self) -> None:
-        """What Docker's init layer puts on top of every container (daemon/initlayer)."""
-        for path in INIT_DIRS:
-            parts = tuple(path.split("/"))
-            parent = self._lookup(parts[:-1], path, create=True)
-            assert parent is not None
-            existing = parent.children.get(parts[-1])
+        """What Docker's init layer does to every container's tree, as moby's `initlayer.Setup` does it.
+
+        For each path it unlinks every component (unlink(2) removes files, symlinks and devices and
+        fails on directories, so only directories survive), then creates what is missing: parents
+        as 0755 root directories, the path itself as a 0755 root directory, empty 0755 root file or
+        symlink. So a directory the image has keeps the image's mode, owner and contents (the
+        export shows them), while an image's `etc/hosts` or a symlinked `etc` never survive. The
+        order of the paths does not matter (moby walks a Go map): each path's result depends only
+        on the directories on its way, which no other path removes.
+        """
+        for path, kind in INIT_LAYER:
+            node = self.root
+            *parents, last = path.split("/")
+            for part in parents:
+                child = node.children.get(part)
+                if child is None or child.kind != "dir":
+                    child = node.children[part] = Node("dir", 0o755, 0, 0, 0)
+                node = child
+            existing = node.children.get(last)
             if existing is not None and existing.kind == "dir":
-                existing.mode, existing.uid, existing.gid = 0o755, 0, 0
+                continue  # unlink fails on a directory, and stat finds it: left as the image has it
+            if kind == "dir":
+                node.children[last] = Node("dir", 0o755, 0, 0, 0)
+            elif kind == "file":
+                node.children[last] = Node("file", 0o755, 0, 0, 0, 0, inode=self._inode())
             else:
-                parent.children[parts[-1]] = Node("dir", 0o755, 0, 0, 0)
-        for path in INIT_FILES:
-            parts = tuple(path.split("/"))
-            parent = self._lookup(parts[:-1], path, create=True)
-            assert parent is not None
-            parent.children[parts[-1]] = Node("file", 0o755, 0, 0, 0, 0, inode=self._inode())
-        for path, target in INIT_SYMLINKS:
-            parts = tuple(path.split("/"))
-            parent = self._lookup(parts[:-1], path, create=True)
-            assert parent is not None
-            parent.children[parts[-1]] = Node("symlink", 0o777, 0, 0, 0, linkname=target)
+                node.children[last] = Node("symlink", 0o777, 0, 0, 0, linkname=kind)
 
     # -- reading --------------------------------------------------------------------------------
 
