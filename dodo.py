@@ -9,7 +9,7 @@
 import importlib.util
 import os
 
-from enclaver_rules.rules import DOIT_CONFIG, tasks
+from enclaver_rules.rules import tasks
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(ROOT, "examples", "images.py")
@@ -24,8 +24,6 @@ if os.path.isfile(EXAMPLES):
     task_examples = examples.task_examples
     made_here = {name: [f"examples:{name}", "examples:blobs"] for name in ("hello", "no-fly-list", "vault")}
     globals().update(tasks(ROOT, extra_deps=made_here))
-    DOIT_CONFIG = {**DOIT_CONFIG, "default_tasks": ["check", "explain", "trust:hello"]}
+    DOIT_CONFIG = {**globals()["DOIT_CONFIG"], "default_tasks": ["check", "explain", "trust:hello"]}
 else:
-    globals().update(tasks(ROOT))
-
-__all__ = ["DOIT_CONFIG"]
+    globals().update(tasks(ROOT))  # the task creators and DOIT_CONFIG (doit's state inside the cache)

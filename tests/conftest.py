@@ -60,6 +60,18 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
     return run
 
 
+#: Fixtures that start a real service; a test reaching one (directly or through another fixture)
+#: is marked `services`, so `-m "not services"` leaves out exactly the tests that need dockerd or
+#: the registry, whoever forgets the marker.
+SERVICE_FIXTURES = frozenset({"dockerd", "registry"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("services"):
+            item.add_marker(pytest.mark.services)
+
+
 HEAD_VALID = """\
 version: v1
 name: app
@@ -92,7 +104,8 @@ def odyn_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from enclaver_rules.rules.odyn import build_odyn_image
 
     cache = tmp_path_factory.mktemp("odyn-cache")
-    build_odyn_image(str(cache))
+    result = build_odyn_image(str(cache))  # a task action: failures come back as TaskFailed, not raised
+    assert isinstance(result, dict), result
     yield cache
 
 

@@ -455,3 +455,32 @@ def test_doit_verify_proves_a_build_reproduces(monorepo: Path) -> None:
     result = doit(monorepo, "verify:beta")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: beta rebuilds to the same PCR0, PCR1, PCR2" in result.stdout
+
+
+def test_doit_clean_removes_the_rule_sets_outputs_and_keeps_the_store(monorepo: Path) -> None:
+    """`doit clean` removed nothing. Now each step removes what it wrote under cache/out/ and the
+    shared store stays; the next build brings the outputs back."""
+    assert doit(monorepo, "build:alpha", "build:beta").returncode == 0
+    out = monorepo / "cache" / "out"
+    index = (monorepo / "cache" / "index.json").read_bytes()
+    entry = (out / "alpha" / "latest").resolve()
+    assert (entry / "application.eif").is_file()
+
+    one = doit(monorepo, "clean", "build:alpha")
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert not (out / "alpha").exists() and (out / "beta" / "latest" / "build.json").is_file()
+    assert (monorepo / "cache" / "index.json").read_bytes() == index  # the store is not touched
+
+    eif_only = doit(monorepo, "clean", "eif:beta")
+    assert eif_only.returncode == 0
+    assert (out / "beta" / "resolved.json").is_file() and not (out / "beta" / "latest").exists()
+
+    rebuilt = doit(monorepo, "build:alpha", "build:beta")
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert ran(rebuilt.stdout, "eif:alpha") and ran(rebuilt.stdout, "eif:beta")
+    assert (out / "alpha" / "latest").resolve() == entry  # same inputs, same key
+
+    everything = doit(monorepo, "clean", "-a")
+    assert everything.returncode == 0
+    assert not any((out / name).exists() for name in NAMES) and not (out / "odyn").exists()
+    assert (monorepo / "cache" / "blobs").is_dir()

@@ -138,3 +138,18 @@ def test_explain_json(cli) -> None:
     topics = {row["topic"]: row["text"] for row in m["explanation"]}
     assert topics["KMS proxy"].startswith("127.0.0.1:9999")
     assert "169.254.169.254 (instance metadata)" in topics["egress"]
+
+
+def test_nothing_claims_a_default_runtime_image_that_does_not_exist_yet(cli) -> None:
+    """A release image without `sources.sleeve` has no entrypoint (`docker run` says "No command
+    specified"): explain and the fields table said it defaulted to enclaver's runtime image."""
+    import json
+
+    from enclaver_rules.manifest.schema import schema_bytes
+
+    doc = cli("manifest", "explain", "--json", str(REPO / "examples/hello/enclaver.yaml")).json()
+    [m] = doc["manifests"]
+    base = {row["topic"]: row["text"] for row in m["explanation"]}["release base"]
+    assert "default" not in base and "does not run on its own" in base
+    sleeve = json.loads(schema_bytes())["properties"]["sources"]["properties"]["sleeve"]["description"]
+    assert "Default" not in sleeve and "does not run on its own" in sleeve

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import HEAD_VALID as HEAD
 from conftest import REPO
-from enclaver_rules.rules import DOIT_CONFIG, discover, tasks
+from enclaver_rules.rules import discover, tasks
 
 DOIT = [sys.executable, "-m", "doit"]
 
@@ -65,7 +65,7 @@ def test_incremental_and_parallel(monorepo: Path) -> None:
     manifest.write_text(manifest.read_text() + "# one more byte\n")
     third = doit(monorepo, "check")
     assert {".  check:alpha", "-- check:beta"} <= set(third.stdout.splitlines())
-    assert (monorepo / DOIT_CONFIG["dep_file"]).exists()  # sqlite state under cache/
+    assert (monorepo / "cache" / "doit.sqlite3").exists()  # sqlite state under cache/
 
 
 def test_default_tasks_explain_every_enclave(monorepo: Path) -> None:
@@ -76,10 +76,88 @@ def test_default_tasks_explain_every_enclave(monorepo: Path) -> None:
 
 def test_actions_are_picklable_for_parallel_runs() -> None:
     creators = tasks(str(REPO))
-    for creator in creators.values():
+    for key, creator in creators.items():
+        if key.startswith("task_"):
+            for task in creator():
+                for action in task.get("actions", []) + task.get("clean", []):
+                    pickle.dumps(action)
+
+
+def test_every_task_reports_errors_like_the_cli() -> None:
+    """Every Python action goes through `reported`: a user error fails the task with its message and
+    fix, never a traceback (the odyn build once lacked it and showed one for a missing objdump)."""
+    for key, creator in tasks(str(REPO)).items():
+        if not key.startswith("task_"):
+            continue
         for task in creator():
-            for action in task.get("actions", []):
-                pickle.dumps(action)
+            for action in task.get("actions", []) + task.get("clean", []):
+                if isinstance(action, tuple) and callable(action[0]) and action[0].__module__ != "enclaver_rules.rules.clean":
+                    assert hasattr(action[0], "__wrapped__"), f"{task['basename']}:{task.get('name')}: {action[0]}"
+
+
+def copy_dodo(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "dodo.py", root / "dodo.py")
+    (root / "svc/a").mkdir(parents=True)
+    (root / "svc/a/enclaver.yaml").write_text(HEAD.replace("name: app", "name: alpha"))
+
+
+def test_a_repository_without_a_cache_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """doit opened cache/doit.sqlite3 before any task and crashed with sqlite3.OperationalError."""
+    monkeypatch.delenv("ENC_CACHE_DIR", raising=False)
+    copy_dodo(tmp_path / "repo")
+    result = doit(tmp_path / "repo", "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "repo" / "cache" / "doit.sqlite3").is_file()
+
+
+def test_enc_cache_dir_moves_every_piece_of_state(tmp_path: Path) -> None:
+    copy_dodo(tmp_path / "repo")
+    elsewhere = tmp_path / "ci-volume" / "enclaver"
+    env = {**os.environ, "ENC_CACHE_DIR": str(elsewhere)}
+    result = subprocess.run(DOIT + ["check"], cwd=tmp_path / "repo", capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (elsewhere / "doit.sqlite3").is_file()
+    assert not (tmp_path / "repo" / "cache").exists()
+
+
+def test_doit_from_a_subfolder_with_seek_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`doit -k` (or DOIT_SEEK_FILE=1) finds dodo.py above the current directory; the state and the
+    task paths are the repository's, so a run from the root afterwards is up to date."""
+    monkeypatch.delenv("ENC_CACHE_DIR", raising=False)
+    root = tmp_path / "repo"
+    copy_dodo(root)
+    first = doit(root / "svc" / "a", "-k", "check:alpha")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert ".  check:alpha" in first.stdout.splitlines()
+    env = {**os.environ, "DOIT_SEEK_FILE": "1"}
+    again = subprocess.run(DOIT + ["check:alpha"], cwd=root / "svc", capture_output=True, text=True, timeout=120,
+                           env=env)
+    assert again.returncode == 0 and "-- check:alpha" in again.stdout.splitlines(), again.stdout + again.stderr
+    assert "-- check:alpha" in doit(root, "check:alpha").stdout.splitlines()
+
+
+def test_task_paths_are_the_same_however_the_repository_is_named(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """doit keys its state by file_dep paths: a relative, unnormalised or symlinked path to the same
+    manifest must give the same task, or `doit` and `enclaver build -f` rebuild each other's work."""
+    from enclaver_rules.rules.discover import Enclave
+
+    monkeypatch.delenv("ENC_CACHE_DIR", raising=False)
+    root = tmp_path / "repo"
+    copy_dodo(root)
+    (tmp_path / "link").symlink_to(root)
+    monkeypatch.chdir(tmp_path)
+
+    def deps(**kwargs: object) -> tuple[object, ...]:
+        task = next(t for t in tasks(**kwargs)["task_layer"]() if t.get("name") == "alpha")  # type: ignore[arg-type]
+        return tuple(task["file_dep"]) + tuple(task["targets"])
+
+    expected = deps(root=str(root))
+    assert deps(root="repo") == expected
+    assert deps(root=str(tmp_path / "link")) == expected
+    assert deps(root="link/svc/..", enclaves=[Enclave("alpha", "./svc/a/../a/enclaver.yaml")]) == expected
 
 
 def test_dodo_declares_only() -> None:

@@ -24,7 +24,7 @@ from enclaver_rules.oci.reference import (
 H = "a" * 64
 
 
-@pytest.mark.parametrize("text, registry, repository, tag, digest", [
+@pytest.mark.parametrize("text, host, repository, tag, digest", [
     ("busybox", "docker.io", "library/busybox", "latest", None),
     ("busybox:1.36", "docker.io", "library/busybox", "1.36", None),
     ("library/busybox", "docker.io", "library/busybox", "latest", None),
@@ -37,10 +37,10 @@ H = "a" * 64
     ("public.ecr.aws/s2t1d4c6/enclaver-io/odyn:latest", "public.ecr.aws", "s2t1d4c6/enclaver-io/odyn", "latest", None),
     ("[::1]:5000/app:x", "[::1]:5000", "app", "x", None),
 ])
-def test_reference_defaults(text: str, registry: str, repository: str, tag: str | None, digest: str | None) -> None:
+def test_reference_defaults(text: str, host: str, repository: str, tag: str | None, digest: str | None) -> None:
     ref = Reference.parse(text)
     assert (ref.registry, ref.repository, ref.tag, str(ref.digest) if ref.digest else None) == (
-        registry, repository, tag, digest)
+        host, repository, tag, digest)
     assert Reference.parse(str(ref)) == ref
 
 

@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import docker
+import pytest
 from test_odyn_supervisor import collect
 
 from enclaver_rules.oci.digest import Digest
@@ -118,3 +119,33 @@ def test_odyn_runs_in_a_scratch_like_image_with_nothing_but_one_static_program(o
                                        ["/busybox", "sh", "-c", "echo from scratch; exit 3"])
     assert code == 3, logs
     assert lines[-1] == {"status": "exited", "code": 3} and b"from scratch\n" in logs
+
+
+def test_a_missing_build_tool_fails_the_task_with_the_package_to_install(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fresh Debian, staticx's "objdump is required" surfaced as a traceback under doit and as
+    31 errors under pytest; now the task fails before any download, naming the package."""
+    import shutil
+
+    from doit.exceptions import TaskFailed
+
+    from enclaver_rules.odyn_image import build
+    from enclaver_rules.rules.odyn import build_odyn_image
+
+    real_which = shutil.which
+    monkeypatch.setattr(build.shutil, "which", lambda name, **kw: None if name == "objdump" else real_which(name, **kw))
+    result = build_odyn_image(str(tmp_path))
+    assert isinstance(result, TaskFailed)
+    assert "objdump not found" in str(result) and "apt-get install binutils" in str(result)
+    assert "Traceback" not in str(result)
+
+
+def test_a_python_without_shared_libpython_is_named(tmp_path: Path) -> None:
+    from enclaver_rules.errors import InvalidInput
+    from enclaver_rules.odyn_image.build import check_tools
+
+    fake = tmp_path / "python3"  # a Python whose sysconfig names a library that does not exist
+    fake.write_text("#!/bin/sh\ncase \"$2\" in *platform*) echo 3.11.2;; *) echo /nonexistent/libpython3.11.so.1.0;; esac\n")
+    fake.chmod(0o755)
+    with pytest.raises(InvalidInput, match=r"apt-get install libpython3\.11"):
+        check_tools(str(fake), "/usr/bin:/bin")

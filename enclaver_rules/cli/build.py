@@ -105,21 +105,20 @@ def run_rule_set(path: Path, name: str, cache: Path, task: str, out: Output, env
     from doit.doit_cmd import DoitMain
 
     from enclaver_rules.cli.progress import reporter
-    from enclaver_rules.rules import DOIT_CONFIG, tasks
+    from enclaver_rules.rules import tasks
     from enclaver_rules.rules.common import set_reporter
     from enclaver_rules.rules.discover import Enclave
 
-    cache.mkdir(parents=True, exist_ok=True)
     failures: list[tuple[str, str]] = []
 
     class Reporter(_Reporter):  # doit makes its reporter from a class and (outstream, options)
         def __init__(self, outstream: Any, options: Any) -> None:
             super().__init__(out, failures)
 
-    config_doit = {**DOIT_CONFIG, "dep_file": str(cache / "doit.sqlite3"), "reporter": Reporter, "verbosity": 0}
-    loader = ModuleTaskLoader({"DOIT_CONFIG": config_doit, **tasks(str(path.resolve().parent),
-                                                                    enclaves=[Enclave(name, str(path.resolve()))],
-                                                                    cache_dir=str(cache))})
+    rules = tasks(str(path.resolve().parent), enclaves=[Enclave(name, str(path.resolve()))], cache_dir=str(cache))
+    # the rule set's own config (state file in this cache), drawn by our reporter instead of doit's
+    config_doit = {**rules["DOIT_CONFIG"], "reporter": Reporter, "verbosity": 0}
+    loader = ModuleTaskLoader({**rules, "DOIT_CONFIG": config_doit})
     saved = dict(os.environ)
     os.environ.update(env or {})
     try:

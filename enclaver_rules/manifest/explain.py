@@ -48,7 +48,8 @@ def explain(m: Manifest) -> list[Row]:
         Row("app", m.sources.app, _pinned(m.sources.app)),
         Row("release image", m.target),
         Row("odyn", _image(m.sources.odyn, "odyn")),
-        Row("release base", _image(m.sources.sleeve, "runtime")),
+        Row("release base", m.sources.sleeve or "none: the release image holds the EIF but does not run on its own "
+            "(no runtime image yet; name one in sources.sleeve)"),
         Row("resources", f"{m.defaults.cpu_count} vCPUs, {m.defaults.memory_mb} MiB (the manifest's defaults; a run may ask for others)"),
     ]
     if m.ingress:

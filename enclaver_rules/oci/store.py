@@ -46,16 +46,25 @@ class Readable(Protocol):
 
 
 def default_cache_dir(start: str | None = None) -> Path:
-    """`$ENC_CACHE_DIR`; else the `cache/` beside the nearest `dodo.py` above `start`; else
-    `$XDG_CACHE_HOME/enclaver` (default `~/.cache/enclaver`)."""
+    """`$ENC_CACHE_DIR`; else the `cache/` beside the nearest `dodo.py` above `start` that has one
+    or uses enclaver's rule set (so `enclaver build` and `doit` share one cache even before the
+    first `doit` made it); else `$XDG_CACHE_HOME/enclaver` (default `~/.cache/enclaver`)."""
     env = os.environ.get("ENC_CACHE_DIR")
     if env:
         return Path(env)
     here = Path(start or os.getcwd()).resolve()
     for directory in (here, *here.parents):
-        if (directory / "dodo.py").is_file() and (directory / "cache").is_dir():
+        dodo = directory / "dodo.py"
+        if dodo.is_file() and ((directory / "cache").is_dir() or _uses_rule_set(dodo)):
             return directory / "cache"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "enclaver"
+
+
+def _uses_rule_set(dodo: Path) -> bool:
+    try:
+        return b"enclaver_rules" in dodo.read_bytes()[:65536]
+    except OSError:
+        return False
 
 
 def _fsync_dir(path: Path) -> None:

@@ -115,6 +115,23 @@ def check_platform(python: str) -> None:
                            fix="apt-get install python3-venv (Debian/Ubuntu), or pass the path of a system Python")
 
 
+def check_tools(python: str, path: str) -> None:
+    """Fail before any download when the build machine lacks what PyInstaller and staticx need:
+    their own errors (31 of "objdump is required" under pytest, a traceback under doit) do not say
+    which package to install. `path` is the PATH the build runs with."""
+    if shutil.which("objdump", path=path) is None:
+        raise InvalidInput("objdump not found: staticx needs it to list the libraries the odyn binary loads",
+                           fix="apt-get install binutils")
+    probe = ("import os, sysconfig as s; print(os.path.join(s.get_config_var('LIBDIR') or '', "
+             "s.get_config_var('INSTSONAME') or ''))")
+    result = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=False)
+    library = result.stdout.strip()
+    if result.returncode != 0 or not library.endswith((".so", ".so.1.0")) or not os.path.exists(library):
+        version = python_version(python).rsplit(".", 1)[0]
+        raise InvalidInput(f"{python} has no shared libpython ({library or 'none'}): PyInstaller bundles it into "
+                           "the odyn binary", fix=f"apt-get install libpython{version}")
+
+
 VENV_ROOT = Path("/tmp")
 
 
@@ -183,6 +200,7 @@ def build_binary(cache: Path, out: Path, python: str = SYSTEM_PYTHON, say: Say =
     check_platform(python)
     cache, out = cache.resolve(), out.resolve()
     cache.mkdir(parents=True, exist_ok=True)
+    check_tools(python, build_environment(Path("/nonexistent"))["PATH"])
     venv = build_venv(python, say)
     bin_dir = venv / "bin"
     env = build_environment(bin_dir)

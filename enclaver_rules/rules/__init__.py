@@ -9,12 +9,14 @@ its inputs' digests and enclaver's version; see `common` for where outputs go.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from enclaver_rules.oci.store import default_cache_dir
 from enclaver_rules.rules.check import check_tasks, explain_tasks
+from enclaver_rules.rules.clean import add_clean
 from enclaver_rules.rules.discover import Enclave, discover
 from enclaver_rules.rules.eif import eif_tasks
 from enclaver_rules.rules.layer import layer_tasks
@@ -25,6 +27,9 @@ from enclaver_rules.rules.resolve import resolve_tasks
 from enclaver_rules.rules.trust import trust_tasks
 from enclaver_rules.rules.verify import verify_tasks
 
+#: doit's settings; `tasks()` returns them as `DOIT_CONFIG` with `dep_file` inside the cache, so a
+#: dodo.py that does `globals().update(tasks(ROOT))` gets both. This module-level copy (state file
+#: `cache/doit.sqlite3` relative to the dodo.py) is kept for dodo.py files written before that.
 DOIT_CONFIG: dict[str, Any] = {
     # sqlite3, not dbm: dbm is single-writer and breaks `doit -n 2`
     "backend": "sqlite3",
@@ -32,19 +37,36 @@ DOIT_CONFIG: dict[str, Any] = {
     "default_tasks": ["check", "explain"],
     "verbosity": 1,
 }
+STATE_FILE = "doit.sqlite3"
+
+
+def cache_dir_for(root: str) -> Path:
+    """The cache of the repository at `root`: `$ENC_CACHE_DIR`, else `<root>/cache`. One setting
+    moves everything, doit's state included."""
+    env = os.environ.get("ENC_CACHE_DIR")
+    return Path(env).resolve() if env else Path(root).resolve() / "cache"
+
+
+def doit_config(cache: str | os.PathLike[str]) -> dict[str, Any]:
+    """DOIT_CONFIG with doit's state file in `cache`, which is created: doit opens its sqlite file
+    before any task runs and fails with `sqlite3.OperationalError` when the directory is missing."""
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    return {**DOIT_CONFIG, "dep_file": str(Path(cache) / STATE_FILE)}
 
 
 def tasks(root: str, extra_deps: dict[str, list[str]] | None = None, enclaves: list[Enclave] | None = None,
           cache_dir: str | None = None) -> dict[str, Any]:
-    """The task creators for doit, keyed `task_<step>`, over every enclave found below `root` (or the
-    `enclaves` given, as `enclaver build -f` does). `extra_deps` names tasks an enclave's inputs come
-    from (by enclave name), e.g. an image made here."""
+    """The task creators for doit, keyed `task_<step>`, and `DOIT_CONFIG`, over every enclave found
+    below `root` (or the `enclaves` given, as `enclaver build -f` does). `extra_deps` names tasks an
+    enclave's inputs come from (by enclave name), e.g. an image made here. The cache is `cache_dir`,
+    else `cache_dir_for(root)`; doit's state lives in it."""
     if enclaves is None:
         enclaves = discover(root)
-    # the build steps use absolute paths: doit keys its state by them, so `doit` here and `enclaver
-    # build -f` from anywhere agree (check and explain keep the paths people read)
-    absolute = [Enclave(e.name, os.path.join(os.path.abspath(root), e.path)) for e in enclaves]
-    cache = cache_dir or str(default_cache_dir(root))
+    # the build steps use real absolute paths: doit keys its state by them, so `doit` here, from a
+    # subfolder (`doit -k`), through a symlinked checkout and `enclaver build -f` from anywhere agree
+    # (check and explain keep the paths people read)
+    absolute = [Enclave(e.name, os.path.realpath(os.path.join(root, e.path))) for e in enclaves]
+    cache = str(Path(cache_dir).resolve()) if cache_dir else str(cache_dir_for(root))
 
     def task_check() -> Iterator[dict[str, Any]]:
         """validate every enclaver.yaml"""
@@ -90,10 +112,19 @@ def tasks(root: str, extra_deps: dict[str, list[str]] | None = None, enclaves: l
         """prove every enclave's build reproduces bit for bit (CI)"""
         yield from verify_tasks(absolute, cache)
 
-    return {"task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image,
+    def cleaned(creator: Callable[[], Iterator[dict[str, Any]]]) -> Callable[[], Iterator[dict[str, Any]]]:
+        @functools.wraps(creator)  # doit reads the docstring, and the source line to order creators
+        def create() -> Iterator[dict[str, Any]]:
+            for task in creator():
+                yield add_clean(task, cache)
+
+        return create
+
+    creators = {"task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image,
             "task_resolve": task_resolve, "task_layer": task_layer, "task_eif": task_eif,
             "task_release": task_release, "task_build": task_build, "task_trust": task_trust,
             "task_push": task_push, "task_verify": task_verify}
+    return {"DOIT_CONFIG": doit_config(cache), **{k: cleaned(v) for k, v in creators.items()}}
 
 
-__all__ = ["DOIT_CONFIG", "Enclave", "discover", "tasks"]
+__all__ = ["DOIT_CONFIG", "Enclave", "cache_dir_for", "discover", "doit_config", "tasks"]

@@ -18,11 +18,13 @@ from enclaver_rules import __version__
 from enclaver_rules.manifest import check_file, load_manifest
 from enclaver_rules.manifest.explain import render_text
 from enclaver_rules.manifest.schema import schema_bytes
+from enclaver_rules.rules.common import reported
 from enclaver_rules.rules.discover import Enclave
 
 Task = dict[str, Any]
 
 
+@reported
 def check_manifest(path: str) -> dict[str, Any] | TaskFailed:
     """Validate one manifest; warnings go to stderr, errors fail the task with every diagnostic."""
     result = check_file(path)
@@ -35,6 +37,7 @@ def check_manifest(path: str) -> dict[str, Any] | TaskFailed:
     return {"valid": True, "warnings": len(result.diagnostics)}
 
 
+@reported
 def explain_manifest(path: str) -> None:
     manifest, _ = load_manifest(path)
     print("\n".join(render_text(manifest)))

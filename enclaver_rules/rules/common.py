@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -65,7 +66,9 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[int], No
 
 
 def reported(action: Callable[..., Any]) -> Callable[..., Any]:
-    """An enclaver error fails the task with its message (file, field, fix), not a traceback.
+    """Fail a task the way the CLI fails a command: an enclaver error with its message (file,
+    field, fix), a system error (a missing or unreadable file) with its path and reason, anything
+    else as an internal error; a traceback only with ENC_DEBUG=1, as `--debug` does for the CLI.
     functools.wraps keeps the name, so doit can still pickle the action for `-n`."""
     @functools.wraps(action)
     def run(*args: Any) -> Any:
@@ -73,8 +76,21 @@ def reported(action: Callable[..., Any]) -> Callable[..., Any]:
             return action(*args)
         except EnclaverError as e:
             return TaskFailed(str(e))
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            _debug_traceback()
+            return TaskFailed(f"{where}{e.strerror or e}")
+        except Exception as e:  # noqa: BLE001 - the last line of defence, as in the CLI
+            _debug_traceback()
+            return TaskFailed(f"internal error: {type(e).__name__}: {e} — this is a bug in enclaver: "
+                              "run again with ENC_DEBUG=1 and report the traceback")
 
     return run
+
+
+def _debug_traceback() -> None:
+    if os.environ.get("ENC_DEBUG"):
+        traceback.print_exc()
 
 
 def out_dir(cache_dir: str, name: str) -> Path:

@@ -1,8 +1,10 @@
 """Task `odyn_image`: build the static odyn binary and keep the default odyn image in the store.
 
 Re-runs only when a staged source, the pinned requirements or the build code change, or when the
-image has gone from the store (`enclaver cache gc`). The build venv is kept in
-`cache/odyn-build/` between runs.
+image has gone from the store (`enclaver cache gc`). The binary and the temporary build tree are
+in `cache/odyn-build/`; the build venv is at the fixed path `/tmp/enclaver-odyn-<hash>`, because
+PyInstaller's output depends on the venv's location and two machines must agree byte for byte
+(see `enclaver_rules.odyn_image.build.build_venv`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from doit.tools import config_changed
 
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.store import Store
+from enclaver_rules.rules.common import reported
 
 RECORD = Path("out") / "odyn" / "image.json"
 
@@ -24,6 +27,7 @@ def record_path(cache_dir: str) -> Path:
     return Path(cache_dir) / RECORD
 
 
+@reported
 def build_odyn_image(cache_dir: str) -> dict[str, Any]:
     from enclaver_rules.odyn_image.build import build_binary
     from enclaver_rules.odyn_image.image import put_image, write_record
