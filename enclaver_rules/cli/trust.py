@@ -173,7 +173,8 @@ def _from_image(ref: str, cache_dir: str | None, recompute: bool = False,
         except (BadReference, ValueError):
             raise OperationFailed(f"{ref}: no such file, and not an image reference",
                                   fix="pass an EIF, a build directory, a measurements.json or a release image") from None
-        registry = Registry(parsed.registry, insecure=parsed.registry in insecure)
+        # Docker Hub's name (docker.io) is not the host serving its API: ask the reference, as `image pull` does
+        registry = Registry(parsed.api_host, insecure=parsed.registry in insecure or parsed.api_host in insecure)
         remote, config, _ = metadata(registry, parsed, None)
         where = f"{ref} ({remote.digest}) in its registry"
         claimed = _label_pcrs(config.labels)
