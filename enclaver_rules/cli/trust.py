@@ -33,7 +33,9 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
                              "labels that disagree (labels and referrers are the pusher's claims)")
     parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
                         help="allow plain HTTP to this registry (localhost and 127.0.0.1 always may)")
-    parser.add_argument("--kms-policy", action="store_true", help="also print a KMS key policy for it")
+    parser.add_argument("--kms-policy", action="store_true",
+                        help="print a KMS key policy for it instead: the policy alone on stdout (pipe-able), "
+                             "the measurements on stderr")
     parser.add_argument("--account", metavar="ID", help="the AWS account that owns the key (with --kms-policy)")
     parser.add_argument("--admin", metavar="ARN", help="who administers the key (default: the account root)")
     parser.add_argument("--principal", metavar="ARN",
@@ -41,8 +43,8 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
     parser.add_argument("--pcr", action="append", choices=["PCR0", "PCR1", "PCR2", "PCR8"],
                         help="pin this measurement too (repeatable; PCR0 always)")
     parser.add_argument("--update", metavar="POLICY.json",
-                        help="merge into this existing policy (rollover: earlier images stay; admin kept) and "
-                             "print the diff")
+                        help="merge into this existing policy (rollover: earlier images stay; admin kept): the "
+                             "merged policy on stdout, the diff on stderr")
     parser.add_argument("--allow-debug", action="store_true",
                         help="accept a debug-mode enclave (all-zero PCRs): trusts any code, tests only")
     parser.add_argument("--cache-dir", metavar="DIR", help="the store to look IMAGE up in")
@@ -197,6 +199,10 @@ def _from_image(ref: str, cache_dir: str | None, recompute: bool = False,
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    """Without --json, stdout carries exactly one JSON document, so it can be redirected to a file:
+    the key policy when one is asked for (what `aws kms put-key-policy` takes), else the
+    measurements. Everything for people (the source, the measurements beside a policy, a diff)
+    goes to stderr."""
     from enclaver_rules.policy import kms
 
     pcrs, how = measurements_of(args.source, args.cache_dir, args.recompute, frozenset(args.insecure_registry))
@@ -224,9 +230,12 @@ def run(args: argparse.Namespace, out: Output) -> int:
         out.json(document)
         return ExitCode.OK
     out.note(how)
-    out.line(Text(json.dumps({"Measurements": pcrs}, indent=2)))
+    if "KeyPolicy" not in document:
+        out.line(Text(json.dumps({"Measurements": pcrs}, indent=2)))
+        return ExitCode.OK
+    for name, value in pcrs.items():
+        out.note(f"{name} {value}")
     for line in document.get("Diff", []):
         out.note(line, style="green" if line.startswith("+") else "red" if line.startswith("-") else "")
-    if "KeyPolicy" in document:
-        out.line(Text(json.dumps(document["KeyPolicy"], indent=2)))
+    out.line(Text(json.dumps(document["KeyPolicy"], indent=2)))
     return ExitCode.OK
