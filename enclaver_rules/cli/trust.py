@@ -36,10 +36,14 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
     parser.add_argument("--kms-policy", action="store_true",
                         help="print a KMS key policy for it instead: the policy alone on stdout (pipe-able), "
                              "the measurements on stderr")
-    parser.add_argument("--account", metavar="ID", help="the AWS account that owns the key (with --kms-policy)")
-    parser.add_argument("--admin", metavar="ARN", help="who administers the key (default: the account root)")
+    parser.add_argument("--account", metavar="ID",
+                        help="the AWS account that owns the key (with --kms-policy; default: $ENC_KMS_ACCOUNT, "
+                             "else required)")
+    parser.add_argument("--admin", metavar="ARN",
+                        help="who administers the key (default: $ENC_KMS_ADMIN, else the account root)")
     parser.add_argument("--principal", metavar="ARN",
-                        help="who calls KMS from the parent instance (default: the account root)")
+                        help="who calls KMS from the parent instance (default: $ENC_KMS_PRINCIPAL, else the "
+                             "account root)")
     parser.add_argument("--pcr", action="append", choices=["PCR0", "PCR1", "PCR2", "PCR8"],
                         help="pin this measurement too (repeatable; PCR0 always)")
     parser.add_argument("--update", metavar="POLICY.json",
@@ -203,16 +207,16 @@ def run(args: argparse.Namespace, out: Output) -> int:
     the key policy when one is asked for (what `aws kms put-key-policy` takes), else the
     measurements. Everything for people (the source, the measurements beside a policy, a diff)
     goes to stderr."""
+    import os
+
     from enclaver_rules.policy import kms
 
     pcrs, how = measurements_of(args.source, args.cache_dir, args.recompute, frozenset(args.insecure_registry))
     document: dict[str, Any] = {"Source": how, "Measurements": pcrs}
     if args.kms_policy or args.update:
-        if not args.account:
-            raise InvalidInput("a key policy needs the account that owns the key", field="--account",
-                               fix="add --account 111122223333")
-        trust = kms.Trust.for_account(args.account, args.admin, args.principal,
-                                      ["PCR0", *[p for p in (args.pcr or []) if p != "PCR0"]], args.allow_debug)
+        trust = kms.trust_from(os.environ, account=args.account, admin=args.admin, principal=args.principal,
+                               pcrs=["PCR0", *[p for p in (args.pcr or []) if p != "PCR0"]],
+                               allow_debug=args.allow_debug, flags=True)
         if args.update:
             try:
                 existing = json.loads(Path(args.update).read_text())
