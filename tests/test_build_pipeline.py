@@ -20,6 +20,9 @@ from enclaver_rules.oci.store import Store
 from oci_helpers import make_layout
 from pipeline import DOIT, NAMES, doit, make_app, ran, summary
 
+#: trust:<name> (run by a bare `doit` here, and before every push:<name>) has no default account
+KMS = {"ENC_KMS_ACCOUNT": "111122223333"}
+
 
 def test_a_monorepo_builds_in_parallel_and_rebuilds_nothing_when_nothing_changed(monorepo: Path) -> None:
     first = doit(monorepo, "-n", "2", "build")
@@ -243,7 +246,7 @@ def test_a_bare_doit_builds_the_hello_example_with_no_docker_engine(template: Pa
     shutil.copytree(REPO / "examples", root / "examples",
                     ignore=shutil.ignore_patterns("image", "blobs-dev", "__pycache__"))
     shutil.copytree(template / "cache", root / "cache")  # only to skip rebuilding the same odyn image
-    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}  # no engine to lean on
+    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock", **KMS}  # no engine to lean on
     result = subprocess.run(DOIT, cwd=root, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     s = summary(root, "hello")
@@ -269,7 +272,7 @@ def test_the_no_fly_list_example_builds_from_debian_packages(template: Path, tmp
     shutil.copytree(REPO / "examples", root / "examples",
                     ignore=shutil.ignore_patterns("image", "blobs-dev", "__pycache__"))
     shutil.copytree(template / "cache", root / "cache")
-    result = doit(root, "trust:no-fly-list")
+    result = doit(root, "trust:no-fly-list", env=KMS)
     assert result.returncode == 0, result.stdout + result.stderr
     s = summary(root, "no-fly-list")
     assert f"no-fly-list: PCR0 {s['measurements']['PCR0']}" in result.stdout  # type: ignore[index]
@@ -347,7 +350,7 @@ def test_push_sends_the_release_image_and_attaches_measurements_and_policy(monor
 
     manifest = monorepo / "services" / "alpha" / "enclaver.yaml"
     manifest.write_text(manifest.read_text().replace("example.test/alpha:release", f"{registry.address}/alpha:release"))
-    result = doit(monorepo, "push:alpha")
+    result = doit(monorepo, "push:alpha", env=KMS)
     assert result.returncode == 0, result.stdout + result.stderr
     pushed = json.loads((monorepo / "cache" / "out" / "alpha" / "latest" / "pushed.json").read_text())
     s = summary(monorepo, "alpha")
@@ -361,7 +364,7 @@ def test_push_sends_the_release_image_and_attaches_measurements_and_policy(monor
     artifact = referrers.fetch_artifact(reg, "alpha", measured, Store(monorepo / "cache"))
     data = artifact.file("measurements.json").data
     assert json.loads(data)["Measurements"]["PCR0"] == s["measurements"]["PCR0"]  # type: ignore[index]
-    again = doit(monorepo, "push:alpha")  # up to date: nothing pushed twice
+    again = doit(monorepo, "push:alpha", env=KMS)  # up to date: nothing pushed twice
     assert again.returncode == 0 and not ran(again.stdout, "push:alpha")
 
 
@@ -378,7 +381,7 @@ def test_trust_reads_a_pushed_image_from_its_registry_labels_referrer_or_eif(mon
 
     manifest = monorepo / "services" / "alpha" / "enclaver.yaml"
     manifest.write_text(manifest.read_text().replace("example.test/alpha:release", f"{registry.address}/alpha:release"))
-    assert doit(monorepo, "push:alpha").returncode == 0
+    assert doit(monorepo, "push:alpha", env=KMS).returncode == 0
     pcrs = summary(monorepo, "alpha")["measurements"]
     empty = str(tmp_path / "elsewhere")  # another machine: nothing in its store
     image = f"{registry.address}/alpha:release"

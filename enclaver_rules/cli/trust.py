@@ -33,16 +33,22 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
                              "labels that disagree (labels and referrers are the pusher's claims)")
     parser.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
                         help="allow plain HTTP to this registry (localhost and 127.0.0.1 always may)")
-    parser.add_argument("--kms-policy", action="store_true", help="also print a KMS key policy for it")
-    parser.add_argument("--account", metavar="ID", help="the AWS account that owns the key (with --kms-policy)")
-    parser.add_argument("--admin", metavar="ARN", help="who administers the key (default: the account root)")
+    parser.add_argument("--kms-policy", action="store_true",
+                        help="print a KMS key policy for it instead: the policy alone on stdout (pipe-able), "
+                             "the measurements on stderr")
+    parser.add_argument("--account", metavar="ID",
+                        help="the AWS account that owns the key (with --kms-policy; default: $ENC_KMS_ACCOUNT, "
+                             "else required)")
+    parser.add_argument("--admin", metavar="ARN",
+                        help="who administers the key (default: $ENC_KMS_ADMIN, else the account root)")
     parser.add_argument("--principal", metavar="ARN",
-                        help="who calls KMS from the parent instance (default: the account root)")
+                        help="who calls KMS from the parent instance (default: $ENC_KMS_PRINCIPAL, else the "
+                             "account root)")
     parser.add_argument("--pcr", action="append", choices=["PCR0", "PCR1", "PCR2", "PCR8"],
                         help="pin this measurement too (repeatable; PCR0 always)")
     parser.add_argument("--update", metavar="POLICY.json",
-                        help="merge into this existing policy (rollover: earlier images stay; admin kept) and "
-                             "print the diff")
+                        help="merge into this existing policy (rollover: earlier images stay; admin kept): the "
+                             "merged policy on stdout, the diff on stderr")
     parser.add_argument("--allow-debug", action="store_true",
                         help="accept a debug-mode enclave (all-zero PCRs): trusts any code, tests only")
     parser.add_argument("--cache-dir", metavar="DIR", help="the store to look IMAGE up in")
@@ -173,7 +179,8 @@ def _from_image(ref: str, cache_dir: str | None, recompute: bool = False,
         except (BadReference, ValueError):
             raise OperationFailed(f"{ref}: no such file, and not an image reference",
                                   fix="pass an EIF, a build directory, a measurements.json or a release image") from None
-        registry = Registry(parsed.registry, insecure=parsed.registry in insecure)
+        # Docker Hub's name (docker.io) is not the host serving its API: ask the reference, as `image pull` does
+        registry = Registry(parsed.api_host, insecure=parsed.registry in insecure or parsed.api_host in insecure)
         remote, config, _ = metadata(registry, parsed, None)
         where = f"{ref} ({remote.digest}) in its registry"
         claimed = _label_pcrs(config.labels)
@@ -196,16 +203,20 @@ def _from_image(ref: str, cache_dir: str | None, recompute: bool = False,
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    """Without --json, stdout carries exactly one JSON document, so it can be redirected to a file:
+    the key policy when one is asked for (what `aws kms put-key-policy` takes), else the
+    measurements. Everything for people (the source, the measurements beside a policy, a diff)
+    goes to stderr."""
+    import os
+
     from enclaver_rules.policy import kms
 
     pcrs, how = measurements_of(args.source, args.cache_dir, args.recompute, frozenset(args.insecure_registry))
     document: dict[str, Any] = {"Source": how, "Measurements": pcrs}
     if args.kms_policy or args.update:
-        if not args.account:
-            raise InvalidInput("a key policy needs the account that owns the key", field="--account",
-                               fix="add --account 111122223333")
-        trust = kms.Trust.for_account(args.account, args.admin, args.principal,
-                                      ["PCR0", *[p for p in (args.pcr or []) if p != "PCR0"]], args.allow_debug)
+        trust = kms.trust_from(os.environ, account=args.account, admin=args.admin, principal=args.principal,
+                               pcrs=["PCR0", *[p for p in (args.pcr or []) if p != "PCR0"]],
+                               allow_debug=args.allow_debug, flags=True)
         if args.update:
             try:
                 existing = json.loads(Path(args.update).read_text())
@@ -223,9 +234,12 @@ def run(args: argparse.Namespace, out: Output) -> int:
         out.json(document)
         return ExitCode.OK
     out.note(how)
-    out.line(Text(json.dumps({"Measurements": pcrs}, indent=2)))
+    if "KeyPolicy" not in document:
+        out.line(Text(json.dumps({"Measurements": pcrs}, indent=2)))
+        return ExitCode.OK
+    for name, value in pcrs.items():
+        out.note(f"{name} {value}")
     for line in document.get("Diff", []):
         out.note(line, style="green" if line.startswith("+") else "red" if line.startswith("-") else "")
-    if "KeyPolicy" in document:
-        out.line(Text(json.dumps(document["KeyPolicy"], indent=2)))
+    out.line(Text(json.dumps(document["KeyPolicy"], indent=2)))
     return ExitCode.OK

@@ -44,6 +44,13 @@ _PCR = re.compile(r"[0-9a-f]{96}")
 _ARN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:(root|(role|user)/[\w+=,.@/-]+)")
 
 
+ACCOUNT_VARIABLE = "ENC_KMS_ACCOUNT"
+ADMIN_VARIABLE = "ENC_KMS_ADMIN"
+PRINCIPAL_VARIABLE = "ENC_KMS_PRINCIPAL"
+VARIABLES = (ACCOUNT_VARIABLE, ADMIN_VARIABLE, PRINCIPAL_VARIABLE)
+_ACCOUNT = re.compile(r"\d{12}")
+
+
 @dataclass(frozen=True, slots=True)
 class Trust:
     """Who may do what: the key's admin and the principal the enclave's parent instance runs as."""
@@ -55,15 +62,43 @@ class Trust:
 
     @classmethod
     def for_account(cls, account: str, admin: str | None = None, principal: str | None = None,
-                    pcrs: Sequence[str] = ("PCR0",), allow_debug: bool = False) -> Trust:
-        if not re.fullmatch(r"\d{12}", account):
-            raise InvalidInput(f"account {account!r} is not a 12-digit AWS account ID", field="--account",
-                               fix="pass the account that owns the key, e.g. --account 111122223333")
+                    pcrs: Sequence[str] = ("PCR0",), allow_debug: bool = False, *,
+                    names: tuple[str, str, str] = ("--account", "--admin", "--principal")) -> Trust:
+        """Admin and principal default to the account root. `names` are where each value came from
+        (a flag or an ENC_KMS_* variable), so an error names the thing to change."""
+        account_name, admin_name, principal_name = names
+        if not _ACCOUNT.fullmatch(account):
+            raise InvalidInput(f"account {account!r} is not a 12-digit AWS account ID", field=account_name,
+                               fix="give the account that owns the key, e.g. 111122223333")
         root = f"arn:aws:iam::{account}:root"
-        return cls(admin or root, principal or root, tuple(pcrs), allow_debug)
+        return cls(check_arn(admin, admin_name) if admin else root,
+                   check_arn(principal, principal_name) if principal else root, tuple(pcrs), allow_debug)
+
+
+def trust_from(environ: Mapping[str, str], *, account: str | None = None, admin: str | None = None,
+               principal: str | None = None, pcrs: Sequence[str] = ("PCR0",), allow_debug: bool = False,
+               flags: bool = False) -> Trust:
+    """The one rule `enclaver trust` (`flags`) and task `trust:<name>` share: account, admin and
+    principal each from its flag when given, else from ENC_KMS_ACCOUNT, ENC_KMS_ADMIN,
+    ENC_KMS_PRINCIPAL. No account is an error, never a placeholder: a policy naming an account
+    nobody owns looks finished, and fails only when someone tries to apply it."""
+    def pick(value: str | None, flag: str, variable: str) -> tuple[str | None, str]:
+        return (value, flag) if value else (environ.get(variable) or None, variable)
+
+    account, account_name = pick(account, "--account", ACCOUNT_VARIABLE)
+    admin, admin_name = pick(admin, "--admin", ADMIN_VARIABLE)
+    principal, principal_name = pick(principal, "--principal", PRINCIPAL_VARIABLE)
+    if account is None:
+        fix = (f"add --account <12-digit AWS account ID>, or set {ACCOUNT_VARIABLE}" if flags else
+               f"set {ACCOUNT_VARIABLE}=<12-digit AWS account ID> (and {PRINCIPAL_VARIABLE})")
+        raise InvalidInput("a KMS key policy needs the AWS account that owns the key",
+                           field="--account" if flags else ACCOUNT_VARIABLE, fix=fix)
+    return Trust.for_account(account, admin, principal, pcrs, allow_debug,
+                             names=(account_name, admin_name, principal_name))
 
 
 def check_arn(arn: str, flag: str) -> str:
+    """`arn`, if it names an IAM role, user or account root; `flag` is where it came from."""
     if not _ARN.fullmatch(arn):
         raise InvalidInput(f"{arn!r} is not an IAM role, user or account-root ARN", field=flag,
                            fix="e.g. arn:aws:iam::111122223333:role/EnclaveParent")

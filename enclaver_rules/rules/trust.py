@@ -2,7 +2,9 @@
 
 The policy lets the decrypt-side KMS actions through only for an enclave whose attested
 measurements match (`enclaver_rules.policy.kms`). The account, key administrator and principal
-come from ENC_KMS_ACCOUNT, ENC_KMS_ADMIN and ENC_KMS_PRINCIPAL; changing one re-runs the task.
+come from ENC_KMS_ACCOUNT, ENC_KMS_ADMIN and ENC_KMS_PRINCIPAL, by the rule `enclaver trust` uses
+(`kms.trust_from`); changing one re-runs the task. Without ENC_KMS_ACCOUNT the task fails: there
+is no default account.
 """
 
 from __future__ import annotations
@@ -14,22 +16,17 @@ from typing import Any
 from doit.tools import config_changed
 
 from enclaver_rules.oci.store import atomic_write
+from enclaver_rules.policy import kms
 from enclaver_rules.rules.common import BUILD, LATEST, POLICY, latest_dir, out_dir, reported
-
-PLACEHOLDER_ACCOUNT = "000000000000"
 
 
 @reported
 def write_policy(cache_dir: str, name: str) -> dict[str, Any]:
-    """The KMS key policy for the latest build, beside its EIF. The account comes from
-    ENC_KMS_ACCOUNT; without it the policy names 000000000000 and says so."""
-    from enclaver_rules.policy import kms
-
+    """The KMS key policy for the latest build, beside its EIF. Settings are validated before
+    anything is read or written, so a missing ENC_KMS_ACCOUNT fails the task with its fix."""
+    trust = kms.trust_from(os.environ)
     latest = latest_dir(cache_dir, name)
     summary = json.loads((latest / BUILD).read_text())
-    account = os.environ.get("ENC_KMS_ACCOUNT") or PLACEHOLDER_ACCOUNT
-    trust = kms.Trust.for_account(account, os.environ.get("ENC_KMS_ADMIN"), os.environ.get("ENC_KMS_PRINCIPAL"),
-                                  allow_debug=False)
     policy = kms.key_policy(summary["measurements"], trust)
     path = latest / POLICY
     atomic_write(path, json.dumps(policy, indent=2).encode() + b"\n")
@@ -39,9 +36,7 @@ def write_policy(cache_dir: str, name: str) -> dict[str, Any]:
     if summary.get("development"):
         print(f"{name}: built with a development blob set: these PCRs are for trying the pipeline, not for AWS")
     print(f"{name}: KMS key policy written to {path}")
-    if account == PLACEHOLDER_ACCOUNT:
-        print(f"{name}: the policy names account {PLACEHOLDER_ACCOUNT}: set ENC_KMS_ACCOUNT (and ENC_KMS_PRINCIPAL)")
-    return {"policy": str(path), "account": account}
+    return {"policy": str(path)}
 
 
 def trust_tasks(enclaves: list[Any], cache_dir: str) -> Any:
@@ -54,7 +49,6 @@ def trust_tasks(enclaves: list[Any], cache_dir: str) -> Any:
             "task_dep": [f"build:{e.name}"],
             "file_dep": [str(latest / BUILD)],
             "targets": [str(latest / POLICY)],
-            "uptodate": [config_changed({k: os.environ.get(k) for k in
-                                         ("ENC_KMS_ACCOUNT", "ENC_KMS_ADMIN", "ENC_KMS_PRINCIPAL")})],
+            "uptodate": [config_changed({k: os.environ.get(k) for k in kms.VARIABLES})],
             "verbosity": 2,
         }
