@@ -192,3 +192,14 @@ def test_a_failed_write_leaves_nothing_behind(in_tmp: Path, cli, monkeypatch: py
     result = cli("init", "a/b")
     assert result.code == 1 and "No space left on device" in result.stderr
     assert not (in_tmp / "a").exists()
+
+
+def test_next_steps_say_where_doit_is_when_it_is_not_on_path(in_tmp: Path, cli,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    doit = Path(sys.executable).parent / "doit"
+    monkeypatch.setenv("PATH", str(in_tmp / "nothing"))  # not even a system-wide doit
+    result = cli("init", "a")
+    assert result.code == 0 and f"doit is not on PATH: run {doit}" in result.stderr
+    monkeypatch.setenv("PATH", str(doit.parent))
+    result = cli("init", "b")
+    assert result.code == 0 and "not on PATH" not in result.stderr

@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import sys
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,12 +260,16 @@ def _hints(p: Plan) -> list[str]:
     from enclaver_rules.eif.blobs import DEFAULT_BLOBS
 
     hints = []
-    if shutil.which("doit") is None:
-        beside = Path(sys.executable).parent / "doit"
-        if beside.is_file():
+    if shutil.which("doit") is None:  # installed with enclaver, but its directory is not on PATH
+        scripts = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts")),
+                   Path(sysconfig.get_path("scripts", f"{os.name}_user"))]
+        beside = next((d / "doit" for d in scripts if (d / "doit").is_file()), None)
+        if beside is None:
+            hints.append("doit is not on PATH: add the directory of the enclaver command to PATH")
+        elif (beside.parent / "activate").is_file():
             hints.append(f"doit is not on PATH: run {beside}, or first `. {beside.parent / 'activate'}`")
         else:
-            hints.append("doit is not installed here: `pip install enclaver` installs it")
+            hints.append(f"doit is not on PATH: run {beside}, or add {beside.parent} to PATH")
     if not DEFAULT_BLOBS.is_dir():
         hints.append(f"no Nitro kernel blob set in {DEFAULT_BLOBS} (AWS's aws-nitro-enclaves-cli-devel installs "
                      f"it): to try the pipeline without it, see `build:` at the end of {MANIFEST}")
