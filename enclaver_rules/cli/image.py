@@ -69,7 +69,9 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
     p = command(group, common, "inspect", help="show an image's digest, platform, config and layers",
                 codes=TRANSFER_CODES, run=run_inspect,
                 description="Show an image's manifest digest, platform, entrypoint, environment, labels and layers. "
-                            "A registry image is read without its layers. " + IMAGE_HELP)
+                            "An image the store holds (by tag or digest) is shown from the store, without network; "
+                            "else one the Docker engine has; else a registry image is read without its layers. "
+                            + IMAGE_HELP)
     p.add_argument("image", metavar="IMAGE")
     _source_args(p)
     p.add_argument("--raw", action="store_true", help="print the manifest bytes exactly as stored or served")
@@ -132,13 +134,13 @@ def run_push(args: argparse.Namespace, out: Output) -> int:
     from enclaver_rules.oci.transfer import docker_archive, push
 
     sources = _sources(args, out, use_engine=True)
-    dest = location(args.dest)
+    dest = location(args.dest, file="DEST", source=False)  # a destination may not exist yet
     with reporter(out.err, not out.quiet) as progress:
         sources.reporter = progress
-        image = resolve(args.source, sources)
+        image = resolve(args.source, sources, file="SRC")
         store = sources.store
         if isinstance(dest, RegistryImage):
-            src = location(args.source)
+            src = location(args.source, file="SRC")
             mount = src.ref.repository if isinstance(src, RegistryImage) and src.ref.api_host == dest.ref.api_host else None
             digest = push(image, store, dest.ref, sources.registry(dest.ref.api_host), mount_from=mount,
                           reporter=progress)
@@ -165,20 +167,13 @@ def run_push(args: argparse.Namespace, out: Output) -> int:
 
 
 def run_inspect(args: argparse.Namespace, out: Output) -> int:
-    from enclaver_rules.oci.resolve import from_store, location, resolve
-    from enclaver_rules.oci.transfer import metadata
+    from enclaver_rules.oci.resolve import describe
 
     sources = _sources(args, out, use_engine=True)
-    loc = location(args.image)
-    index = None
-    if isinstance(loc, RegistryImage) and from_store(sources.store, loc.ref, sources.platform) is None:
-        manifest, config, index = metadata(sources.registry(loc.ref.api_host), loc.ref, sources.platform)
-        name, source = str(loc.ref), f"registry {loc.ref.registry}"
-    else:
-        with reporter(out.err, not out.quiet) as progress:
-            sources.reporter = progress
-            image = resolve(args.image, sources)
-        manifest, config, name, source = image.manifest, image.config, image.name, image.source
+    with reporter(out.err, not out.quiet) as progress:
+        sources.reporter = progress
+        found = describe(args.image, sources)
+    manifest, config, name, source, index = found.manifest, found.config, found.name, found.source, found.index
     if args.raw:
         out.stdout.write(manifest.raw.decode("utf-8", "replace"))
         return ExitCode.OK

@@ -7,6 +7,7 @@ against their names, archive layers against the config's diff_ids.
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from enclaver_rules.oci.model import Descriptor, ImageConfig, Index, Manifest, P
 from enclaver_rules.oci.mutate import canonical_json
 from enclaver_rules.oci.reference import Reference
 from enclaver_rules.oci.registry import Registry
-from enclaver_rules.oci.store import CHUNK, Progress, Store
+from enclaver_rules.oci.store import CHUNK, REF_ANNOTATION, Progress, Store
 
 SOURCE_ANNOTATION = "io.enclaver.source"
 PLATFORM_ANNOTATION = "io.enclaver.platform"
@@ -142,10 +143,14 @@ def fetch_manifest(registry: Registry, ref: Reference, platform: Platform | None
 
 
 def pull(ref: Reference, store: Store, registry: Registry, *, platform: Platform | None = None,
-         reporter: Reporter | None = None) -> StoredImage:
-    """Registry → store: every blob verified; the store ref is the reference as given."""
+         reporter: Reporter | None = None, found: tuple[Manifest, Digest | None] | None = None) -> StoredImage:
+    """Registry → store: every blob verified; the store ref is the reference as given.
+
+    `found` is what `fetch_manifest` already returned, for a caller that looks the manifest up
+    first to tell "no such image" (the lookup failed) from a failed transfer of one that exists.
+    """
     reporter = reporter or NullReporter()
-    manifest, index_digest = fetch_manifest(registry, ref, platform)
+    manifest, index_digest = found or fetch_manifest(registry, ref, platform)
     config = _fetch_all(registry, ref.repository, manifest, store, reporter, str(ref))
     _check_platform(config, platform, str(ref))
     extra = {INDEX_ANNOTATION: str(index_digest)} if index_digest else {}
@@ -169,9 +174,11 @@ def push(image: StoredImage, store: Store, dest: Reference, registry: Registry, 
     return digest
 
 
-def metadata(registry: Registry, ref: Reference, platform: Platform | None) -> tuple[Manifest, ImageConfig, Digest | None]:
-    """Manifest and config only (no layers): what `image inspect` needs from a registry."""
-    manifest, index_digest = fetch_manifest(registry, ref, platform)
+def metadata(registry: Registry, ref: Reference, platform: Platform | None, *,
+             found: tuple[Manifest, Digest | None] | None = None) -> tuple[Manifest, ImageConfig, Digest | None]:
+    """Manifest and config only (no layers): what `image inspect` needs from a registry
+    (`found`: the manifest lookup already done, as for `pull`)."""
+    manifest, index_digest = found or fetch_manifest(registry, ref, platform)
     response = registry.request("GET", registry.url(ref.repository, f"blobs/{manifest.config.digest}"), ref.repository,
                                 what=f"config {manifest.config.digest.short}")
     raw = response.content
@@ -186,21 +193,33 @@ def metadata(registry: Registry, ref: Reference, platform: Platform | None) -> t
 
 def import_oci_layout(path: str, tag: str | None, store: Store, *, platform: Platform | None = None,
                       reporter: Reporter | None = None) -> StoredImage:
-    """Copy an image out of another OCI layout, verifying every blob against its name."""
+    """Copy an image out of another OCI layout, verifying every blob against its name.
+
+    The copy is tagged `imported@<digest>`: nothing else names it in the store, and an image
+    no ref reaches is deleted by `enclaver cache gc` (a build reads it again by digest later).
+    When the layout *is* the store (`oci:cache:REF`, as skopeo names an image in it), the image
+    is already there under its own ref: nothing is copied and no second ref is added.
+    """
     layout = Store(path)
+    if not Path(path).is_dir():
+        raise OperationFailed(f"oci:{path}: no such directory", fix="give the directory of an OCI layout")
     if not (Path(path) / "index.json").is_file():
         raise OperationFailed(f"oci:{path}: no index.json: not an OCI layout", fix="give the directory of an OCI layout")
     entries = layout._read_index()
     if tag:
-        chosen = layout.resolve(tag)
+        name = tag if layout.resolve(tag) is not None else _normalised(tag)
+        chosen = layout.resolve(name)
         if chosen is None:
             raise OperationFailed(f"oci:{path}: no image tagged {tag!r}",
                                   fix=f"tags in it: {', '.join(sorted(layout.refs())) or 'none'}")
     elif len(entries) == 1:
         chosen = Descriptor.from_json(entries[0], f"oci:{path}/index.json")
+        name = chosen.annotation(REF_ANNOTATION) or ""
     else:
         raise OperationFailed(f"oci:{path} holds {len(entries)} images", fix="name one: oci:PATH:TAG")
     label = f"oci:{path}" + (f":{tag}" if tag else "")
+    if _same_directory(path, store.root):
+        return _from_own_store(store, name or f"imported@{chosen.digest}", chosen, label, platform)
 
     def copy(descriptor: Descriptor, progress: Progress | None = None) -> bytes | None:
         with layout.open(descriptor.digest) as f:
@@ -222,6 +241,32 @@ def import_oci_layout(path: str, tag: str | None, store: Store, *, platform: Pla
     config = ImageConfig.parse(store.read(node.config.digest), f"{label} config")
     _check_platform(config, platform, label)
     return _keep(store, f"imported@{node.digest}", node, config, label, {})
+
+
+def _normalised(tag: str) -> str:
+    """The store names images by full reference (`docker.io/library/app:1`): `app:1` finds it too."""
+    try:
+        return str(Reference.parse(tag))
+    except ValueError:
+        return tag
+
+
+def _same_directory(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _from_own_store(store: Store, name: str, chosen: Descriptor, label: str, platform: Platform | None) -> StoredImage:
+    """An image `oci:<store>:REF` names: read in place, checked complete, with no ref added."""
+    node = store.manifest(chosen.digest, chosen.media_type)
+    digest = chosen.digest
+    if isinstance(node, Index):
+        digest = node.select(platform or DEFAULT_PLATFORM, label).digest
+    image = load_stored(store, name, digest, label)
+    _check_platform(image.config, platform, label)
+    return image
 
 
 # -- docker save archives (docker-archive:PATH, and the engine's save stream) --------------------
