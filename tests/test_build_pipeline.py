@@ -291,6 +291,7 @@ def test_the_no_fly_list_example_builds_from_debian_packages(template: Path, tmp
 def test_enclaver_build_runs_the_same_tasks_and_prints_the_summary(monorepo: Path, cli, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # as doit() below: part of the key
+    monkeypatch.delenv("ENC_KMS_ACCOUNT", raising=False)  # no account: the build stops at the release image
     manifest = monorepo / "services" / "beta" / "enclaver.yaml"
     copy = tmp_path / "beta.eif"
     result = cli("build", "-f", str(manifest), "--cache-dir", str(monorepo / "cache"), "--eif-only", str(copy),
@@ -307,6 +308,11 @@ def test_enclaver_build_runs_the_same_tasks_and_prints_the_summary(monorepo: Pat
     again = cli("build", "-f", str(manifest), "--cache-dir", str(monorepo / "cache"))
     assert again.code == 0 and "= eif:beta (up to date)" in again.stderr, again.stderr
     assert doc["Measurements"]["PCR0"] in again.stdout
+    assert "policy" not in doc["outputs"] and "no KMS key policy: set ENC_KMS_ACCOUNT" in again.stderr
+    monkeypatch.setenv("ENC_KMS_ACCOUNT", "111122223333")
+    with_policy = cli("build", "-f", str(manifest), "--cache-dir", str(monorepo / "cache"), "--json")
+    assert with_policy.code == 0, with_policy.stderr
+    assert json.loads(Path(json.loads(with_policy.stdout)["outputs"]["policy"]).read_text())["Statement"]
 
     manifest.write_text(manifest.read_text().replace("listen_port: 8080", "listen_port: 17000"))
     bad = cli("build", "-f", str(manifest), "--cache-dir", str(monorepo / "cache"))

@@ -167,3 +167,19 @@ def test_dodo_declares_only() -> None:
     assert not any(line.lstrip().startswith(("def ", "class ", "lambda")) for line in source.splitlines())
     assert '"actions"' not in source and "'actions'" not in source
     assert os.path.exists(REPO / "cache" / "README.md")
+
+
+def test_a_typo_in_sources_app_names_the_manifest_field_and_says_no_such_file(tmp_path: Path) -> None:
+    """A missing file used to surface as a registry (DNS) error; now: the manifest, the field, the path."""
+    from doit.exceptions import TaskFailed
+
+    from enclaver_rules.rules.resolve import resolve_enclave
+
+    manifest = tmp_path / "svc" / "enclaver.yaml"
+    manifest.parent.mkdir()
+    manifest.write_text(HEAD.replace('app: "registry.example.com/app:1.0"', "app: ./app-typo.tar"))
+    result = resolve_enclave(str(manifest), "app", str(tmp_path / "cache"))
+    assert isinstance(result, TaskFailed)
+    text = str(result)
+    assert f"{manifest}" in text and "sources.app" in text and "no such file" in text, text
+    assert "registry-1.docker.io" not in text and "cannot be reached" not in text

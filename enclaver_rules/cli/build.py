@@ -155,13 +155,19 @@ def run(args: argparse.Namespace, out: Output) -> int:
         env["ENC_REMOTE_CACHE"] = args.remote_cache
     if args.remote_cache_read_only:
         env["ENC_REMOTE_CACHE_READ_ONLY"] = "1"
-    code = run_rule_set(path, manifest.name, cache, f"{'push' if args.push else 'trust'}:{manifest.name}", out, env)
+    # the KMS key policy needs the account that owns the key, which has no default: without
+    # ENC_KMS_ACCOUNT the build stops at the release image and says how to get the policy
+    policy_wanted = args.push or bool(os.environ.get("ENC_KMS_ACCOUNT"))
+    step = "push" if args.push else "trust" if policy_wanted else "build"
+    code = run_rule_set(path, manifest.name, cache, f"{step}:{manifest.name}", out, env)
     if code != ExitCode.OK:
         return code
     latest = latest_dir(str(cache), manifest.name)
     summary: dict[str, Any] = json.loads((latest / BUILD).read_text())
     outputs = {"directory": str(latest), "eif": str(latest / "application.eif"),
-               "measurements": str(latest / "measurements.json"), "policy": str(latest / POLICY)}
+               "measurements": str(latest / "measurements.json")}
+    if policy_wanted:
+        outputs["policy"] = str(latest / POLICY)
     pushed = latest / "pushed.json"
     if args.push and pushed.is_file():
         outputs["pushed"] = str(pushed)
@@ -194,4 +200,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
                  style="yellow")
     for what, where in outputs.items():
         out.line(Text(f"{what:<13} {where}", style="dim"))
+    if not policy_wanted:
+        out.note("no KMS key policy: set ENC_KMS_ACCOUNT=<12-digit AWS account ID> and build again, or run "
+                 f"`enclaver trust {latest} --kms-policy --account ID`")
     return ExitCode.OK

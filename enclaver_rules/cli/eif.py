@@ -92,7 +92,7 @@ def _blobs(args: argparse.Namespace, arch: str, out: Output) -> BlobSet:
     from enclaver_rules.oci.resolve import resolve
 
     sources = _sources(args, out, use_engine=True)
-    image = resolve(args.blobs, sources)
+    image = resolve(args.blobs, sources, file="--blobs")
     root = sources.store.root / "blobs" / image.digest.hex
     if not root.is_dir():
         staging = root.with_name(root.name + f".tmp-{os.getpid()}")
@@ -143,7 +143,7 @@ def run_build(args: argparse.Namespace, out: Output) -> int:
         return _build_with_nitro_cli(args, out, sources)
     with reporter(out.err, not out.quiet) as progress:
         sources.reporter = progress
-        image = resolve(args.image, sources)
+        image = resolve(args.image, sources, file="--image")
         arch = image_arch(image)
         blobs = _blobs(args, arch, out)
         advance = progress.task(f"eif {args.output}", None)
@@ -169,7 +169,7 @@ def _build_with_nitro_cli(args: argparse.Namespace, out: Output, sources: Source
 
     with reporter(out.err, not out.quiet) as progress:
         sources.reporter = progress
-        image = resolve(args.image, sources)
+        image = resolve(args.image, sources, file="--image")
     signing = (Path(args.signing_certificate), Path(args.signing_key)) if args.signing_certificate else None
     run = nitro_cli.build_stored(image, sources.store, Path(args.output),
                                  nitro_cli_image=args.nitro_cli_image or nitro_cli.DEFAULT_IMAGE, signing=signing)

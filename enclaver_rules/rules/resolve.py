@@ -123,9 +123,10 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
     app_ref = manifest.sources.app
     if locked and locked.get("app", {}).get("ref") == app_ref:
         app_ref = _pinned(app_ref, locked["app"]["digest"])
-    app = resolve(_relative_to(manifest_path, app_ref), sources)
+    app = resolve(_relative_to(manifest_path, app_ref), sources, file=manifest_path, field="sources.app")
     if manifest.sources.odyn:
-        odyn = resolve(_relative_to(manifest_path, manifest.sources.odyn), sources)
+        odyn = resolve(_relative_to(manifest_path, manifest.sources.odyn), sources, file=manifest_path,
+                       field="sources.odyn")
     else:
         try:
             record = json.loads(record_path(cache_dir).read_text())
@@ -137,7 +138,8 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
         sleeve_ref = manifest.sources.sleeve
         if locked and (locked.get("sleeve") or {}).get("ref") == sleeve_ref:
             sleeve_ref = _pinned(sleeve_ref, locked["sleeve"]["digest"])
-        sleeve = resolve(_relative_to(manifest_path, sleeve_ref), sources)
+        sleeve = resolve(_relative_to(manifest_path, sleeve_ref), sources, file=manifest_path,
+                         field="sources.sleeve")
     arch = image_arch(app)
     if sleeve is not None and image_arch(sleeve) != arch:
         raise InvalidInput(f"the sleeve image is {image_arch(sleeve)} but the app is {arch}", field="sources.sleeve",
