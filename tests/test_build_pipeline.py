@@ -83,7 +83,9 @@ def test_the_release_image_names_its_git_commit_without_credentials(monorepo: Pa
 
     git("init", "-q")
     git("remote", "add", "origin", "https://ci-bot:s3cr3t@git.example.test/team/enclaves.git")
-    git("commit", "-q", "--allow-empty", "-m", "one")
+    (monorepo / ".gitignore").write_text("/cache/\n__pycache__/\n")
+    git("add", "-A")  # the manifest is in the commit: else the revision is `+dirty`
+    git("commit", "-q", "-m", "one")
     assert doit(monorepo, "build:alpha").returncode == 0
     first = summary(monorepo, "alpha")
 
@@ -455,3 +457,47 @@ def test_doit_verify_proves_a_build_reproduces(monorepo: Path) -> None:
     result = doit(monorepo, "verify:beta")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reproduced: beta rebuilds to the same PCR0, PCR1, PCR2" in result.stdout
+
+
+def test_a_dirty_tree_is_labelled_and_a_clean_one_gives_back_the_same_release_image(monorepo: Path) -> None:
+    """`<commit>+dirty` while a tracked file differs; committed or reverted, the clean label and so
+    the clean release image come back (the label is part of what the release image is made of). A
+    local `origin` gives no source label: host paths never reach an image."""
+    from enclaver_rules.oci.model import ImageConfig, Manifest
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(monorepo), "-c", "user.name=t", "-c", "user.email=t@example.test",
+                               *args], check=True, capture_output=True, text=True).stdout.strip()
+
+    def labels() -> dict[str, str]:
+        store = Store(monorepo / "cache")
+        image = store.manifest(Digest.parse(str(summary(monorepo, "alpha")["release_image"])))
+        assert isinstance(image, Manifest)
+        return ImageConfig.parse(store.read(image.config.digest), "release config").labels
+
+    git("init", "-q")
+    git("remote", "add", "origin", str(monorepo.parent / "upstream-clone"))  # a local path
+    (monorepo / ".gitignore").write_text("/cache/\n__pycache__/\n")
+    (monorepo / "NOTES").write_text("one\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD")
+    assert doit(monorepo, "build:alpha").returncode == 0
+    clean = summary(monorepo, "alpha")
+    assert labels()["org.opencontainers.image.revision"] == head
+    assert "org.opencontainers.image.source" not in labels()
+    assert str(monorepo.parent) not in json.dumps(labels())
+
+    (monorepo / "NOTES").write_text("two\n")  # a tracked change outside the enclave's directory
+    dirty = doit(monorepo, "build:alpha")
+    assert dirty.returncode == 0 and ran(dirty.stdout, "release:alpha") and not ran(dirty.stdout, "eif:alpha")
+    assert labels()["org.opencontainers.image.revision"] == head + "+dirty"
+    assert summary(monorepo, "alpha")["key"] == clean["key"]  # same EIF: only the label moved
+    assert summary(monorepo, "alpha")["release_image"] != clean["release_image"]
+
+    (monorepo / "NOTES").write_text("one\n")  # clean again: the very same release image
+    back = doit(monorepo, "build:alpha")
+    assert back.returncode == 0 and ran(back.stdout, "release:alpha")
+    assert summary(monorepo, "alpha")["release_image"] == clean["release_image"]
+    assert labels()["org.opencontainers.image.revision"] == head
+
