@@ -501,3 +501,36 @@ def test_a_dirty_tree_is_labelled_and_a_clean_one_gives_back_the_same_release_im
     assert summary(monorepo, "alpha")["release_image"] == clean["release_image"]
     assert labels()["org.opencontainers.image.revision"] == head
 
+
+@pytest.mark.services
+def test_push_asks_the_registry_and_pushes_again_what_it_lost(monorepo: Path, registry) -> None:  # type: ignore[no-untyped-def]
+    """pushed.json is not the registry: a push is up to date only while the registry serves the
+    image at its target. Up to date means no write at all; a lost image is pushed again."""
+    import urllib.request
+
+    from enclaver_rules.oci.registry import Registry
+
+    manifest = monorepo / "services" / "alpha" / "enclaver.yaml"
+    manifest.write_text(manifest.read_text().replace("example.test/alpha:release", f"{registry.address}/lost/alpha:release"))
+    first = doit(monorepo, "push:alpha")
+    assert first.returncode == 0 and ran(first.stdout, "push:alpha"), first.stdout + first.stderr
+    pushed = monorepo / "cache" / "out" / "alpha" / "latest" / "pushed.json"
+    digest = json.loads(pushed.read_text())["digest"]
+
+    def storage() -> dict[str, int]:
+        return {str(p): p.stat().st_mtime_ns for p in (registry.root / "data").rglob("*") if p.is_file()}
+
+    before, record = storage(), pushed.stat().st_mtime_ns
+    again = doit(monorepo, "push:alpha")
+    assert again.returncode == 0 and not ran(again.stdout, "push:alpha"), again.stdout
+    assert storage() == before and pushed.stat().st_mtime_ns == record  # asked, wrote nothing
+
+    deleted = urllib.request.urlopen(urllib.request.Request(f"{registry.url}/v2/lost/alpha/manifests/{digest}",
+                                                            method="DELETE"), timeout=10)
+    assert deleted.status == 202
+    reg = Registry(registry.address)
+    assert reg.head_manifest("lost/alpha", "release") is None and reg.head_manifest("lost/alpha", digest) is None
+    lost = doit(monorepo, "push:alpha")
+    assert lost.returncode == 0 and ran(lost.stdout, "push:alpha"), lost.stdout + lost.stderr
+    assert str(reg.head_manifest("lost/alpha", "release")) == digest  # back where it belongs
+    assert not ran(doit(monorepo, "push:alpha").stdout, "push:alpha")
