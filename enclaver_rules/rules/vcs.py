@@ -24,8 +24,9 @@ build of a fresh clone, or even its first, `+dirty` with nothing changed. setupt
 
 `+dirty` rather than refusing: a developer's build of work in progress is normal and useful, and
 the label says honestly what it is; a release pipeline builds from a clean checkout, and whoever
-pins a KMS key to a release image sees `+dirty` in its labels (`enclaver trust` prints them). A
-clean tree gives exactly the labels, hence the release image, it gave before this rule existed.
+pins a KMS key to a release image sees `+dirty` in its labels (`enclaver image inspect` shows
+them). A clean tree gives exactly the labels, hence the release image, it gave before this rule
+existed.
 Two dirty builds of one commit share the label but not necessarily the image: the image's own
 digests (app, odyn, blob set, PCRs) say what is inside; the label only says where it came from.
 
