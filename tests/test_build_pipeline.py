@@ -86,7 +86,9 @@ def test_the_release_image_names_its_git_commit_without_credentials(monorepo: Pa
 
     git("init", "-q")
     git("remote", "add", "origin", "https://ci-bot:s3cr3t@git.example.test/team/enclaves.git")
-    git("commit", "-q", "--allow-empty", "-m", "one")
+    (monorepo / ".gitignore").write_text("/cache/\n__pycache__/\n")
+    git("add", "-A")  # the manifest is in the commit: else the revision is `+dirty`
+    git("commit", "-q", "-m", "one")
     assert doit(monorepo, "build:alpha").returncode == 0
     first = summary(monorepo, "alpha")
 
@@ -493,3 +495,80 @@ def test_doit_clean_removes_the_rule_sets_outputs_and_keeps_the_store(monorepo: 
     assert everything.returncode == 0
     assert not any((out / name).exists() for name in NAMES) and not (out / "odyn").exists()
     assert (monorepo / "cache" / "blobs").is_dir()
+
+
+def test_a_dirty_tree_is_labelled_and_a_clean_one_gives_back_the_same_release_image(monorepo: Path) -> None:
+    """`<commit>+dirty` while a tracked file differs; committed or reverted, the clean label and so
+    the clean release image come back (the label is part of what the release image is made of). A
+    local `origin` gives no source label: host paths never reach an image."""
+    from enclaver_rules.oci.model import ImageConfig, Manifest
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(monorepo), "-c", "user.name=t", "-c", "user.email=t@example.test",
+                               *args], check=True, capture_output=True, text=True).stdout.strip()
+
+    def labels() -> dict[str, str]:
+        store = Store(monorepo / "cache")
+        image = store.manifest(Digest.parse(str(summary(monorepo, "alpha")["release_image"])))
+        assert isinstance(image, Manifest)
+        return ImageConfig.parse(store.read(image.config.digest), "release config").labels
+
+    git("init", "-q")
+    git("remote", "add", "origin", str(monorepo.parent / "upstream-clone"))  # a local path
+    (monorepo / ".gitignore").write_text("/cache/\n__pycache__/\n")
+    (monorepo / "NOTES").write_text("one\n")
+    git("add", "-A")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD")
+    assert doit(monorepo, "build:alpha").returncode == 0
+    clean = summary(monorepo, "alpha")
+    assert labels()["org.opencontainers.image.revision"] == head
+    assert "org.opencontainers.image.source" not in labels()
+    assert str(monorepo.parent) not in json.dumps(labels())
+
+    (monorepo / "NOTES").write_text("two\n")  # a tracked change outside the enclave's directory
+    dirty = doit(monorepo, "build:alpha")
+    assert dirty.returncode == 0 and ran(dirty.stdout, "release:alpha") and not ran(dirty.stdout, "eif:alpha")
+    assert labels()["org.opencontainers.image.revision"] == head + "+dirty"
+    assert summary(monorepo, "alpha")["key"] == clean["key"]  # same EIF: only the label moved
+    assert summary(monorepo, "alpha")["release_image"] != clean["release_image"]
+
+    (monorepo / "NOTES").write_text("one\n")  # clean again: the very same release image
+    back = doit(monorepo, "build:alpha")
+    assert back.returncode == 0 and ran(back.stdout, "release:alpha")
+    assert summary(monorepo, "alpha")["release_image"] == clean["release_image"]
+    assert labels()["org.opencontainers.image.revision"] == head
+
+
+@pytest.mark.services
+def test_push_asks_the_registry_and_pushes_again_what_it_lost(monorepo: Path, registry) -> None:  # type: ignore[no-untyped-def]
+    """pushed.json is not the registry: a push is up to date only while the registry serves the
+    image at its target. Up to date means no write at all; a lost image is pushed again."""
+    import urllib.request
+
+    from enclaver_rules.oci.registry import Registry
+
+    manifest = monorepo / "services" / "alpha" / "enclaver.yaml"
+    manifest.write_text(manifest.read_text().replace("example.test/alpha:release", f"{registry.address}/lost/alpha:release"))
+    first = doit(monorepo, "push:alpha")
+    assert first.returncode == 0 and ran(first.stdout, "push:alpha"), first.stdout + first.stderr
+    pushed = monorepo / "cache" / "out" / "alpha" / "latest" / "pushed.json"
+    digest = json.loads(pushed.read_text())["digest"]
+
+    def storage() -> dict[str, int]:
+        return {str(p): p.stat().st_mtime_ns for p in (registry.root / "data").rglob("*") if p.is_file()}
+
+    before, record = storage(), pushed.stat().st_mtime_ns
+    again = doit(monorepo, "push:alpha")
+    assert again.returncode == 0 and not ran(again.stdout, "push:alpha"), again.stdout
+    assert storage() == before and pushed.stat().st_mtime_ns == record  # asked, wrote nothing
+
+    deleted = urllib.request.urlopen(urllib.request.Request(f"{registry.url}/v2/lost/alpha/manifests/{digest}",
+                                                            method="DELETE"), timeout=10)
+    assert deleted.status == 202
+    reg = Registry(registry.address)
+    assert reg.head_manifest("lost/alpha", "release") is None and reg.head_manifest("lost/alpha", digest) is None
+    lost = doit(monorepo, "push:alpha")
+    assert lost.returncode == 0 and ran(lost.stdout, "push:alpha"), lost.stdout + lost.stderr
+    assert str(reg.head_manifest("lost/alpha", "release")) == digest  # back where it belongs
+    assert not ran(doit(monorepo, "push:alpha").stdout, "push:alpha")

@@ -112,13 +112,16 @@ def basic_credentials(registry: str, config_path: Path | None = None) -> str | N
 class _Session(requests.Session):
     """A session whose every request has a timeout (requests' default is to wait forever)."""
 
+    timeout: tuple[float, float] | None = None  # None: the module's CONNECT_TIMEOUT and READ_TIMEOUT, read per request
+
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
-        kwargs.setdefault("timeout", (CONNECT_TIMEOUT, READ_TIMEOUT))
+        kwargs.setdefault("timeout", self.timeout or (CONNECT_TIMEOUT, READ_TIMEOUT))
         return super().request(method, url, *args, **kwargs)  # type: ignore[arg-type]
 
 
-def _session(retries: int) -> requests.Session:
+def _session(retries: int, timeout: tuple[float, float] | None = None) -> requests.Session:
     session = _Session()
+    session.timeout = timeout
     retry = Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=0.3,
                   status_forcelist=(429, 500, 502, 503, 504), allowed_methods=frozenset({"GET", "HEAD"}),
                   respect_retry_after_header=False, raise_on_status=False)
@@ -160,10 +163,13 @@ class Registry:
     """One registry host. Methods take the repository, so a client serves many repositories."""
 
     def __init__(self, host: str, *, insecure: bool = False, retries: int = RETRIES,
-                 credentials: Callable[[str], str | None] = basic_credentials) -> None:
+                 credentials: Callable[[str], str | None] = basic_credentials,
+                 timeout: tuple[float, float] | None = None) -> None:
+        """`timeout` is (connect, read) seconds for every request; a quick question such as an
+        up-to-date check gives a short one (with `retries=0`) so a dead registry costs seconds."""
         self.host = host
         self.scheme = "http" if insecure or is_local(host) else "https"
-        self.session = _session(retries)
+        self.session = _session(retries, timeout)
         self._credentials = credentials
         self._basic_looked_up = False
         self._basic: str | None = None
@@ -271,6 +277,33 @@ class Registry:
                                  fix="the registry serves tampered or corrupt data; do not use it")
         media_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
         return raw, media_type
+
+    def head_manifest(self, repository: str, selector: str) -> Digest | None:
+        """The digest of the manifest that `selector` (a tag or a digest) names, from one HEAD (no
+        body), or None when the registry has no such manifest. For a question that must stay cheap,
+        such as whether a push is still in place; a GET verifies content, this only asks."""
+        pinned = Digest.parse(selector) if ":" in selector else None
+        what = f"manifest {repository}@{selector}" if pinned else f"manifest {repository}:{selector}"
+        try:
+            response = self.request("HEAD", self.url(repository, f"manifests/{selector}"), repository,
+                                    headers={"Accept": mt.ACCEPT}, what=what)
+        except NotFound:
+            return None
+        served = response.headers.get("Docker-Content-Digest", "")
+        if served:
+            try:
+                digest = Digest.parse(served)
+            except ValueError:
+                raise OperationFailed(f"{self.host}: {what}: Docker-Content-Digest {served!r} is not a digest",
+                                      fix="the registry answers out of spec; do not trust this registry") from None
+            if pinned and digest != pinned:
+                raise DigestMismatch(f"{self.host}: {what}: Docker-Content-Digest says {served}",
+                                     fix="the registry serves tampered or corrupt data; do not use it")
+            return digest
+        if pinned:
+            return pinned
+        raise OperationFailed(f"{self.host}: {what}: the answer names no digest (no Docker-Content-Digest)",
+                              fix="fetch the manifest to learn its digest")
 
     def put_manifest(self, repository: str, reference: str, raw: bytes, media_type: str) -> Digest:
         digest = Digest.of(raw)
