@@ -24,6 +24,6 @@ if os.path.isfile(EXAMPLES):
     task_examples = examples.task_examples
     made_here = {name: [f"examples:{name}", "examples:blobs"] for name in ("hello", "no-fly-list", "vault")}
     globals().update(tasks(ROOT, extra_deps=made_here))
-    DOIT_CONFIG = {**globals()["DOIT_CONFIG"], "default_tasks": ["check", "explain", "trust:hello"]}
+    DOIT_CONFIG = {**globals()["DOIT_CONFIG"], "default_tasks": ["check", "explain", "trust:hello", "show:hello"]}
 else:
     globals().update(tasks(ROOT))  # the task creators and DOIT_CONFIG (doit's state inside the cache)

@@ -255,6 +255,13 @@ def test_a_bare_doit_builds_the_hello_example_with_no_docker_engine(template: Pa
     assert f"hello: PCR0 {s['measurements']['PCR0']}" in result.stdout  # type: ignore[index]
     policy_line = next(line for line in result.stdout.splitlines() if "KMS key policy written to" in line)
     policy = json.loads(Path(policy_line.rsplit(" ", 1)[1]).read_text())
+    # (a) again: nothing is rebuilt, and it still says what the PCRs are and where everything is
+    again = subprocess.run(DOIT, cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert not any(ran(again.stdout, f"{step}:hello") for step in ("layer", "eif", "release", "trust"))
+    assert f"hello: PCR0 {s['measurements']['PCR0']}" in again.stdout  # type: ignore[index]
+    assert f"hello: KMS key policy {policy_line.rsplit(' ', 1)[1]}" in again.stdout
+    assert "hello: measurements " in again.stdout
     assert policy["Statement"][1]["Condition"]["StringEqualsIgnoreCase"][
         "kms:RecipientAttestation:ImageSha384"] == s["measurements"]["PCR0"]  # type: ignore[index]
     trust = cli("trust", "enclaver-examples/hello:enclave", "--cache-dir", str(root / "cache"), "--json")
@@ -274,7 +281,7 @@ def test_the_no_fly_list_example_builds_from_debian_packages(template: Path, tmp
     shutil.copytree(REPO / "examples", root / "examples",
                     ignore=shutil.ignore_patterns("image", "blobs-dev", "__pycache__"))
     shutil.copytree(template / "cache", root / "cache")
-    result = doit(root, "trust:no-fly-list", env=KMS)
+    result = doit(root, "trust:no-fly-list", "show:no-fly-list", env=KMS)
     assert result.returncode == 0, result.stdout + result.stderr
     s = summary(root, "no-fly-list")
     assert f"no-fly-list: PCR0 {s['measurements']['PCR0']}" in result.stdout  # type: ignore[index]

@@ -3,7 +3,8 @@
 Each step of the pipeline is a generator in its own module, yielding tasks named `<step>:<enclave>`:
 `check`, `explain`, `odyn_image` (once), `resolve` (inputs → digests), `layer` (enclave image),
 `eif` (EIF + measurements; the remote cache lives here), `release` (release image; `build:<name>`
-names resolve → release), `trust` (KMS key policy), `push`, `verify` (CI). Each step's key covers
+names resolve → release), `trust` (KMS key policy), `show` (PCRs and output paths, always),
+`push`, `verify` (CI). Each step's key covers
 its inputs' digests and enclaver's version; see `common` for where outputs go.
 """
 
@@ -24,6 +25,7 @@ from enclaver_rules.rules.odyn import odyn_tasks
 from enclaver_rules.rules.push import push_tasks
 from enclaver_rules.rules.release import build_tasks, release_tasks
 from enclaver_rules.rules.resolve import resolve_tasks
+from enclaver_rules.rules.show import show_tasks
 from enclaver_rules.rules.trust import trust_tasks
 from enclaver_rules.rules.verify import verify_tasks
 
@@ -104,6 +106,10 @@ def tasks(root: str, extra_deps: dict[str, list[str]] | None = None, enclaves: l
         """write every enclave's KMS key policy"""
         yield from trust_tasks(absolute, cache)
 
+    def task_show() -> Iterator[dict[str, Any]]:
+        """print every enclave's PCRs and where its outputs are"""
+        yield from show_tasks(absolute, cache)
+
     def task_push() -> Iterator[dict[str, Any]]:
         """push every enclave's release image, measurements and policy"""
         yield from push_tasks(absolute, cache)
@@ -122,7 +128,7 @@ def tasks(root: str, extra_deps: dict[str, list[str]] | None = None, enclaves: l
 
     creators = {"task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image,
             "task_resolve": task_resolve, "task_layer": task_layer, "task_eif": task_eif,
-            "task_release": task_release, "task_build": task_build, "task_trust": task_trust,
+            "task_release": task_release, "task_build": task_build, "task_trust": task_trust, "task_show": task_show,
             "task_push": task_push, "task_verify": task_verify}
     return {"DOIT_CONFIG": doit_config(cache), **{k: cleaned(v) for k, v in creators.items()}}
 

@@ -30,11 +30,6 @@ def write_policy(cache_dir: str, name: str) -> dict[str, Any]:
     policy = kms.key_policy(summary["measurements"], trust)
     path = latest / POLICY
     atomic_write(path, json.dumps(policy, indent=2).encode() + b"\n")
-    print(f"{name}: PCR0 {summary['measurements']['PCR0']}")
-    print(f"{name}: PCR1 {summary['measurements']['PCR1']}")
-    print(f"{name}: PCR2 {summary['measurements']['PCR2']}")
-    if summary.get("development"):
-        print(f"{name}: built with a development blob set: these PCRs are for trying the pipeline, not for AWS")
     print(f"{name}: KMS key policy written to {path}")
     return {"policy": str(path)}
 
