@@ -269,6 +269,8 @@ def test_credentials_from_docker_config(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("PATH", f"{helper.parent}:{os.environ['PATH']}")
     assert registry_module.basic_credentials("registry.example.com") == "dTpw"
     assert registry_module.basic_credentials("docker.io") == base64.b64encode(b"u:p").decode()
+    # the client is made for the API host (registry-1.docker.io); `docker login` keys Docker Hub by its index URL
+    assert registry_module.basic_credentials("registry-1.docker.io") == base64.b64encode(b"u:p").decode()
     assert base64.b64decode(registry_module.basic_credentials("helped.example.com") or "") == \
         b"bot:s3cret-helped.example.com"
     assert registry_module.basic_credentials("nobody.example.com") is None

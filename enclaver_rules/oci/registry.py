@@ -34,7 +34,7 @@ from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest, DigestMismatch
 from enclaver_rules.oci.model import Descriptor
-from enclaver_rules.oci.reference import DOCKER_HUB
+from enclaver_rules.oci.reference import DOCKER_HUB, DOCKER_HUB_API
 from enclaver_rules.oci.store import CHUNK, Progress, Store
 
 log = logging.getLogger("enclaver.registry")
@@ -73,7 +73,9 @@ def docker_config_path() -> Path:
 
 
 def _config_keys(registry: str) -> list[str]:
-    if registry == DOCKER_HUB:
+    """The keys `docker login` may have stored `registry`'s credentials under. Docker Hub's are
+    under its v1 index URL whether the client was made for `docker.io` or for its API host."""
+    if registry in (DOCKER_HUB, DOCKER_HUB_API):
         return ["https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io"]
     return [registry, f"https://{registry}", f"http://{registry}"]
 
@@ -101,7 +103,7 @@ def basic_credentials(registry: str, config_path: Path | None = None) -> str | N
         from oras.auth.base import AuthBackend
 
         # oras runs `docker-credential-<helper> get` and returns base64 user:secret
-        found: str | None = AuthBackend()._get_auth_from_creds_store(helper, keys[0] if registry == DOCKER_HUB else registry)
+        found: str | None = AuthBackend()._get_auth_from_creds_store(helper, keys[0] if registry in (DOCKER_HUB, DOCKER_HUB_API) else registry)
         return found
     return None
 
