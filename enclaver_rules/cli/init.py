@@ -154,7 +154,7 @@ def plan(directory_arg: str, name_arg: str | None, force: bool) -> Plan:
         elif os.path.lexists(dodo) and not force:
             in_the_way.append(Diagnostic(
                 "exists and does not load enclaver's rules; enclaver init does not overwrite it", file=str(dodo),
-                fix="add `from enclaver_rules.rules import DOIT_CONFIG, tasks` and "
+                fix="add `from enclaver_rules.rules import tasks` and "
                     "`globals().update(tasks(os.path.dirname(os.path.abspath(__file__))))` to it, "
                     "or pass --force to replace it"))
         else:

@@ -15,21 +15,21 @@ DODO = '''\
 """doit entry point for enclaver (written by `enclaver init`). Declares nothing itself: the tasks
 come from enclaver's rule set, one set per enclaver.yaml found below this directory.
 
-    doit list              # every task: check:<name>, build:<name>, trust:<name>, push:<name>, …
+    doit list --all        # every task: check:<name>, build:<name>, trust:<name>, push:<name>, …
     doit                   # check and explain every enclaver.yaml
     doit build:<name>      # build one enclave (release image, EIF and measurements in cache/out/<name>/)
     doit -n 4 build        # build every enclave, four tasks at a time
     doit verify:<name>     # CI: rebuild from nothing and fail unless the PCRs are the same
+    doit -k …              # from a subfolder (or export DOIT_SEEK_FILE=1)
 """
 
 import os
 
-from enclaver_rules.rules import DOIT_CONFIG, tasks
+from enclaver_rules.rules import tasks
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# the task creators and DOIT_CONFIG (doit's state in cache/, or in $ENC_CACHE_DIR)
 globals().update(tasks(ROOT))
-
-__all__ = ["DOIT_CONFIG"]  # doit reads it from this module
 '''
 
 MANIFEST = Template('''\
