@@ -12,7 +12,10 @@
 #     The clone's `origin` is the source's own `origin` URL, or none, never a path on this host;
 #  3. mounts what a real machine has: /proc, /sys (recursively: the host's cgroup hierarchy comes
 #     with it, which dockerd needs; cgroup2 is mounted if the host has none at /sys/fs/cgroup),
-#     /dev (recursively: /dev/pts, /dev/shm), and copies /etc/resolv.conf for the network;
+#     /dev (recursively: /dev/pts, /dev/shm); and gives it this host's network settings: a copy of
+#     /etc/resolv.conf, the proxy variables, and the CA certificates this host trusts that Debian does
+#     not ship (a TLS-intercepting proxy's, say: without them pip cannot reach PyPI), installed
+#     in the root's /usr/local/share/ca-certificates, with PIP_CERT pointing pip at the system bundle;
 #  4. runs, in the chroot, as root, with a clean environment, in /root/enclaver:
 #     - README (a), taken verbatim from README.md's (a) code block (so this script cannot drift
 #       from the README), and times it;
@@ -28,6 +31,8 @@
 #                  ${TMPDIR:-/var/tmp}, on disk: the suite's Docker engine needs gigabytes)
 #   --repo DIR     the repository to clone                      (default: the one holding this script)
 #   --mirror URL   the Debian mirror for mmdebstrap             (default: mmdebstrap's, deb.debian.org)
+#   --host-cas F   the CA bundle whose extra certificates the root gets (default: /etc/ssl/certs/ca-certificates.crt)
+#   --no-host-cas  give the root no CA of this host: Debian's bundle only
 #   COMMIT         any revision of --repo                       (default: HEAD)
 #
 # Needs root, mmdebstrap, git and unshare on the host. All mounts are made in a private mount
@@ -47,6 +52,9 @@ MIRROR=""
 COMMIT=HEAD
 STEP="reading the options"
 FAILED_CHECKS=()
+HOST_CAS=1
+HOST_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+ROOT_ENV=()
 WORK=""
 CREATED=0
 
@@ -107,6 +115,9 @@ while [ $# -gt 0 ]; do
     --no-tests) WITH_TESTS=0 ;;
     --with-tests) WITH_TESTS=1 ;;
     --keep) KEEP=1 ;;
+    --no-host-cas) HOST_CAS=0 ;;
+    --host-cas) [ $# -ge 2 ] || die "--host-cas needs a file"; HOST_CA_BUNDLE=$2; shift ;;
+    --host-cas=*) HOST_CA_BUNDLE=${1#--host-cas=} ;;
     --root) [ $# -ge 2 ] || die "--root needs a directory"; ROOT=$2; shift ;;
     --root=*) ROOT=${1#--root=} ;;
     --repo) [ $# -ge 2 ] || die "--repo needs a directory"; REPO=$2; shift ;;
@@ -131,6 +142,8 @@ if [ -z "${ENCLAVER_FRESH_MACHINE_NS:-}" ]; then
   args=()
   [ "$WITH_TESTS" = 1 ] || args+=(--no-tests)
   [ "$KEEP" = 0 ] || args+=(--keep)
+  [ "$HOST_CAS" = 1 ] || args+=(--no-host-cas)
+  args+=(--host-cas "$HOST_CA_BUNDLE")
   [ -z "$ROOT" ] || args+=(--root "$ROOT")
   [ -z "$REPO" ] || args+=(--repo "$REPO")
   [ -z "$MIRROR" ] || args+=(--mirror "$MIRROR")
@@ -205,13 +218,48 @@ mount --rbind /dev "$ROOT/dev" || die "mount --rbind /dev"
 # a copy, not a bind mount: the root's /etc/resolv.conf may be a symlink, which a bind would follow on the host
 rm -f "$ROOT/etc/resolv.conf"
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf" || die "copy /etc/resolv.conf"
+# CAs this host trusts beyond the ones Debian ships (a TLS-intercepting proxy's, say): without them
+# nothing in the root reaches PyPI from this network. They go where a local admin would put them.
+if [ "$HOST_CAS" = 1 ] && [ -s "$HOST_CA_BUNDLE" ]; then
+  # Debian's own CAs: the root's bundle, and this host's ca-certificates package (it may be older)
+  for f in "$ROOT/etc/ssl/certs/ca-certificates.crt" /usr/share/ca-certificates/*/*.crt; do
+    [ ! -f "$f" ] || { cat "$f"; echo; }
+  done > "$WORK/debian-cas.pem"
+  mkdir -p "$ROOT/usr/local/share/ca-certificates/fresh-machine-host"
+  awk -v known="$WORK/debian-cas.pem" -v out="$ROOT/usr/local/share/ca-certificates/fresh-machine-host" '
+    function blocks(file, into,   line, pem, n) {
+      while ((getline line < file) > 0) {
+        sub(/\r$/, "", line)
+        if (line ~ /-----BEGIN CERTIFICATE-----/) pem = ""
+        pem = pem line "\n"
+        if (line ~ /-----END CERTIFICATE-----/) into[++n] = pem
+      }
+      close(file)
+      return n
+    }
+    BEGIN {
+      blocks(known, root); for (i in root) have[root[i]] = 1
+      n = blocks(ARGV[1], host); extra = 0
+      for (i = 1; i <= n; i++) if (!(host[i] in have)) { f = out "/host-" (++extra) ".crt"; printf "%s", host[i] > f; close(f) }
+      print extra
+      exit
+    }' "$HOST_CA_BUNDLE" > "$WORK/extra-cas" || die "reading $HOST_CA_BUNDLE"
+  if [ "$(cat "$WORK/extra-cas")" -gt 0 ]; then
+    chroot "$ROOT" /usr/sbin/update-ca-certificates >/dev/null || die "update-ca-certificates in the root"
+    echo "added $(cat "$WORK/extra-cas") CA certificate(s) of this host's $HOST_CA_BUNDLE that Debian does not ship (--no-host-cas: none)"
+    # pip's own CA bundle (certifi, once .ci/run upgrades pip) knows none of them: point it at the system's
+    ROOT_ENV+=(PIP_CERT=/etc/ssl/certs/ca-certificates.crt)
+  else
+    rmdir "$ROOT/usr/local/share/ca-certificates/fresh-machine-host"
+  fi
+fi
 [ -s "$ROOT/etc/hosts" ] || printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > "$ROOT/etc/hosts"
 findmnt -rn -o TARGET | awk -v r="$ROOT" 'index($0, r "/") == 1' | wc -l | xargs printf '%s mounts below the root\n'
 
 # A root login's environment, nothing of this host's (its pip or apt settings, a virtualenv);
 # proxy variables pass through, since a real machine would have them too.
 in_root() {
-  local env=(HOME=/root USER=root LOGNAME=root SHELL=/bin/bash TERM="${TERM:-dumb}"
+  local env=("${ROOT_ENV[@]}" HOME=/root USER=root LOGNAME=root SHELL=/bin/bash TERM="${TERM:-dumb}"
              PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)
   local v
   for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
