@@ -10,7 +10,8 @@
 #  2. clones the repository into it at /root/enclaver and checks out COMMIT (default: HEAD of the
 #     repository this script sits in, or of --repo). A clean clone: uncommitted work is NOT tested.
 #     The clone's `origin` is the source's own `origin` URL, or none, never a path on this host;
-#  3. mounts what a real machine has: /proc, /sys (recursively: the host's cgroup hierarchy comes
+#  3. mounts what a real machine has: the root itself (bound onto itself: / must be a mount point
+#     for dockerd and `unshare --mount`), /proc, /sys (recursively: the host's cgroup hierarchy comes
 #     with it, which dockerd needs; cgroup2 is mounted if the host has none at /sys/fs/cgroup),
 #     /dev (recursively: /dev/pts, /dev/shm); and gives it this host's network settings: a copy of
 #     /etc/resolv.conf, the proxy variables, and the CA certificates this host trusts that Debian does
@@ -209,6 +210,9 @@ fi
 git -C "$ROOT$CLONE" log -1 --format='%h %s'
 
 step "mount /proc, /sys, /dev in the root; copy /etc/resolv.conf"
+# The root must itself be a mount point, as / is on a real machine: dockerd (applying a layer) and
+# unshare --mount make / private, and fail with EINVAL ("remount /, flags: 0x84000") otherwise.
+mount --bind "$ROOT" "$ROOT" || die "mount --bind $ROOT $ROOT"
 mount -t proc proc "$ROOT/proc" || die "mount proc"
 mount --rbind /sys "$ROOT/sys" || die "mount --rbind /sys"
 if ! findmnt -rn "$ROOT/sys/fs/cgroup" >/dev/null; then
@@ -245,7 +249,7 @@ if [ "$HOST_CAS" = 1 ] && [ -s "$HOST_CA_BUNDLE" ]; then
       exit
     }' "$HOST_CA_BUNDLE" > "$WORK/extra-cas" || die "reading $HOST_CA_BUNDLE"
   if [ "$(cat "$WORK/extra-cas")" -gt 0 ]; then
-    chroot "$ROOT" /usr/sbin/update-ca-certificates >/dev/null || die "update-ca-certificates in the root"
+    out=$(chroot "$ROOT" /usr/sbin/update-ca-certificates 2>&1) || { printf '%s\n' "$out"; die "update-ca-certificates in the root"; }
     echo "added $(cat "$WORK/extra-cas") CA certificate(s) of this host's $HOST_CA_BUNDLE that Debian does not ship (--no-host-cas: none)"
     # pip's own CA bundle (certifi, once .ci/run upgrades pip) knows none of them: point it at the system's
     ROOT_ENV+=(PIP_CERT=/etc/ssl/certs/ca-certificates.crt)
