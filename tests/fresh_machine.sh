@@ -13,7 +13,8 @@
 #  3. mounts what a real machine has: the root itself (bound onto itself: / must be a mount point
 #     for dockerd and `unshare --mount`), /proc, /sys (recursively: the host's cgroup hierarchy comes
 #     with it, which dockerd needs; cgroup2 is mounted if the host has none at /sys/fs/cgroup),
-#     /dev (recursively: /dev/pts, /dev/shm); and gives it this host's network settings: a copy of
+#     /dev (recursively: /dev/pts, /dev/shm), all shared as under systemd (dockerd needs that in a
+#     chroot, see below); and gives it this host's network settings: a copy of
 #     /etc/resolv.conf, the proxy variables, and the CA certificates this host trusts that Debian does
 #     not ship (a TLS-intercepting proxy's, say: without them pip cannot reach PyPI), installed
 #     in the root's /usr/local/share/ca-certificates, with PIP_CERT pointing pip at the system bundle;
@@ -219,6 +220,11 @@ if ! findmnt -rn "$ROOT/sys/fs/cgroup" >/dev/null; then
   mount -t cgroup2 cgroup2 "$ROOT/sys/fs/cgroup" || die "mount cgroup2 on /sys/fs/cgroup (dockerd needs a cgroup hierarchy)"
 fi
 mount --rbind /dev "$ROOT/dev" || die "mount --rbind /dev"
+# Shared, as systemd makes every mount on a real machine (in this namespace only: its mounts are
+# private copies, so nothing propagates to the host). On a private mount dockerd bind-mounts its
+# data root onto itself, and in a chroot it cannot recognise that mount at shutdown (its root in
+# mountinfo is the host's path) and leaves it behind: "Device or resource busy" removing data/.
+mount --make-rshared "$ROOT" || die "mount --make-rshared $ROOT"
 # a copy, not a bind mount: the root's /etc/resolv.conf may be a symlink, which a bind would follow on the host
 rm -f "$ROOT/etc/resolv.conf"
 cp -L /etc/resolv.conf "$ROOT/etc/resolv.conf" || die "copy /etc/resolv.conf"
