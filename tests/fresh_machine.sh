@@ -76,18 +76,17 @@ procs_in_root() {
   done
 }
 cleanup() {
-  local status=$? pids target left
+  local status=$? pids=() target left
   trap - EXIT INT TERM HUP
   set +e
   [ -z "$WORK" ] || rm -rf "$WORK"
   if [ "$CREATED" = 1 ]; then
-    pids=$(procs_in_root)
-    if [ -n "$pids" ]; then
-      echo "cleanup: stopping processes left in the root: $(echo $pids)"
-      kill -TERM $pids 2>/dev/null
-      for _ in 1 2 3 4 5 6 7 8 9 10; do pids=$(procs_in_root); [ -z "$pids" ] && break; sleep 1; done
-      [ -z "$pids" ] || kill -KILL $pids 2>/dev/null
-      sleep 1
+    mapfile -t pids < <(procs_in_root)
+    if [ ${#pids[@]} -gt 0 ]; then
+      echo "cleanup: stopping processes left in the root: ${pids[*]}"
+      kill -TERM "${pids[@]}" 2>/dev/null
+      for _ in 1 2 3 4 5 6 7 8 9 10; do mapfile -t pids < <(procs_in_root); [ ${#pids[@]} -eq 0 ] && break; sleep 1; done
+      [ ${#pids[@]} -eq 0 ] || { kill -KILL "${pids[@]}" 2>/dev/null; sleep 1; }
     fi
     for target in $(mounts_below); do
       umount "$target" 2>/dev/null || umount -l "$target" || echo "cleanup: cannot unmount $target" >&2
@@ -157,7 +156,6 @@ STEP="finding the repository and the commit"
   || die "$(dirname "$0") is not in a git repository: give --repo"
 REPO=$(git -C "$REPO" rev-parse --show-toplevel) || die "$REPO is not a git repository"
 SHA=$(git -C "$REPO" rev-parse --verify --quiet "$COMMIT^{commit}") || die "$COMMIT is not a commit of $REPO"
-[ -f "$REPO/README.md" ] || die "$REPO has no README.md"
 if [ -n "$(git -C "$REPO" status --porcelain --untracked-files=no)" ]; then
   echo "note: $REPO has uncommitted changes; they are not tested (the root gets a clean clone of $SHA)"
 fi
@@ -166,7 +164,7 @@ if [ -z "$ROOT" ]; then
   ROOT=$(mktemp -d "${TMPDIR:-/var/tmp}/enclaver-fresh.XXXXXX") || die "cannot make a directory under ${TMPDIR:-/var/tmp}"
   rmdir "$ROOT"  # mmdebstrap makes it
 else
-  [ ! -e "$ROOT" ] && [ ! -L "$ROOT" ] || die "--root $ROOT exists: give a path that does not, so nothing of yours is overwritten or removed"
+  if [ -e "$ROOT" ] || [ -L "$ROOT" ]; then die "--root $ROOT exists: give a path that does not, so nothing of yours is overwritten or removed"; fi
 fi
 mkdir -p "$(dirname "$ROOT")"
 ROOT=$(realpath -m "$ROOT")
@@ -295,7 +293,7 @@ A2=$(since "$t")
 echo "README (a), second run: ${A2} s"
 # doit prints ". task" for a task it runs and "-- task" for one that is up to date
 rebuilt=$(grep -E '^\. +(odyn_image|examples:|layer:|eif:|release:)' "$WORK/a2.log" || true)
-[ -z "$rebuilt" ] || FAILED_CHECKS+=("the second (a) is not a no-op, it ran: $(echo $rebuilt)")
+[ -z "$rebuilt" ] || FAILED_CHECKS+=("the second (a) is not a no-op, it ran: $(tr '\n' ' ' <<<"$rebuilt")")
 for what in PCR0 PCR1 PCR2 measurements.json kms-policy.json; do
   grep -q -- "$what" "$WORK/a2.log" || FAILED_CHECKS+=("the second (a) does not print $what")
 done
