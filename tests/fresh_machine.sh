@@ -63,6 +63,19 @@ CREATED=0
 usage() { sed -n '2,/^set -euo pipefail/{/^set /d;s/^# \{0,1\}//;p}' "$0"; }
 die() { printf '%s: %s\n' "$PROG" "$*" >&2; exit 1; }  # the EXIT trap then names the step
 step() { STEP="$*"; printf '\n==> %s\n' "$*"; }
+# Run a long command in the background and wait for it: bash runs a trap for SIGTERM/SIGINT only
+# after a foreground command ends, but interrupts `wait` at once, so the cleanup starts right away.
+run() { "$@" & wait $!; }
+# Run "$@" with its output also copied to the file $LOG; its exit status is the command's.
+run_logged() {
+  local status=0 fd tee_pid
+  exec {fd}> >(tee "$LOG")
+  tee_pid=$!
+  run "$@" >&"$fd" 2>&1 || status=$?
+  exec {fd}>&-
+  wait "$tee_pid" 2>/dev/null || true  # the log is complete once tee has ended
+  return "$status"
+}
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
@@ -107,9 +120,9 @@ cleanup() {
   exit $status
 }
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-trap 'exit 129' HUP
+trap 'STEP="$STEP (interrupted: SIGINT)"; exit 130' INT
+trap 'STEP="$STEP (interrupted: SIGTERM)"; exit 143' TERM
+trap 'STEP="$STEP (interrupted: SIGHUP)"; exit 129' HUP
 
 while [ $# -gt 0 ]; do
   case $1 in
@@ -193,7 +206,7 @@ printf 'README (a): %s\nREADME (b): %s\n' "$CMD_A" "$CMD_B"
 step "fresh root: mmdebstrap --variant=minbase --include=ca-certificates,git,python3 $SUITE $ROOT"
 CREATED=1
 t=$(now)
-mmdebstrap --quiet --variant=minbase --include=ca-certificates,git,python3 "$SUITE" "$ROOT" ${MIRROR:+"$MIRROR"} \
+run mmdebstrap --quiet --variant=minbase --include=ca-certificates,git,python3 "$SUITE" "$ROOT" ${MIRROR:+"$MIRROR"} \
   || die "mmdebstrap failed (is the Debian mirror reachable?)"
 echo "made in $(since "$t") s"
 
@@ -273,7 +286,7 @@ in_root() {
   for v in http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
     [ -z "${!v:-}" ] || env+=("$v=${!v}")
   done
-  chroot "$ROOT" /usr/bin/env -i "${env[@]}" /bin/sh -ec "cd $CLONE && $1" </dev/null
+  run chroot "$ROOT" /usr/bin/env -i "${env[@]}" /bin/sh -ec "cd $CLONE && $1" </dev/null
 }
 
 step "README (a), first run"
@@ -284,10 +297,8 @@ echo "README (a), first run: ${A1} s"
 
 step "README (a), second run: must rebuild nothing and still say where the PCRs and the policy are"
 t=$(now)
-set +e
-in_root "$CMD_A" 2>&1 | tee "$WORK/a2.log"
-status=${PIPESTATUS[0]}
-set -e
+status=0
+LOG=$WORK/a2.log run_logged in_root "$CMD_A" || status=$?
 A2=$(since "$t")
 [ "$status" = 0 ] || die "README (a) failed when run a second time (exit $status; output above)"
 echo "README (a), second run: ${A2} s"
@@ -302,10 +313,8 @@ for check in "${FAILED_CHECKS[@]}"; do echo "CHECK FAILED: $check" >&2; done
 if [ "$WITH_TESTS" = 1 ]; then
   step "README (b): the whole suite"
   t=$(now)
-  set +e
-  in_root "$CMD_B" 2>&1 | tee "$WORK/b.log"
-  status=${PIPESTATUS[0]}
-  set -e
+  status=0
+  LOG=$WORK/b.log run_logged in_root "$CMD_B" || status=$?
   B=$(since "$t")
   pytest_line=$(grep -E '^=+ .* in [0-9.]+s' "$WORK/b.log" | tail -1 || true)
   echo "README (b): ${B} s; pytest: ${pytest_line:-no summary line}"
