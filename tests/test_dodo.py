@@ -183,3 +183,21 @@ def test_a_typo_in_sources_app_names_the_manifest_field_and_says_no_such_file(tm
     text = str(result)
     assert f"{manifest}" in text and "sources.app" in text and "no such file" in text, text
     assert "registry-1.docker.io" not in text and "cannot be reached" not in text
+
+
+def test_every_test_that_reaches_a_service_is_marked(tmp_path: Path) -> None:
+    """`-m "not services"` must leave out exactly the tests needing dockerd or the registry; four
+    were unmarked (conftest now marks whatever reaches those fixtures). The whole suite is collected
+    in a subprocess with a probe plugin that lists tests using a service fixture without the mark."""
+    (tmp_path / "marker_probe.py").write_text(
+        "def pytest_collection_finish(session):\n"
+        "    for item in session.items:\n"
+        "        if {'dockerd', 'registry'} & set(getattr(item, 'fixturenames', ()))"
+        " and item.get_closest_marker('services') is None:\n"
+        "            print('UNMARKED', item.nodeid)\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "marker_probe",
+                             "-p", "no:cacheprovider", str(REPO / "tests")], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "UNMARKED" not in result.stdout, [line for line in result.stdout.splitlines() if "UNMARKED" in line]
