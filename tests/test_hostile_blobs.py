@@ -308,8 +308,6 @@ def test_eif_build_refuses_links_to_host_files(cli, tmp_path: Path, host: Path, 
     _check_refused(_eif_build(cli, tmp_path, tmp_path / "blob-image"), tmp_path, "link")
 
 
-@pytest.mark.xfail(strict=True, reason="enclaver_rules/cli/eif.py must read image blob sets with "
-                                       "load_image_blobs instead of flattening them (see the h15a report)")
 @pytest.mark.parametrize("attack", ["blobs dir symlink, absolute", "a later layer puts a symlink over the set's dir"])
 def test_eif_build_refuses_a_symlinked_blob_directory(cli, tmp_path: Path, host: Path, dev: dict[str, bytes],  # type: ignore[no-untyped-def]
                                                       attack: str) -> None:
