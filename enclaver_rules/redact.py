@@ -63,9 +63,12 @@ _BARE = re.compile(r"(?<![A-Za-z0-9])(?P<scheme>Basic|Bearer)(?P<space>\s+)"
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
 #: A transport or URL scheme in front of an image reference.
 _TRANSPORT = re.compile(r"^(?:(?P<url>[A-Za-z][A-Za-z0-9+.-]*://)|(?:docker-daemon|docker-archive|oci-archive|oci|docker):)")
-#: What follows the `@` of a digest-pinned reference (`sha256:…`), as opposed to a host after user-info.
-_DIGEST_AT = re.compile(r"^(?:sha\d+(?:[+._-][a-z0-9]+)*:|[a-z0-9]+(?:[+._-][a-z0-9]+)*:[A-Fa-f0-9]{32,})")
-_TOKEN = re.compile(r"[^\s\"'`]*@[^\s\"'`]*")
+#: What follows the `@` of a digest-pinned reference (`sha256:…`), as opposed to a host after user-info
+#: (no `^`: it is matched from a position, with `match(text, pos)`).
+_DIGEST_AT = re.compile(r"(?:sha\d+(?:[+._-][a-z0-9]+)*:|[a-z0-9]+(?:[+._-][a-z0-9]+)*:[A-Fa-f0-9]{32,})")
+#: A run of text without blanks or quotes: user-info is looked for in each run that holds an `@`
+#: (matched run by run, so a long run costs one pass, never one pass per position).
+_RUN = re.compile(r"[^\s\"'`]+")
 _SECRET_KEY_NAME = re.compile(
     r"(?i)(password|passwd|passphrase|secret|token|api[_-]?key|private[_-]?key|credential|^auth$"
     r"|authorization|^cookie$|^set-cookie$|x-registry-auth|x-amz-security-token)")
@@ -177,7 +180,7 @@ def _userinfo(token: str, *, strict: bool) -> str:
     prefix, rest = (m.group(0), token[m.end():]) if m else ("", token)
     at = -1
     for i, c in enumerate(rest):
-        if c == "@" and not _DIGEST_AT.match(rest[i + 1:]):
+        if c == "@" and not _DIGEST_AT.match(rest, i + 1):
             at = i
     if at <= 0:
         return token
@@ -206,7 +209,7 @@ def text(message: str) -> str:
     out = _BARE.sub(_bare, out)
     out = _JWT.sub(MASK, out)
     if "@" in out:
-        out = _TOKEN.sub(lambda t: _userinfo(t.group(0), strict=False), out)
+        out = _RUN.sub(lambda t: _userinfo(t.group(0), strict=False) if "@" in t.group(0) else t.group(0), out)
     return out
 
 
