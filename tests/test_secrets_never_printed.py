@@ -3,8 +3,9 @@ reference's user-info, an inline signing key, a registry that echoes our Authori
 exception, a log record, a failing doit task) and must never come out on stdout, stderr or in a log
 record, whatever the verbosity (`-vv`) and with `--debug` tracebacks.
 
-Every test fails without `enclaver_rules/redact.py` and its callers; none imports that module at the
-top, so with the fix stashed the tests fail on the canary, not on an import.
+Every test fails without `enclaver_rules/redact.py` and its callers. The path tests (1–5) never
+import that module themselves, so without the fix they fail on the canary, not on an import; the
+module's own tests (6: any password, linear time, ordinary text untouched) need it.
 """
 
 from __future__ import annotations
