@@ -57,20 +57,24 @@ class FrameDecoder:
     are kept in `rest` (they belong to the tunnelled connection)."""
 
     def __init__(self) -> None:
-        self.buffer = b""
+        self.buffer = bytearray()  # appended in place: a peer dripping bytes costs no quadratic copying
         self.rest = b""
 
     def feed(self, data: bytes) -> object | None:
+        """The frame's document once complete, else None (so a JSON `null` frame is an error: None
+        must keep meaning "not yet")."""
         self.buffer += data
         if len(self.buffer) < 2:
             return None
         (length,) = struct.unpack_from("<H", self.buffer)
         if len(self.buffer) < 2 + length:
             return None
-        payload, self.rest = self.buffer[2:2 + length], self.buffer[2 + length:]
-        self.buffer = b""
+        payload, self.rest = bytes(self.buffer[2:2 + length]), bytes(self.buffer[2 + length:])
+        self.buffer = bytearray()
         try:
             document: object = json.loads(payload)
+            if document is None:
+                raise FrameError("handshake is null")
             return document
         except RecursionError:
             raise FrameError("handshake is nested too deeply") from None
