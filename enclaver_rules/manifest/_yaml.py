@@ -115,7 +115,8 @@ class _Builder:
             raise InvalidInput(
                 f"the document expands to more than {MAX_NODES} nodes",
                 file=self.filename, line=p.line, col=p.col,
-                fix="remove the YAML aliases (*name) and merges (<<) that repeat large parts of the file",
+                fix="no manifest has this many values: remove the YAML aliases (*name) and merges (<<) that "
+                    "repeat large parts of the file, or the bulk data",
             )
 
     def build(self, node: yaml.Node, path: Path) -> Any:
