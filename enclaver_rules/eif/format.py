@@ -9,7 +9,7 @@ signature. The CRC32 (zlib's) covers the header's first 544 bytes and everything
 An EIF to read is hostile input: `read_eif` checks the header and every section header against
 the file before anything is read, reads sections in bounded chunks (the unmeasured metadata and
 signature sections whole, but only up to a size no real one comes near), and says what is wrong
-with an `EifError` (exit 1, "not a valid EIF"); a path that cannot be read is an `InvalidInput`.
+with an `EifError` (exit 1, "not a valid EIF"); a path that cannot be read is an `UnreadableEif`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ CHUNK = 1 << 20
 
 class EifError(OperationFailed):
     """A file that is not a valid EIF."""
+
+
+class UnreadableEif(InvalidInput, OperationFailed):
+    """A path that cannot be read as a file: the user's argument is wrong (the CLI exits 2), and
+    for callers that build the EIF themselves, an operation that failed (they catch OperationFailed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +164,12 @@ def read_eif(path: str) -> EifFile:
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed by the `with` below; open errors are the user's
     except OSError as e:
-        raise InvalidInput(f"cannot read the EIF: {e.strerror or e}", file=path,
-                           fix="give the path of an .eif file") from None
+        raise UnreadableEif(f"cannot read the EIF: {e.strerror or e}", file=path,
+                            fix="give the path of an .eif file") from None
     with f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise InvalidInput("cannot read the EIF: not a regular file", file=path, fix="give the path of an .eif file")
+            raise UnreadableEif("cannot read the EIF: not a regular file", file=path, fix="give the path of an .eif file")
         size = info.st_size
         header = f.read(HEADER_SIZE)
         if len(header) < HEADER_SIZE or header[:4] != MAGIC:
