@@ -5,6 +5,11 @@ every entry, nlink 2 for directories and 1 otherwise, names NUL-terminated and p
 from the start of the archive, data padded to 4, a `TRAILER!!!` entry, then zeros to a multiple
 of 512. Written by hand because Python has no cpio writer and GNU cpio differs in every one of
 these details.
+
+Names are written as the bytes they came from (`str`s from tar headers carry bytes that are not
+UTF-8 as surrogate escapes). A field that does not fit its 8 hex digits, or a name with a NUL, is
+a `ValueError` here: callers check their input first (rootfs.py says which file of which layer),
+so this is the last guard against writing a corrupt archive, never the user's error message.
 """
 
 from __future__ import annotations
@@ -15,8 +20,13 @@ from typing import Protocol
 
 FIRST_INODE = 721
 TRAILER = "TRAILER!!!"
+MAX_FIELD = 0xFFFF_FFFF
 _TYPE_BITS = {"dir": 0o040000, "file": 0o100000, "symlink": 0o120000, "chardev": 0o020000,
               "blockdev": 0o060000, "fifo": 0o010000}
+
+
+def encode_name(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
 
 
 class Sink(Protocol):
@@ -54,8 +64,10 @@ class CpioWriter:
 
     def _header(self, name: str, mode: int, uid: int, gid: int, nlink: int, mtime: int, size: int,
                 rdevmajor: int, rdevminor: int) -> bytes:
-        encoded = name.encode("utf-8")
+        encoded = encode_name(name)
         fields = (self.inode, mode, uid, gid, nlink, mtime, size, 3, 1, rdevmajor, rdevminor, len(encoded) + 1, 0)
+        if b"\0" in encoded or not all(0 <= f <= MAX_FIELD for f in fields):
+            raise ValueError(f"cpio entry {name!r}: a NUL in the name or a field out of range: {fields}")
         self.inode += 1
         head = self._emit(b"070701" + b"".join(b"%08x" % f for f in fields) + encoded + b"\0")
         return head + self._padding(4)
@@ -116,7 +128,7 @@ def _pad(n: int, boundary: int) -> int:
 
 def entry_length(name: str, size: int) -> int:
     """Bytes one entry takes (every entry starts 4-aligned, so this is position-independent)."""
-    return _pad(110 + len(name.encode("utf-8")) + 1, 4) + _pad(size, 4)
+    return _pad(110 + len(encode_name(name)) + 1, 4) + _pad(size, 4)
 
 
 def archive_length(entries: Iterable[CpioEntry]) -> int:

@@ -3,7 +3,6 @@ describe it as `nitro-cli describe-eif` does (same keys, same order)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from enclaver_rules.eif.format import (
@@ -12,11 +11,16 @@ from enclaver_rules.eif.format import (
     SECTION_METADATA,
     SECTION_RAMDISK,
     SECTION_SIGNATURE,
+    EifError,
     EifFile,
     read_eif,
 )
 from enclaver_rules.eif.measure import Measurements, Measurer
-from enclaver_rules.eif.sign import SignatureInfo, read_signature
+from enclaver_rules.eif.metadata import read_metadata
+from enclaver_rules.eif.sign import MAX_SIGNATURE_SECTION, SignatureInfo, read_signature
+
+#: nitro-cli's metadata is under 1 KiB; custom metadata files are small JSON too.
+MAX_METADATA_SECTION = 1 << 20
 
 
 def measure(eif: EifFile) -> tuple[Measurements, SignatureInfo | None]:
@@ -31,7 +35,11 @@ def measure(eif: EifFile) -> tuple[Measurements, SignatureInfo | None]:
                 else:
                     measurer.feed_boot(chunk)
     signatures = eif.of(SECTION_SIGNATURE)
-    signature = read_signature(eif.read(signatures[0])) if signatures else None
+    signature = None
+    if signatures:
+        section = signatures[0]
+        signature = read_signature(eif.read(section, MAX_SIGNATURE_SECTION),
+                                   f"{eif.path}: the signature section at offset {section.offset}")
     return measurer.result(signature.pcr8 if signature else None), signature
 
 
@@ -41,27 +49,24 @@ def describe(path: str) -> dict[str, Any]:
     out: dict[str, Any] = {"EifVersion": eif.version, "Measurements": measurements.to_json(),
                            "IsSigned": signature is not None}
     if signature is not None:
-        cert = signature.certificate
         out["SigningCertificate"] = {
-            "IssuerName": {attr.oid._name: attr.value for attr in cert.issuer},
+            "IssuerName": signature.issuer,
             "Algorithm": signature.algorithm,
-            "NotBefore": cert.not_valid_before_utc.isoformat(),
-            "NotAfter": cert.not_valid_after_utc.isoformat(),
-            "Signature": ":".join(f"{b:02X}" for b in cert.signature),
+            "NotBefore": signature.not_before,
+            "NotAfter": signature.not_after,
+            "Signature": signature.certificate_signature,
         }
     out["CheckCRC"] = eif.crc_ok
     if signature is not None:
         out["SignatureCheck"] = signature.valid and signature.signed_pcr0 == measurements.pcr0
     metadata = eif.of(SECTION_METADATA)
     if metadata:
-        info = json.loads(eif.read(metadata[0]))
-        out["ImageName"] = info.get("ImageName")
-        out["ImageVersion"] = info.get("ImageVersion")
-        details = dict(info.get("BuildMetadata") or {})
-        details["DockerInfo"] = info.get("DockerInfo")
-        if isinstance(info.get("CustomMetadata"), dict):
-            details.update(info["CustomMetadata"])
-        out["Metadata"] = {k: v for k, v in details.items() if v is not None}
+        section = metadata[0]
+        try:
+            out.update(read_metadata(eif.read(section, MAX_METADATA_SECTION)))
+        except ValueError as e:
+            raise EifError(f"{path}: the metadata section at offset {section.offset} is malformed: {str(e)[:200]}",
+                           fix="the EIF is corrupt or malicious: rebuild it") from None
     out["Arch"] = eif.arch
     out["Sections"] = [{"Type": s.name, "Offset": s.offset, "Size": s.size} for s in eif.sections]
     return out

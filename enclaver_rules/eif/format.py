@@ -5,11 +5,17 @@ a 548-byte big-endian header (magic `.eif`, version 4, arch flag, default mem/cp
 count, 32 section offsets and 32 data sizes, CRC32), then sections back to back, each a 12-byte
 header (type, flags 0, size) and its data, in the order kernel, cmdline, metadata, ramdisks,
 signature. The CRC32 (zlib's) covers the header's first 544 bytes and everything after it.
+
+An EIF to read is hostile input: `read_eif` checks the header and every section header against
+the file before anything is read, reads sections in bounded chunks (the unmeasured metadata and
+signature sections whole, but only up to a size no real one comes near), and says what is wrong
+with an `EifError` (exit 1, "not a valid EIF"); a path that cannot be read is an `UnreadableEif`.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from enclaver_rules.eif.measure import Measurements, Measurer
-from enclaver_rules.errors import OperationFailed
+from enclaver_rules.errors import InvalidInput, OperationFailed
 
 MAGIC = b".eif"
 VERSION = 4
@@ -36,6 +42,11 @@ CHUNK = 1 << 20
 
 class EifError(OperationFailed):
     """A file that is not a valid EIF."""
+
+
+class UnreadableEif(InvalidInput, OperationFailed):
+    """A path that cannot be read as a file: the user's argument is wrong (the CLI exits 2), and
+    for callers that build the EIF themselves, an operation that failed (they catch OperationFailed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,10 +132,17 @@ class EifFile:
     def of(self, kind: int) -> list[Section]:
         return [s for s in self.sections if s.kind == kind]
 
-    def read(self, section: Section) -> bytes:
+    def read(self, section: Section, limit: int | None = None) -> bytes:
+        """A section's bytes; with `limit`, an `EifError` for a larger section instead of reading it."""
+        if limit is not None and section.size > limit:
+            raise EifError(f"{self.path}: the {section.name} section at offset {section.offset} is {section.size:,} "
+                           f"bytes, more than the {limit:,} it may have", fix="the EIF is corrupt or malicious")
         with open(self.path, "rb") as f:
             f.seek(section.data_offset)
-            return f.read(section.size)
+            data = f.read(section.size)
+        if len(data) != section.size:
+            raise EifError(f"{self.path}: ends inside the {section.name} section", fix="the file is truncated")
+        return data
 
     def chunks(self, section: Section) -> Iterator[bytes]:
         with open(self.path, "rb") as f:
@@ -143,8 +161,16 @@ def read_eif(path: str) -> EifFile:
     def bad(message: str) -> EifError:
         return EifError(f"{path}: {message}", fix="this is not a valid EIF (built by nitro-cli or enclaver)")
 
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the `with` below; open errors are the user's
+    except OSError as e:
+        raise UnreadableEif(f"cannot read the EIF: {e.strerror or e}", file=path,
+                            fix="give the path of an .eif file") from None
+    with f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableEif("cannot read the EIF: not a regular file", file=path, fix="give the path of an .eif file")
+        size = info.st_size
         header = f.read(HEADER_SIZE)
         if len(header) < HEADER_SIZE or header[:4] != MAGIC:
             raise bad("no EIF header (magic '.eif')")
@@ -175,6 +201,8 @@ def read_eif(path: str) -> EifFile:
             left = length
             while left:
                 chunk = f.read(min(CHUNK, left))
+                if not chunk:  # the file shrank while we read it
+                    raise bad(f"ends inside section {i}")
                 running = zlib.crc32(chunk, running)
                 left -= len(chunk)
             sections.append(Section(kind, offsets[i], length))

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclaver_rules.eif.cpio import CpioEntry, CpioWriter, archive_length, coalesce
-from enclaver_rules.eif.rootfs import Tree
+from enclaver_rules.eif.cpio import CpioEntry, CpioWriter, archive_length, coalesce, encode_name
+from enclaver_rules.eif.rootfs import NAME_MAX, PATH_MAX, Tree, shown
 from enclaver_rules.errors import InvalidInput
 
 #: linuxkit's defaultModTime, 2017-04-18T16:30:00Z: every entry linuxkit makes carries it.
@@ -81,9 +81,16 @@ def command_files(cmd: list[str], entrypoint: list[str], env: list[str]) -> tupl
         raise InvalidInput("the image has neither Cmd nor Entrypoint", file="IMAGE",
                            fix="give the image an ENTRYPOINT or CMD: the enclave needs a program to run")
     for item in argv + env:
-        if "\n" in item:
-            raise InvalidInput(f"{item!r} contains a newline, which the enclave's init cannot read", file="IMAGE",
-                               fix="remove newlines from the image's Cmd/Entrypoint/Env")
+        text = repr(item) if len(item) <= 80 else repr(item[:80]) + "…"
+        if "\n" in item or "\0" in item:
+            raise InvalidInput(f"{text} contains a newline or NUL, which the enclave's init cannot read",
+                               file="IMAGE", fix="remove newlines and NUL characters from the image's Cmd/Entrypoint/Env")
+        if not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate, from a JSON escape such as "\ud800"
+                raise InvalidInput(f"{text} is not valid Unicode (a lone surrogate escape)", file="IMAGE",
+                                   fix="write the image's Cmd/Entrypoint/Env as UTF-8 text") from None
     return "".join(f"{a}\n" for a in argv).encode(), "".join(f"{e}\n" for e in env).encode()
 
 
@@ -107,6 +114,7 @@ def customer(tree: Tree, cmd: bytes, env: bytes) -> Ramdisk:
             found.add(name)
         mtime = LINUXKIT_MTIME if name in TOUCH else node.mtime
         full = PREFIX + name
+        _check_path(full)
         if name == "etc/hosts":
             add(full, "file", node.mode, LINUXKIT_MTIME, uid=node.uid, gid=node.gid, data=HOSTS)
         elif name == "etc/resolv.conf":
@@ -114,14 +122,14 @@ def customer(tree: Tree, cmd: bytes, env: bytes) -> Ramdisk:
         elif item.hardlink_to is not None:
             # linuxkit turns hard links into symlinks relative to the link's directory (initrd.go typeconv)
             target = _relative(PREFIX + item.hardlink_to, full)
-            add(full, "symlink", node.mode, mtime, uid=node.uid, gid=node.gid, data=target.encode())
+            add(full, "symlink", node.mode, mtime, uid=node.uid, gid=node.gid, data=encode_name(target))
         elif node.kind == "dir":
             add(full, "dir", node.mode, mtime, uid=node.uid, gid=node.gid)
         elif node.kind == "file":
             add(full, "file", node.mode, mtime, uid=node.uid, gid=node.gid, size=node.size,
                 source=lambda node=node: tree.read(node))  # type: ignore[misc]
         elif node.kind == "symlink":
-            add(full, "symlink", node.mode, mtime, uid=node.uid, gid=node.gid, data=node.linkname.encode())
+            add(full, "symlink", node.mode, mtime, uid=node.uid, gid=node.gid, data=encode_name(node.linkname))
         else:
             add(full, node.kind, node.mode, mtime, uid=node.uid, gid=node.gid, rdev=(node.devmajor, node.devminor))
     for name in sorted(TOUCH):
@@ -134,6 +142,19 @@ def customer(tree: Tree, cmd: bytes, env: bytes) -> Ramdisk:
     add("cmd", "file", 0o644, LINUXKIT_MTIME, data=cmd)
     add("env", "file", 0o644, LINUXKIT_MTIME, data=env)
     return Ramdisk(tuple(entries))
+
+
+def _check_path(full: str) -> None:
+    """A path the enclave's kernel can unpack: the layers' names were checked one by one, but a
+    directory reached through a symbolic link, or made for a path's parents, can go deeper."""
+    raw = encode_name(full)
+    if len(raw) + 1 > PATH_MAX:
+        raise InvalidInput(f"{shown(full[len(PREFIX):])} is {len(raw) - len(PREFIX)} bytes long: the enclave's kernel "
+                           f"unpacks paths of at most {PATH_MAX - len(PREFIX) - 1}", file="IMAGE",
+                           fix="shorten the image's deepest paths (deep directories or long names)")
+    if max(len(part) for part in raw.split(b"/")) > NAME_MAX:
+        raise InvalidInput(f"{shown(full[len(PREFIX):])} has a name component over {NAME_MAX} bytes", file="IMAGE",
+                           fix="rename it in the image: Linux allows at most 255 bytes per name")
 
 
 def _relative(target: str, link: str) -> str:

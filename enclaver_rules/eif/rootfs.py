@@ -17,6 +17,15 @@ Emulated from the sources in ../shared/reference/eif.md §8:
 * export walk order: `filepath.WalkDir` (each directory's entries sorted by name, depth first),
   directories named with a trailing `/`; the first path of an inode is the file, later paths
   are hard links to it.
+
+Layers are hostile input. Names are kept as the bytes the tar holds (UTF-8, anything else
+through surrogate escapes, so the ramdisk gets the same bytes `docker export` gives). What a
+newc archive or the enclave's kernel cannot hold is refused with an `InvalidInput` naming the
+layer and the entry: a NUL in a name, a name component over NAME_MAX (255) bytes, a path over
+PATH_MAX (4096), a number (uid, gid, mtime, size, device) over 32 bits, a sparse file. Memory and
+time are bounded: extended tar headers are capped, the tree holds at most MAX_NODES nodes, each
+path resolution walks at most MAX_LOOKUP_STEPS components and the whole image MAX_TOTAL_STEPS,
+and nothing recurses per directory level (a 2,000-deep tree is walked like a flat one).
 """
 
 from __future__ import annotations
@@ -30,11 +39,32 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from enclaver_rules.errors import OperationFailed
+from enclaver_rules.errors import InvalidInput, OperationFailed
 from enclaver_rules.oci.flatten import OPAQUE, WHITEOUT, UnsafeLayer
 
 CHUNK = 4 << 20  # big reads: fewer hand-offs to the hashing threads
 MAX_SYMLINKS = 40
+#: Linux's limits: a name component, and a whole path with its NUL (a longer cpio name is
+#: skipped by the kernel's initramfs unpacker, a longer component cannot be created).
+NAME_MAX = 255
+PATH_MAX = 4096
+#: newc stores every number as 8 hex digits.
+U32 = 0xFFFF_FFFF
+#: Nodes built for one image (about 360 bytes each, so under 1 GB); real images have far fewer.
+MAX_NODES = 2_000_000
+#: Components walked to resolve one path, symbolic links included (a PATH_MAX path has at most
+#: 2,048), and for the whole image: a bound on the time a hostile tree of links can cost.
+MAX_LOOKUP_STEPS = 4096
+MAX_TOTAL_STEPS = 100_000_000
+#: One PAX or GNU long-name header, all global PAX headers together, and extended headers in a row.
+MAX_EXTENDED_HEADER = 1 << 20
+MAX_GLOBAL_HEADERS = 16 << 10
+MAX_HEADER_CHAIN = 8
+#: What tarfile raises on a hostile archive: its own errors, and ValueErrors from numbers it
+#: parses without checking (GNU sparse maps in PAX records).
+TAR_ERRORS = (tarfile.TarError, ValueError, OverflowError, LookupError, EOFError)
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+             tarfile.GNUTYPE_LONGLINK)
 #: Docker's init layer (moby daemon/initlayer/setup_unix.go): path → "dir", "file" or a symlink's target.
 INIT_LAYER = (("dev/pts", "dir"), ("dev/shm", "dir"), ("proc", "dir"), ("sys", "dir"), (".dockerenv", "file"),
               ("etc/resolv.conf", "file"), ("etc/hosts", "file"), ("etc/hostname", "file"), ("dev/console", "file"),
@@ -67,6 +97,52 @@ class ExportEntry:
     hardlink_to: str | None = None  # for the second and later paths of an inode
 
 
+def encode(name: str) -> bytes:
+    """A name as the bytes the layer held (tarfile decodes them with surrogate escapes)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def sort_key(name: str) -> bytes:
+    """Go sorts names as bytes; for names that are not UTF-8 that differs from code point order."""
+    return encode(name)
+
+
+def shown(name: str, limit: int = 120) -> str:
+    """A name for a message: quoted, escaped, and cut short."""
+    text = repr(name)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(encode(name))} bytes)"
+
+
+class _LayerHeaderError(tarfile.HeaderError):
+    """An extended header over our bounds (a tarfile.TarError, so reported as a broken layer)."""
+
+
+def _bounded_tarinfo() -> type[tarfile.TarInfo]:
+    """A TarInfo for one archive that refuses huge or endlessly chained extended headers: tarfile
+    reads each into memory, and reads a chain of them recursively."""
+    state = {"depth": 0, "global": 0}
+
+    class BoundedTarInfo(tarfile.TarInfo):
+        def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+            if self.type not in _EXTENDED:
+                return super()._proc_member(tar)  # type: ignore[misc, no-any-return]
+            if self.size > MAX_EXTENDED_HEADER:
+                raise _LayerHeaderError(f"an extended header of {self.size} bytes (at most {MAX_EXTENDED_HEADER})")
+            if self.type == tarfile.XGLTYPE:
+                state["global"] += self.size
+                if state["global"] > MAX_GLOBAL_HEADERS:
+                    raise _LayerHeaderError(f"global PAX headers over {MAX_GLOBAL_HEADERS} bytes")
+            if state["depth"] >= MAX_HEADER_CHAIN:
+                raise _LayerHeaderError(f"more than {MAX_HEADER_CHAIN} extended headers in a row")
+            state["depth"] += 1
+            try:
+                return super()._proc_member(tar)  # type: ignore[misc, no-any-return]
+            finally:
+                state["depth"] -= 1
+
+    return BoundedTarInfo
+
+
 class Tree:
     """The merged root file system (metadata only) plus the layer files holding the bytes."""
 
@@ -74,6 +150,14 @@ class Tree:
         self.root = Node("dir", 0o755, 0, 0, 0)
         self.layers: list[Path] = []
         self._next_inode = 1
+        self.nodes = 0  # built so far (replaced ones included): bounded by MAX_NODES
+        self.steps = 0  # path components walked so far: bounded by MAX_TOTAL_STEPS
+
+    def _count(self, where: str, n: int = 1) -> None:
+        self.nodes += n
+        if self.nodes > MAX_NODES:
+            raise InvalidInput(f"{where}: the image has more than {MAX_NODES:,} files and directories", file="IMAGE",
+                               fix="an enclave's root file system lives in its memory: make the image smaller")
 
     # -- building -------------------------------------------------------------------------------
 
@@ -86,9 +170,14 @@ class Tree:
         node = self.root
         stack: list[Node] = []
         todo = list(reversed(parts))
-        links = 0
+        links = steps = 0
         while todo:
             part = todo.pop()
+            steps += 1
+            if steps > MAX_LOOKUP_STEPS:
+                self.steps += steps
+                raise UnsafeLayer(f"{where}: resolving the path takes more than {MAX_LOOKUP_STEPS} steps",
+                                  fix="the image's symbolic links are malicious or broken")
             if part in ("", "."):
                 continue
             if part == "..":
@@ -97,7 +186,8 @@ class Tree:
             child = node.children.get(part)
             if child is None:
                 if not create:
-                    return None
+                    break
+                self._count(where)
                 child = node.children[part] = Node("dir", 0o755, 0, 0, 0)
             if child.kind == "symlink":
                 links += 1
@@ -109,11 +199,22 @@ class Tree:
                 continue
             if child.kind != "dir":
                 if not create:
-                    return None
+                    break
+                self._count(where)
                 child = node.children[part] = Node("dir", 0o755, 0, 0, 0)
             stack.append(node)
             node = child
-        return node
+        else:
+            self._spend(steps, where)
+            return node
+        self._spend(steps, where)
+        return None
+
+    def _spend(self, steps: int, where: str) -> None:
+        self.steps += steps
+        if self.steps > MAX_TOTAL_STEPS:
+            raise UnsafeLayer(f"{where}: resolving the image's paths takes more than {MAX_TOTAL_STEPS:,} steps",
+                              fix="the image's symbolic links or directory tree are malicious")
 
     def _get(self, parts: tuple[str, ...], where: str) -> Node | None:
         parent = self._lookup(parts[:-1], where, create=False)
@@ -134,15 +235,65 @@ class Tree:
                 raise OperationFailed(f"{label}: broken layer: {e}", fix="the blob is corrupt or truncated") from None
         self.layers.append(path)
         added: dict[int, Node] = {}  # nodes this layer wrote (kept referenced, so their ids stay unique)
-        try:
-            with tarfile.open(path, mode="r:") as tar:
-                for member in tar:
-                    self._apply(label, index, member, added)
-        except tarfile.TarError as e:
-            raise OperationFailed(f"{label}: broken layer: {e}", fix="the blob is corrupt or truncated") from None
+        opaque: dict[int, Node] = {}  # directories this layer made opaque already
 
-    def _apply(self, label: str, index: int, m: tarfile.TarInfo, added: dict[int, Node]) -> None:
-        where = f"{label}: {m.name!r}"
+        def broken(e: BaseException) -> OperationFailed:
+            return OperationFailed(f"{label}: broken layer: {type(e).__name__ if not str(e) else e}",
+                                   fix="the blob is corrupt or truncated")
+
+        try:
+            tar = tarfile.open(path, mode="r:", tarinfo=_bounded_tarinfo(),  # noqa: SIM115 - `with tar` below
+                               encoding="utf-8", errors="surrogateescape")
+        except TAR_ERRORS as e:
+            raise broken(e) from None
+        with tar:
+            while True:
+                try:
+                    member = tar.next()
+                except TAR_ERRORS as e:
+                    raise broken(e) from None
+                if member is None:
+                    break
+                tar.members.clear()  # type: ignore[attr-defined]  # tarfile keeps every member; we need none
+                self._apply(label, index, member, added, opaque)
+            end = tar.offset
+        with open(path, "rb") as f:  # tarfile ends quietly at a bad header; Docker's reader does not
+            f.seek(end)
+            rest = f.read(tarfile.BLOCKSIZE)
+        if rest.strip(b"\0"):
+            raise OperationFailed(f"{label}: broken layer: no valid tar header at offset {end}",
+                                  fix="the blob is corrupt or truncated")
+
+    def _check(self, where: str, m: tarfile.TarInfo) -> None:
+        """What the ramdisk (newc, 32-bit numbers) and the enclave's kernel cannot hold: refused."""
+        def bad(message: str, fix: str) -> InvalidInput:
+            return InvalidInput(f"{where}: {message}", file="IMAGE", fix=fix)
+
+        rename = "rename or remove it in the image"
+        for what, text in (("name", m.name), ("link target", m.linkname)):
+            raw = encode(text)
+            if b"\0" in raw:
+                raise bad(f"the {what} contains a NUL byte", "the layer is malicious or broken")
+            if len(raw) >= PATH_MAX:
+                raise bad(f"the {what} is {len(raw)} bytes long; Linux paths are under {PATH_MAX}", rename)
+            longest = max((len(p) for p in raw.split(b"/")), default=0)
+            if what == "name" and longest > NAME_MAX:
+                raise bad(f"a name component is {longest} bytes long; Linux allows {NAME_MAX}", rename)
+        if m.sparse is not None or m.type == tarfile.GNUTYPE_SPARSE:
+            raise bad("is a sparse file, which enclaver does not read",
+                      "store the file in full (docker build never writes sparse files)")
+        for what, value in (("uid", m.uid), ("gid", m.gid), ("mtime", m.mtime), ("size", m.size),
+                             ("device major", m.devmajor), ("device minor", m.devminor)):
+            if not 0 <= value <= U32:
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)  # PAX numbers are read as floats
+                raise bad(f"its {what} {value} does not fit the ramdisk's 32 bits",
+                          "the ramdisk format (newc cpio) holds 0 … 4294967295: change the file in the image")
+
+    def _apply(self, label: str, index: int, m: tarfile.TarInfo, added: dict[int, Node],
+               opaque: dict[int, Node]) -> None:
+        where = f"{label}: {shown(m.name)}"
+        self._check(where, m)
         parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
         if ".." in parts:
             raise UnsafeLayer(f"{where}: climbs out of the image with '..'", fix="this layer is malicious; do not use it")
@@ -151,7 +302,8 @@ class Tree:
         name = parts[-1]
         if name == OPAQUE:
             directory = self._lookup(parts[:-1], where, create=False)
-            if directory is not None:
+            if directory is not None and id(directory) not in opaque:  # a second marker changes nothing
+                opaque[id(directory)] = directory  # referenced, so the id stays unique
                 directory.children = {k: v for k, v in directory.children.items() if id(v) in added}
             return
         if name.startswith(WHITEOUT):
@@ -190,6 +342,7 @@ class Tree:
             node = Node(kind, m.mode & 0o7777, m.uid, m.gid, mtime, devmajor=m.devmajor, devminor=m.devminor)
         else:
             return
+        self._count(where)
         parent.children[name] = node
         added[id(node)] = node
 
@@ -225,24 +378,27 @@ class Tree:
     # -- reading --------------------------------------------------------------------------------
 
     def export(self) -> Iterator[ExportEntry]:
-        """Entries in `docker export` order: WalkDir (sorted names, depth first), root skipped."""
+        """Entries in `docker export` order: WalkDir (names sorted as bytes, depth first), root
+        skipped. Walked with an explicit stack: depth costs memory per level, never recursion."""
         seen: dict[int, str] = {}
-
-        def walk(node: Node, prefix: str) -> Iterator[ExportEntry]:
-            for name in sorted(node.children):
-                child = node.children[name]
-                path = prefix + name
-                if child.kind == "dir":
-                    yield ExportEntry(path + "/", child)
-                    yield from walk(child, path + "/")
-                elif child.kind == "file" and child.inode in seen:
-                    yield ExportEntry(path, child, hardlink_to=seen[child.inode])
-                else:
-                    if child.kind == "file":
-                        seen[child.inode] = path
-                    yield ExportEntry(path, child)
-
-        yield from walk(self.root, "")
+        stack: list[tuple[Iterator[str], Node, str]] = [(iter(sorted(self.root.children, key=sort_key)), self.root, "")]
+        while stack:
+            names, node, prefix = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                continue
+            child = node.children[name]
+            path = prefix + name
+            if child.kind == "dir":
+                yield ExportEntry(path + "/", child)
+                stack.append((iter(sorted(child.children, key=sort_key)), child, path + "/"))
+            elif child.kind == "file" and child.inode in seen:
+                yield ExportEntry(path, child, hardlink_to=seen[child.inode])
+            else:
+                if child.kind == "file":
+                    seen[child.inode] = path
+                yield ExportEntry(path, child)
 
     def read(self, node: Node) -> Iterator[bytes]:
         if node.size == 0:

@@ -16,12 +16,12 @@ from typing import Any
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from enclaver_rules.eif.format import SECTION_CMDLINE, SECTION_KERNEL, SECTION_RAMDISK, SectionSource
+from enclaver_rules.eif.format import SECTION_CMDLINE, SECTION_KERNEL, SECTION_RAMDISK, EifError, SectionSource
 from enclaver_rules.eif.measure import Measurements, Measurer, pcr_of
 from enclaver_rules.errors import InvalidInput
 
@@ -113,26 +113,76 @@ class SignatureInfo:
     algorithm: str
     signed_pcr0: str
     valid: bool  # the COSE signature verifies with the certificate's key
+    issuer: dict[str, str]  # what `nitro-cli describe-eif` shows of the certificate, read once here
+    not_before: str
+    not_after: str
+    certificate_signature: str
 
     @property
     def pcr8(self) -> str:
         return pcr_of(self.certificate.public_bytes(serialization.Encoding.DER))
 
 
-def read_signature(section: bytes) -> SignatureInfo:
-    """Decode a signature section and verify its COSE_Sign1 with the certificate it carries."""
+#: A signature section is a certificate and a COSE_Sign1 (a few KiB, twice that as CBOR uint arrays).
+MAX_SIGNATURE_SECTION = 1 << 20
+#: What a hostile section can make the decoders raise: cbor2's own errors (not ValueErrors in
+#: cbor2 6), a certificate whose key type cryptography does not know, and for cycles, wrong shapes
+#: and odd tags the built-in ones.
+_DECODE_ERRORS = (cbor2.CBORError, UnsupportedAlgorithm, ValueError, TypeError, LookupError, OverflowError,
+                  RecursionError, EOFError)
+
+
+def _byte_string(value: Any, what: str) -> bytes:
+    """serde_cbor writes a Vec<u8> as an array of uints; a CBOR byte string is accepted too."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, list) and all(type(b) is int and 0 <= b <= 255 for b in value):
+        return bytes(value)
+    raise ValueError(f"{what} is not a byte string")
+
+
+def _text(value: object) -> str:
+    return value.hex() if isinstance(value, bytes) else str(value)
+
+
+def read_signature(section: bytes, where: str = "the signature section") -> SignatureInfo:
+    """Decode a signature section and verify its COSE_Sign1 with the certificate it carries.
+
+    A section that is not `[{signing_certificate, signature}]` with a PEM certificate and a
+    COSE_Sign1 `[protected, unprotected, payload, signature]` is an `EifError` naming the part
+    that is wrong; a well-formed signature that does not verify is `valid=False`, not an error."""
+    if len(section) > MAX_SIGNATURE_SECTION:
+        raise EifError(f"{where} is {len(section):,} bytes, more than {MAX_SIGNATURE_SECTION:,}",
+                       fix="the EIF is corrupt or malicious")
     try:
-        [entry] = cbor2.loads(section)
-        pem = bytes(entry["signing_certificate"])
-        cose = bytes(entry["signature"])
-        protected, _unprotected, payload, signature = cbor2.loads(cose)
-        alg = cbor2.loads(protected)[1]
+        entries = cbor2.loads(section)
+        if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
+            raise ValueError("not a list of one {signing_certificate, signature} map")
+        entry = entries[0]
+        pem = _byte_string(entry.get("signing_certificate"), "signing_certificate")
+        cose = cbor2.loads(_byte_string(entry.get("signature"), "signature"))
+        if not isinstance(cose, list) or len(cose) != 4:
+            raise ValueError("the signature is not a COSE_Sign1 [protected, unprotected, payload, signature]")
+        protected, payload, signature = (_byte_string(cose[i], name) for i, name in
+                                         ((0, "the protected header"), (2, "the payload"), (3, "the signature")))
+        header = cbor2.loads(protected)
+        alg = header.get(1) if isinstance(header, dict) else None
+        if type(alg) is not int:
+            raise ValueError("the protected header names no algorithm")
         claims = cbor2.loads(payload)
-        signed_pcr0 = bytes(claims["register_value"]).hex()
+        if not isinstance(claims, dict):
+            raise ValueError("the payload is not a map")
+        signed_pcr0 = _byte_string(claims.get("register_value"), "register_value").hex()
         certificate = x509.load_pem_x509_certificate(pem)
-    except (ValueError, KeyError, TypeError, cbor2.CBORDecodeError) as e:
-        raise InvalidInput(f"malformed signature section: {e}", fix="the EIF is corrupt") from None
-    public = certificate.public_key()
+        public = certificate.public_key()
+        issuer = {attr.oid._name: _text(attr.value) for attr in certificate.issuer}
+        not_before, not_after = (certificate.not_valid_before_utc.isoformat(),
+                                 certificate.not_valid_after_utc.isoformat())
+        certificate_signature = ":".join(f"{b:02X}" for b in certificate.signature)
+        certificate.public_bytes(serialization.Encoding.DER)  # PCR8 is taken from these
+    except _DECODE_ERRORS as e:
+        raise EifError(f"{where} is malformed: {str(e)[:200]}",
+                       fix="the EIF is corrupt or malicious: rebuild or re-sign it") from None
     entry_alg = next(((a, h, w) for a, h, w in ALGORITHMS.values() if a == alg), None)
     valid = False
     if entry_alg is not None and isinstance(public, ec.EllipticCurvePublicKey) and len(signature) == 2 * entry_alg[2]:
@@ -141,6 +191,7 @@ def read_signature(section: bytes) -> SignatureInfo:
         try:
             public.verify(der, _sig_structure(protected, payload), ec.ECDSA(entry_alg[1]()))
             valid = True
-        except InvalidSignature:
+        except (InvalidSignature, ValueError):
             valid = False
-    return SignatureInfo(certificate, ALG_NAMES.get(alg, str(alg)), signed_pcr0, valid)
+    return SignatureInfo(certificate, ALG_NAMES.get(alg, str(alg)), signed_pcr0, valid, issuer, not_before, not_after,
+                         certificate_signature)

@@ -42,7 +42,12 @@ class Platform:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Platform:
-        return cls(str(data.get("os", "")), str(data.get("architecture", "")), data.get("variant")).normalised()
+        """From an index entry's `platform` or an image config; `ValueError` when a field is not text."""
+        os_name, arch, variant = data.get("os", ""), data.get("architecture", ""), data.get("variant")
+        for name, value in (("os", os_name), ("architecture", arch), ("variant", variant)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, not {json_type(value)}")
+        return cls(os_name or "", arch or "", variant or None).normalised()
 
     def __str__(self) -> str:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
@@ -83,11 +88,28 @@ class Descriptor:
         return dict(self.annotations).get(key)
 
 
+def json_type(value: Any) -> str:
+    """What a JSON value is, in words, for messages (`a string`, `a list`, …)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
 def _load(raw: bytes, where: str) -> dict[str, Any]:
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # not UTF-8, not JSON, or an integer too long to convert
         raise OperationFailed(f"{where}: not JSON: {e}", fix="the image is corrupt") from None
+    except RecursionError:  # CPython's decoder recurses once per nesting level
+        raise OperationFailed(f"{where}: JSON nested too deeply to read", fix="the image is corrupt") from None
     if not isinstance(data, dict):
         raise OperationFailed(f"{where}: not a JSON object", fix="the image is corrupt")
     return data
@@ -158,16 +180,31 @@ def parse(raw: bytes, media_type: str | None, where: str) -> Manifest | Index:
                           fix="this is not a container image (an artifact?)")
 
 
+#: Where the image config says what to run. Docker reads `Cmd` and `Entrypoint` as a list of
+#: strings or one string (moby's `strslice.StrSlice`: `"Cmd": "x"` is `["x"]`), `Env` only as a list.
+_STRSLICE = ("Entrypoint", "Cmd")
+_CONFIG_FIX = "the image config is malformed: rebuild the image (docker build writes these fields correctly)"
+
+
 @dataclass(frozen=True, slots=True)
 class ImageConfig:
-    """The image configuration (the JSON the image ID is the digest of)."""
+    """The image configuration (the JSON the image ID is the digest of).
+
+    Parsing keeps any JSON object; the fields enclaver uses (the process block, platform,
+    diff_ids) are checked when they are read, so a malformed one is an `InvalidInput` naming the
+    field, never a wrong value: `"Cmd": "x"` means `["x"]` as in Docker, `"Cmd": [1]` is refused.
+    """
 
     raw: bytes
     data: dict[str, Any]
+    where: str = field(default="image config", compare=False)
 
     @classmethod
     def parse(cls, raw: bytes, where: str) -> ImageConfig:
-        return cls(raw, _load(raw, where))
+        return cls(raw, _load(raw, where), where)
+
+    def _invalid(self, name: str, message: str) -> InvalidInput:
+        return InvalidInput(message, file=self.where, field=name, fix=_CONFIG_FIX)
 
     @property
     def digest(self) -> Digest:
@@ -175,24 +212,61 @@ class ImageConfig:
 
     @property
     def platform(self) -> Platform:
-        return Platform.from_json(self.data)
+        try:
+            return Platform.from_json(self.data)
+        except ValueError as e:
+            raise self._invalid("platform", str(e)) from None
 
     @property
     def process(self) -> dict[str, Any]:
+        """The `config` block, after `check()`: whichever field is asked for, all are checked, so code
+        that edits a copy of the whole config (oci.mutate) never meets a wrong type."""
+        self.check()
         config = self.data.get("config")
         return config if isinstance(config, dict) else {}
 
+    def check(self) -> None:
+        """`InvalidInput` naming the first field enclaver reads or edits that has the wrong JSON type:
+        config.{Entrypoint,Cmd,Env,Labels}, rootfs.diff_ids, history."""
+        config = self.data.get("config")
+        if config is not None:
+            if not isinstance(config, dict):
+                raise self._invalid("config", f"must be an object, not {_describe(config)}")
+            for key in (*_STRSLICE, "Env"):
+                self._strings(config, key)
+            labels = config.get("Labels")
+            if labels is not None and not (isinstance(labels, dict) and
+                                           all(isinstance(v, str) for v in labels.values())):
+                raise self._invalid("config.Labels", f"must be an object of strings, not {_describe(labels)}")
+        history = self.data.get("history")
+        if history is not None and not isinstance(history, list):
+            raise self._invalid("history", f"must be a list, not {_describe(history)}")
+        _ = self.diff_ids  # checks rootfs
+
+    def _strings(self, config: dict[str, Any], key: str) -> list[str]:
+        value = config.get(key)
+        if value is None:
+            return []
+        if isinstance(value, str) and key in _STRSLICE:
+            return [value]
+        if not isinstance(value, list):
+            raise self._invalid(f"config.{key}", f"must be a list of strings, not {_describe(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self._invalid(f"config.{key}[{i}]", f"must be a string, not {_describe(item)}")
+        return list(value)
+
     @property
     def entrypoint(self) -> list[str]:
-        return list(self.process.get("Entrypoint") or [])
+        return self._strings(self.process, "Entrypoint")
 
     @property
     def cmd(self) -> list[str]:
-        return list(self.process.get("Cmd") or [])
+        return self._strings(self.process, "Cmd")
 
     @property
     def env(self) -> list[str]:
-        return list(self.process.get("Env") or [])
+        return self._strings(self.process, "Env")
 
     @property
     def labels(self) -> dict[str, str]:
@@ -200,5 +274,28 @@ class ImageConfig:
 
     @property
     def diff_ids(self) -> list[Digest]:
-        rootfs = self.data.get("rootfs") or {}
-        return [Digest.parse(d) for d in rootfs.get("diff_ids") or []]
+        if "rootfs" not in self.data:
+            return []
+        rootfs = self.data["rootfs"]
+        if not isinstance(rootfs, dict):  # null too: oci.mutate appends to it
+            raise self._invalid("rootfs", f"must be an object, not {_describe(rootfs)}")
+        ids = rootfs.get("diff_ids")
+        if ids is None:
+            return []
+        if not isinstance(ids, list):
+            raise self._invalid("rootfs.diff_ids", f"must be a list of digests, not {_describe(ids)}")
+        out = []
+        for i, item in enumerate(ids):
+            try:
+                out.append(Digest.parse(item if isinstance(item, str) else ""))
+            except ValueError:
+                raise self._invalid(f"rootfs.diff_ids[{i}]", f"must be a digest, not {_describe(item)}") from None
+        return out
+
+
+def _describe(value: Any) -> str:
+    """`a string ('/bin/sh')`: the type, and a short excerpt of scalars."""
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        text = repr(value)
+        return f"{json_type(value)} ({text[:60]}{'…' if len(text) > 60 else ''})"
+    return json_type(value)
