@@ -1,10 +1,10 @@
-"""KMS key policies, judged by a small evaluator of IAM's rules written here from the AWS docs
-(kms-recipient notes §3.2): explicit deny wins, an absent condition key makes a positive operator
-false and a negated one true, values of one key are ORed, keys and operators ANDed."""
+"""KMS key policies, judged by the evaluator beside the generator (`kms.evaluate`, IAM's rules from
+the AWS docs, kms-recipient notes §3.2): explicit deny wins, an absent condition key makes a
+positive operator false and a negated one true, values of one key are ORed, keys and operators
+ANDed."""
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 from typing import Any
@@ -21,40 +21,9 @@ A = {"PCR0": "a" * 96, "PCR1": "1" * 96, "PCR2": "2" * 96}
 B = {"PCR0": "b" * 96, "PCR1": "1" * 96, "PCR2": "3" * 96}
 
 
-def _listify(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [value]
-
-
-def _condition_holds(condition: dict[str, dict[str, Any]], context: dict[str, str]) -> bool:
-    for operator, keys in condition.items():
-        for key, values in keys.items():
-            wanted = [str(v).lower() for v in _listify(values)]
-            present = key in context
-            if operator == "StringEqualsIgnoreCase":
-                if not present or context[key].lower() not in wanted:
-                    return False
-            elif operator == "StringNotEqualsIgnoreCase":
-                if present and context[key].lower() in wanted:
-                    return False
-            else:
-                raise AssertionError(f"operator {operator} not modelled")
-    return True
-
-
-def allowed(policy: dict[str, Any], principal: str, action: str, context: dict[str, str]) -> bool:
-    decision = False
-    for s in policy["Statement"]:
-        who = s["Principal"]
-        if who != "*" and principal not in _listify(who["AWS"]):
-            continue
-        if not any(fnmatch.fnmatchcase(action, pattern) for pattern in _listify(s["Action"])):
-            continue
-        if not _condition_holds(s.get("Condition", {}), context):
-            continue
-        if s["Effect"] == "Deny":
-            return False
-        decision = True
-    return decision
+def allowed(policy: dict[str, Any], principal: str, action: str, context: dict[str, str],
+            grants: tuple[kms.Grant, ...] = ()) -> bool:
+    return kms.evaluate(policy, principal, action, context, grants).allowed
 
 
 def attested(pcrs: dict[str, str]) -> dict[str, str]:
@@ -127,3 +96,71 @@ def test_update_of_a_policy_without_an_admin_adds_one() -> None:
     assert allowed(updated, PARENT, "kms:Encrypt", {})  # statements of others are kept
     with pytest.raises(InvalidInput, match="no `Statement`"):
         kms.update_policy({"Version": "2012-10-17"}, A, TRUST)
+
+
+# -- the evaluator itself: IAM's rules, on small policies written here ----------------------------
+
+KEY = "kms:RecipientAttestation:ImageSha384"
+
+
+def _policy(*statements: dict[str, Any]) -> dict[str, Any]:
+    return {"Version": "2012-10-17", "Statement": list(statements)}
+
+
+def _allow(action: Any, principal: Any = "*", condition: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"Sid": "Allow", "Effect": "Allow", "Principal": principal, "Action": action, "Resource": "*",
+            **({"Condition": condition} if condition else {}), **extra}
+
+
+def _deny(action: Any, principal: Any = "*", condition: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**_allow(action, principal, condition), "Sid": "Deny", "Effect": "Deny"}
+
+
+def test_evaluator_explicit_deny_beats_allow_and_grants() -> None:
+    policy = _policy(_allow("kms:*", {"AWS": ADMIN}), _deny("kms:Decrypt"))
+    assert kms.evaluate(policy, ADMIN, "kms:Encrypt") == kms.Decision(True, "Allow")
+    assert kms.evaluate(policy, ADMIN, "kms:Decrypt") == kms.Decision(False, "denied by Deny")
+    grant = kms.Grant(PARENT, frozenset({"Decrypt", "Encrypt"}))
+    assert not allowed(policy, PARENT, "kms:Decrypt", {}, (grant,))  # a grant never beats a deny
+    assert allowed(policy, PARENT, "kms:Encrypt", {}, (grant,))  # …but allows what nothing denies
+    assert not allowed(policy, PARENT, "kms:Encrypt", {})  # no statement, no grant: denied
+    assert not allowed(_policy(), ADMIN, "kms:Encrypt", {}, (kms.Grant(PARENT, frozenset({"Encrypt"})),))
+
+
+def test_evaluator_absent_keys_ifexists_null_and_bool() -> None:
+    value = "a" * 96
+    positive = _policy(_allow("kms:Decrypt", condition={"StringEqualsIgnoreCase": {KEY: value}}))
+    assert allowed(positive, PARENT, "kms:Decrypt", {KEY: value.upper()})
+    assert not allowed(positive, PARENT, "kms:Decrypt", {})  # absent: a positive operator is false
+    negated = _policy(_allow("kms:*"), _deny("kms:Decrypt", condition={"StringNotEqualsIgnoreCase": {KEY: value}}))
+    assert not allowed(negated, PARENT, "kms:Decrypt", {})  # absent: a negated operator is true
+    assert allowed(negated, PARENT, "kms:Decrypt", {KEY: value})
+    if_exists = _policy(_allow("kms:Decrypt", condition={"StringEqualsIgnoreCaseIfExists": {KEY: value}}))
+    assert allowed(if_exists, PARENT, "kms:Decrypt", {})  # why a generated policy never uses …IfExists
+    null = _policy(_allow("kms:Decrypt", condition={"Null": {KEY: "false"}}))
+    assert allowed(null, PARENT, "kms:Decrypt", {KEY: value}) and not allowed(null, PARENT, "kms:Decrypt", {})
+    flag = _policy(_allow("kms:CreateGrant", condition={"Bool": {"kms:GrantIsForAWSResource": True}}))
+    assert allowed(flag, PARENT, "kms:CreateGrant", {"kms:grantisforawsresource": "true"})  # names: any case
+    assert not allowed(flag, PARENT, "kms:CreateGrant", {}) and not allowed(
+        flag, PARENT, "kms:CreateGrant", {"kms:GrantIsForAWSResource": "false"})
+    two_keys = _policy(_allow("kms:Decrypt", condition={"StringEquals": {KEY: value, "kms:X": ["1", "2"]}}))
+    assert allowed(two_keys, PARENT, "kms:Decrypt", {KEY: value, "kms:X": "2"})  # values ORed
+    assert not allowed(two_keys, PARENT, "kms:Decrypt", {KEY: value})  # keys ANDed
+    with pytest.raises(ValueError, match="not modelled"):
+        kms.evaluate(_policy(_allow("kms:Decrypt", condition={"NumericLessThan": {"kms:X": "1"}})), PARENT,
+                     "kms:Decrypt")
+
+
+def test_evaluator_principals_actions_and_wildcards() -> None:
+    policy = _policy(_allow(["kms:ReEncrypt*", "kms:Describe?ey"], {"AWS": f"arn:aws:iam::{ACCOUNT}:root"}))
+    other = "arn:aws:iam::444455556666:role/X"
+    for action in ("kms:ReEncryptFrom", "KMS:reencryptto", "kms:DescribeKey"):
+        assert allowed(policy, ADMIN, action, {})  # root: the account's IAM decides (taken as allowing)
+    assert not allowed(policy, ADMIN, "kms:Decrypt", {}) and not allowed(policy, other, "kms:ReEncryptFrom", {})
+    session = f"arn:aws:sts::{ACCOUNT}:assumed-role/EnclaveParent/i-0123"
+    assert allowed(_policy(_allow("kms:Decrypt", {"AWS": PARENT})), session, "kms:Decrypt", {})
+    assert allowed(_policy(_allow("kms:Decrypt", {"AWS": [ADMIN, PARENT]})), PARENT, "kms:Decrypt", {})
+    not_action = _policy({"Sid": "N", "Effect": "Allow", "Principal": "*", "NotAction": "kms:Decrypt", "Resource": "*"})
+    assert allowed(not_action, PARENT, "kms:Encrypt", {}) and not allowed(not_action, PARENT, "kms:Decrypt", {})
+    service = _policy(_allow("kms:Decrypt", {"Service": "ec2.amazonaws.com"}))
+    assert not allowed(service, PARENT, "kms:Decrypt", {})

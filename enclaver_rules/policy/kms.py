@@ -188,3 +188,144 @@ def update_policy(existing: Mapping[str, Any], measurements: Mapping[str, str],
     after = json.dumps(policy, indent=2, sort_keys=True).splitlines()
     diff = list(difflib.unified_diff(before, after, "policy (before)", "policy (after)", lineterm=""))
     return policy, diff
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+# Beside the generator, so a test can prove what a generated policy admits. A small evaluator of
+# the part of IAM's logic these policies use, written here because nothing offline evaluates a
+# key policy's attestation conditions (moto ignores conditions: kms-recipient notes §5.1).
+
+#: The grant operations KMS accepts (botocore's `GrantOperation`, 1.44).
+GRANT_OPERATIONS = ("Decrypt", "Encrypt", "GenerateDataKey", "GenerateDataKeyWithoutPlaintext", "ReEncryptFrom",
+                    "ReEncryptTo", "Sign", "Verify", "GetPublicKey", "CreateGrant", "RetireGrant", "DescribeKey",
+                    "GenerateDataKeyPair", "GenerateDataKeyPairWithoutPlaintext", "GenerateMac", "VerifyMac",
+                    "DeriveSharedSecret", "Encapsulate", "Decapsulate")
+_NEGATED = ("StringNotEquals", "StringNotEqualsIgnoreCase", "StringNotLike")
+_OPERATORS = ("StringEquals", "StringEqualsIgnoreCase", "StringLike", *_NEGATED, "Bool", "Null")
+_SESSION = re.compile(r"arn:(aws[a-z-]*):sts::(\d{12}):assumed-role/([\w+=,.@-]+)/.+")
+_ACCOUNT_OF = re.compile(r"arn:aws[a-z-]*:(?:iam|sts)::(\d{12}):.+")
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A KMS grant on the key: `grantee` may call `operations` (grant operation names, e.g.
+    "Decrypt"), unless the key policy denies it."""
+
+    grantee: str
+    operations: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    why: str  # the deciding statement's Sid, "grant", or what was missing
+
+
+def _listify(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _glob(pattern: str, text: str, *, case: bool) -> bool:
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, text, 0 if case else re.IGNORECASE) is not None
+
+
+def _caller(principal: str) -> str:
+    """An assumed-role session acts as its role (what a key policy names)."""
+    m = _SESSION.fullmatch(principal)
+    return f"arn:{m.group(1)}:iam::{m.group(2)}:role/{m.group(3)}" if m else principal
+
+
+def _principal_matches(who: Any, principal: str) -> bool:
+    """`"*"` matches everyone. An account's root ARN matches every principal of that account: in a
+    key policy it hands the decision to the account's IAM policies, which this evaluator takes
+    to allow whatever they are asked (the worst case: the account's IAM administrators)."""
+    if who == "*":
+        return True
+    if not isinstance(who, dict):
+        raise ValueError(f"Principal {who!r} is not modelled")
+    caller = _caller(principal)
+    account = _ACCOUNT_OF.fullmatch(caller)
+    for arn in _listify(who.get("AWS", [])):
+        if arn in ("*", caller):
+            return True
+        root = re.fullmatch(r"arn:aws[a-z-]*:iam::(\d{12}):root", str(arn))
+        if root and account and root.group(1) == account.group(1):
+            return True
+    return False  # Service and federated principals are never an IAM caller here
+
+
+def _condition_holds(condition: Mapping[str, Mapping[str, Any]], context: Mapping[str, str]) -> bool:
+    """IAM's rules (AWS doc: IAM JSON policy elements: Condition operators): keys under one
+    operator, and operators, are ANDed; values of one key ORed (a negated operator: NOR); an
+    absent key makes a positive operator false and a negated one true; `…IfExists` is true when
+    the key is absent; `Null` tests presence. Key names are case-insensitive."""
+    present = {k.lower(): v for k, v in context.items()}
+    for raw_operator, keys in condition.items():
+        operator = raw_operator.removesuffix("IfExists")
+        if_exists = operator != raw_operator
+        if operator not in _OPERATORS:
+            raise ValueError(f"condition operator {raw_operator} is not modelled")
+        for key, values in keys.items():
+            wanted = [str(v).lower() if isinstance(v, bool) else str(v) for v in _listify(values)]
+            value = present.get(key.lower())
+            if operator == "Null":
+                if (value is None) != (wanted[0].lower() == "true"):
+                    return False
+                continue
+            if value is None:
+                if if_exists or operator in _NEGATED:
+                    continue
+                return False
+            if operator == "Bool" or operator.endswith("IgnoreCase"):
+                hit = value.lower() in [w.lower() for w in wanted]
+            elif operator.endswith("Like"):
+                hit = any(_glob(w, value, case=True) for w in wanted)
+            else:
+                hit = value in wanted
+            if hit == (operator in _NEGATED):
+                return False
+    return True
+
+
+def _applies(statement: Mapping[str, Any], principal: str, action: str, context: Mapping[str, str]) -> bool:
+    if "NotPrincipal" in statement or "NotResource" in statement:
+        raise ValueError(f"statement {statement.get('Sid', '?')}: NotPrincipal/NotResource are not modelled")
+    if not _principal_matches(statement.get("Principal"), principal):
+        return False
+    if "NotAction" in statement:
+        if any(_glob(p, action, case=False) for p in _listify(statement["NotAction"])):
+            return False
+    elif not any(_glob(p, action, case=False) for p in _listify(statement.get("Action", []))):
+        return False
+    return _condition_holds(statement.get("Condition", {}), context)
+
+
+def evaluate(policy: Mapping[str, Any], principal: str, action: str, context: Mapping[str, str] | None = None,
+             grants: Sequence[Grant] = ()) -> Decision:
+    """Whether KMS lets `principal` call `action` (`kms:Decrypt`) on this key, with the request's
+    condition keys `context` (e.g. `kms:RecipientAttestation:ImageSha384`, present only when the
+    request carries a valid attestation document) and the key's `grants`.
+
+    An explicit Deny in the key policy wins over every allow, a grant's included: "No AWS
+    principal, including the account root user or key creator, has any permissions to a KMS key
+    unless they are explicitly allowed, and never denied, in a key policy, IAM policy, or grant"
+    (AWS doc: *Key policies in AWS KMS*, docs.aws.amazon.com/kms/latest/developerguide/
+    key-policies.html; likewise *KMS key access and permissions*: "No AWS principal has any
+    permissions to a KMS key unless that permission is provided explicitly and never denied").
+    Then an Allow statement, or a grant to the caller for the operation; else it is denied.
+    """
+    context = context or {}
+    statements = policy.get("Statement", [])
+    applicable = [s for s in _listify(statements) if _applies(s, principal, action, context)]
+    for s in applicable:
+        if s.get("Effect") == "Deny":
+            return Decision(False, f"denied by {s.get('Sid', 'a statement')}")
+    for s in applicable:
+        if s.get("Effect") == "Allow":
+            return Decision(True, str(s.get("Sid", "a statement")))
+    operation = action.split(":", 1)[-1]
+    for grant in grants:
+        if _caller(grant.grantee) == _caller(principal) and operation in grant.operations:
+            return Decision(True, "grant")
+    return Decision(False, "no statement or grant allows it")
