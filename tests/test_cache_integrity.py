@@ -111,14 +111,14 @@ def _start() -> tuple[http.server.ThreadingHTTPServer, str, type[_Handler]]:
 
 
 @pytest.fixture
-def registry() -> Iterator[tuple[str, type[_Handler]]]:
+def fake_registry() -> Iterator[tuple[str, type[_Handler]]]:
     server, host, handler = _start()
     yield host, handler
     server.shutdown()
 
 
 @pytest.fixture
-def destination() -> Iterator[tuple[str, type[_Handler]]]:
+def fake_destination() -> Iterator[tuple[str, type[_Handler]]]:
     server, host, handler = _start()
     yield host, handler
     server.shutdown()
@@ -178,8 +178,8 @@ def intact(store: Store, digest: str) -> bool:
 @pytest.mark.parametrize("role", ["layer-gz", "layer-plain", "config", "manifest"])
 @pytest.mark.parametrize("pinned", [False, True])
 def test_pull_finds_a_rotted_blob_quarantines_it_and_fetches_it_again(
-        cli: Cli, registry: tuple[str, type[_Handler]], tmp_path: Path, role: str, how: str, pinned: bool) -> None:
-    host, handler = registry
+        cli: Cli, fake_registry: tuple[str, type[_Handler]], tmp_path: Path, role: str, how: str, pinned: bool) -> None:
+    host, handler = fake_registry
     digests = _serve_image(handler)
     ref = f"{host}/app@{digests['manifest']}" if pinned else f"{host}/app:1"
     cache = tmp_path / "cache"
@@ -199,8 +199,8 @@ def test_pull_finds_a_rotted_blob_quarantines_it_and_fetches_it_again(
 
 
 def test_a_pull_of_a_healthy_image_hashes_only_what_it_did_not_just_write(
-        cli: Cli, registry: tuple[str, type[_Handler]], tmp_path: Path) -> None:
-    host, handler = registry
+        cli: Cli, fake_registry: tuple[str, type[_Handler]], tmp_path: Path) -> None:
+    host, handler = fake_registry
     digests = _serve_image(handler)
     cache = tmp_path / "cache"
     assert cli("image", "pull", f"{host}/app:1", "--cache-dir", str(cache)).code == ExitCode.OK
@@ -213,8 +213,8 @@ def test_a_pull_of_a_healthy_image_hashes_only_what_it_did_not_just_write(
 
 
 @pytest.fixture
-def pulled(cli: Cli, registry: tuple[str, type[_Handler]], tmp_path: Path) -> tuple[Store, Manifest, dict[str, str]]:
-    host, handler = registry
+def pulled(cli: Cli, fake_registry: tuple[str, type[_Handler]], tmp_path: Path) -> tuple[Store, Manifest, dict[str, str]]:
+    host, handler = fake_registry
     digests = _serve_image(handler)
     result = cli("image", "pull", f"{host}/app:1", "--cache-dir", str(tmp_path / "cache"))
     assert result.code == ExitCode.OK, result.stderr
@@ -325,10 +325,10 @@ def test_background_check_finds_a_rotted_blob_among_good_ones(pulled: tuple[Stor
 
 @pytest.mark.parametrize("role", ["layer-gz", "layer-plain", "config"])
 def test_push_refuses_a_rotted_blob_and_fetches_it_again_from_the_source_registry(
-        cli: Cli, registry: tuple[str, type[_Handler]], destination: tuple[str, type[_Handler]], tmp_path: Path,
+        cli: Cli, fake_registry: tuple[str, type[_Handler]], fake_destination: tuple[str, type[_Handler]], tmp_path: Path,
         role: str) -> None:
-    host, handler = registry
-    dest_host, dest = destination
+    host, handler = fake_registry
+    dest_host, dest = fake_destination
     digests = _serve_image(handler)
     cache = tmp_path / "cache"
     assert cli("image", "pull", f"{host}/app:1", "--cache-dir", str(cache)).code == ExitCode.OK

@@ -162,6 +162,7 @@ def test_gc_removes_staging_of_dead_writers_and_spares_live_ones(tmp_path: Path)
     dead, live, hour = _dead_pid(), os.getpid(), 3600.0
     stale = [
         _staging(tmp_path, f"blobs/{'a' * 64}.tmp-{dead}", directory=True, age=2 * hour),  # a blob-set flatten
+        _staging(tmp_path, f"blobs/{'9' * 64}-x86_64.tmp-{dead}", directory=True, age=2 * hour),  # a blob set taken
         _staging(tmp_path, f"blobs/sha256/.tmp-{dead}-abcd_123", age=2 * hour),  # Store.put
         _staging(tmp_path, "blobs/sha256/.tmp-k2j4h5g6", age=2 * hour),  # Store.put before PIDs: age only
         _staging(tmp_path, f".index.json.tmp-{dead}-zzzzzzzz", age=2 * hour),  # atomic_file

@@ -304,7 +304,9 @@ STAGING: tuple[tuple[str, re.Pattern[str]], ...] = (
     (".", re.compile(r"\.(?:index\.json|oci-layout)\.[a-z0-9_]{8}")),  # atomic_file(), legacy
     ("blobs/sha256", re.compile(r"\.tmp-(?P<pid>\d+)-[a-z0-9_]{8}")),  # Store.put
     ("blobs/sha256", re.compile(r"\.tmp-[a-z0-9_]{8}")),  # Store.put, legacy
-    ("blobs", re.compile(r"[0-9a-f]{64}\.tmp-(?P<pid>\d+)")),  # a blob set being flattened (cli/eif.py)
+    # a blob set being taken from an image: `<image hex>-<arch>.tmp-PID` (eif/blobs.py
+    # load_image_blobs), `<image hex>.tmp-PID` (cli/eif.py before it)
+    ("blobs", re.compile(r"[0-9a-f]{64}(?:-[a-z0-9_]+)?\.tmp-(?P<pid>\d+)")),
     ("out/*", re.compile(r"\.tmp-[0-9a-f]{32}-(?P<pid>\d+)")),  # an EIF entry being built (rules/eif.py)
     ("out/*", re.compile(r"\.latest-(?P<pid>\d+)")),  # the `latest` link being replaced (rules/common.py)
     ("out/*", re.compile(_ATOMIC)),
