@@ -3,12 +3,18 @@
 Every failure a user can fix is an `EnclaverError` naming where (file, line, column), what (the
 field), what is wrong and how to fix it. Only `enclaver_rules.cli` turns these into text and exit
 codes; library code raises and never prints. Subclasses exist only to select an exit code.
+
+A diagnostic never carries a secret: its text is passed through `enclaver_rules.redact` when it is
+made, so a password in a quoted reference, a key in a quoted value or a registry's echo of our
+`Authorization` header is gone before anything can print, log or store it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from enclaver_rules import redact
 
 Severity = Literal["error", "warning"]
 
@@ -29,6 +35,13 @@ class Diagnostic:
     field: str = ""
     fix: str = ""
     severity: Severity = "error"
+
+    def __post_init__(self) -> None:
+        for name in ("message", "file", "field", "fix"):
+            text = getattr(self, name)
+            clean = redact.text(text)
+            if clean != text:
+                object.__setattr__(self, name, clean)
 
     def location(self) -> str:
         if not self.file:

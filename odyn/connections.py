@@ -6,6 +6,10 @@ cutting responses off. Each connection handler is tracked here; at shutdown odyn
 and waits, up to a bound, until every tracked connection has either ended or *settled*: the relay
 has passed on everything the app sent and the peer's kernel has taken it (see `relay`). A settled
 connection whose other direction is idle (a keep-alive client) does not hold the enclave up.
+
+Each listener also has a `Gate`: at most so many connections at once (a client that opens
+connections without end must not take every file descriptor odyn has); one over the limit is
+refused at once, and a log line says so, at most once per interval with a count.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import sys
+import time
+from collections.abc import Callable
 
 from odyn.transport import Handler
 
@@ -73,3 +80,75 @@ class Connections:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         return len(done), len(late)
+
+
+# -- limits and the lines that report them --------------------------------------------------------
+
+MAX_CONNECTIONS = 256  # per listener; each relayed connection holds two file descriptors
+LOG_EVERY = 10.0  # seconds between two lines about the same limit or the same kind of fault
+
+Log = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr, flush=True)
+
+
+_sinks: list[Log] = [_stderr]
+
+
+def set_log(sink: Log | None) -> None:
+    """Where odyn's network services write their lines (default odyn's stderr; the supervisor
+    may point it at its log ring)."""
+    _sinks[0] = sink if sink is not None else _stderr
+
+
+def log(line: str) -> None:
+    _sinks[0](line)
+
+
+class Throttle:
+    """One line per `every` seconds per key; the next one says how many were held back."""
+
+    def __init__(self, sink: Log | None = None, every: float = LOG_EVERY) -> None:
+        self.sink, self.every = sink, every
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def __call__(self, key: str, line: str) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        suffix = f" ({held} more like it in the last {now - last:.0f} s)" if held and last is not None else ""
+        (self.sink or log)(line + suffix)
+
+
+class Gate:
+    """At most `limit` connections at once on one listener: `enter` says whether one more may
+    come in (and logs, throttled, when it may not); `leave` when it has ended."""
+
+    def __init__(self, name: str, limit: int = MAX_CONNECTIONS, sink: Log | None = None,
+                 every: float = LOG_EVERY) -> None:
+        if limit < 1:
+            raise ValueError("a connection limit must be at least 1")
+        self.name, self.limit = name, limit
+        self.open = 0
+        self.refused = 0  # in all
+        self._say = Throttle(sink, every)
+
+    def enter(self) -> bool:
+        if self.open >= self.limit:
+            self.refused += 1
+            self._say("limit", f"odyn: {self.name}: connection limit reached ({self.limit} open): "
+                               f"refusing new connections until some end")
+            return False
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1

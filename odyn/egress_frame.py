@@ -4,6 +4,10 @@ Upstream enclaver's format (../shared/reference/enclaver-compat.md §2): each me
 2-byte little-endian length then that many bytes of JSON. Request `{"host": str, "port": int}`;
 response `"Ok"` or `{"Err": {"os_code": int, "message": str}}`. After the response the stream
 carries the connection's bytes unchanged.
+
+Either end may be hostile, so decoding is total: any bytes give a document, None (need more) or
+FrameError — never another exception (deep nesting, numbers past int's digit limit, invalid UTF-8
+all become FrameError), and a decoded document is checked field by field before it is used.
 """
 
 from __future__ import annotations
@@ -53,22 +57,28 @@ class FrameDecoder:
     are kept in `rest` (they belong to the tunnelled connection)."""
 
     def __init__(self) -> None:
-        self.buffer = b""
+        self.buffer = bytearray()  # appended in place: a peer dripping bytes costs no quadratic copying
         self.rest = b""
 
     def feed(self, data: bytes) -> object | None:
+        """The frame's document once complete, else None (so a JSON `null` frame is an error: None
+        must keep meaning "not yet")."""
         self.buffer += data
         if len(self.buffer) < 2:
             return None
         (length,) = struct.unpack_from("<H", self.buffer)
         if len(self.buffer) < 2 + length:
             return None
-        payload, self.rest = self.buffer[2:2 + length], self.buffer[2 + length:]
-        self.buffer = b""
+        payload, self.rest = bytes(self.buffer[2:2 + length]), bytes(self.buffer[2 + length:])
+        self.buffer = bytearray()
         try:
             document: object = json.loads(payload)
+            if document is None:
+                raise FrameError("handshake is null")
             return document
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except RecursionError:
+            raise FrameError("handshake is nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer past the digit limit
             raise FrameError(f"handshake is not JSON: {e}") from None
 
 
@@ -89,6 +99,6 @@ def decode_result(document: object) -> ConnectResult:
     if isinstance(document, dict) and isinstance(document.get("Err"), dict):
         err = document["Err"]
         code, message = err.get("os_code", 0), err.get("message", "")
-        if isinstance(code, int) and isinstance(message, str):
+        if isinstance(code, int) and not isinstance(code, bool) and isinstance(message, str):
             return ConnectResult(False, code, message)
     raise FrameError("handshake answer must be \"Ok\" or {\"Err\": {...}}")

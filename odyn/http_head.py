@@ -1,19 +1,44 @@
-"""HTTP/1 request heads for the egress proxy, sans-IO: parse, check, re-assemble.
+"""HTTP/1 request heads for the egress proxy, sans-IO: parse, check, frame, re-assemble.
 
-Bounded (64 KiB of head, 100 headers); anything malformed raises `HeadError` carrying the status
-code to answer with, never a crash or a hang.
+Strict by design (RFC 9112), because the proxy sits between a client and an origin that may parse
+the same bytes differently (request smuggling): a request whose framing is ambiguous is refused,
+never repaired. Refused with 400: a malformed request line or version; obs-fold; a CR, LF, NUL or
+other control character in a header value or anywhere a line ends other than CRLF; whitespace
+before a header's colon; Transfer-Encoding together with Content-Length; Transfer-Encoding in an
+HTTP/1.0 request, or one whose codings are not exactly `chunked` once and last (501 for another
+coding); Content-Length that is not 1*DIGIT or has conflicting values. The body is then forwarded
+exactly as framed (`Framing.body()`): so many bytes for Content-Length, the chunked body up to and
+including its trailer section for chunked, nothing otherwise. Bytes after it (a pipelined or
+smuggled request) are never forwarded.
+
+Bounded (64 KiB of head, 100 headers, 4 KiB chunk lines, 64 KiB of trailers); anything malformed
+raises `HeadError` carrying the status code to answer with, never a crash or a hang.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Literal
 
 MAX_HEAD = 64 << 10
 MAX_HEADERS = 100
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+MAX_CHUNK_LINE = 4 << 10  # a chunk-size line with its extensions
+MAX_TRAILERS = 64 << 10
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")  # visible ASCII: no space, no control, no obs-text
+_VERSION = re.compile(rb"HTTP/1\.[01]")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # every CTL but HTAB: CR, LF and NUL among them
+_DIGITS = re.compile(r"[0-9]{1,18}")  # Content-Length: 1*DIGIT, below 2**63
+_PORT = re.compile(r"[0-9]{1,5}")
+_QUOTED = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'
+_TOK = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})((?:[ \t]*;[ \t]*" + _TOK + rb"(?:[ \t]*=[ \t]*(?:" + _TOK + rb"|"
+                         + _QUOTED + rb"))?)*)")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "proxy-connection"})
+FRAMING = frozenset({"content-length", "transfer-encoding"})  # written by the proxy from `Framing`, never copied
 
 
 class HeadError(ValueError):
@@ -21,6 +46,17 @@ class HeadError(ValueError):
         super().__init__(message)
         self.status = status
         self.message = message
+
+    @property
+    def reason(self) -> str:
+        return reason(self.status)
+
+
+def reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,48 +70,206 @@ class Request:
         lowered = name.lower()
         return next((v for k, v in self.headers if k.lower() == lowered), None)
 
+    def values(self, name: str) -> list[str]:
+        """Every value of a list-valued header, over all its lines (`a, b` and two lines alike)."""
+        lowered = name.lower()
+        return [item.strip(" \t") for k, v in self.headers if k.lower() == lowered for item in v.split(",")]
+
 
 class HeadReader:
-    """Feed bytes until `feed` returns a Request; bytes after the head are in `rest`."""
+    """Feed bytes until `feed` returns a Request; bytes after the head are in `rest`.
+
+    Each byte is scanned once for the end of the head, so a head dripped a byte at a time costs
+    linear, not quadratic, time."""
 
     def __init__(self) -> None:
-        self.buffer = b""
+        self.buffer = bytearray()
         self.rest = b""
+        self._scanned = 0
 
     def feed(self, data: bytes) -> Request | None:
         self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
+        end = self.buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
         if end < 0:
+            self._scanned = len(self.buffer)
             if len(self.buffer) > MAX_HEAD:
                 raise HeadError(431, "request head too large")
             return None
-        head, self.rest = self.buffer[:end], self.buffer[end + 4:]
-        if len(head) > MAX_HEAD:
+        if end > MAX_HEAD:
             raise HeadError(431, "request head too large")
+        head, self.rest = bytes(self.buffer[:end]), bytes(self.buffer[end + 4:])
         return parse_head(head)
 
 
 def parse_head(head: bytes) -> Request:
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[1] or not parts[2].startswith(b"HTTP/1."):
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
         raise HeadError(400, "malformed request line")
+    if not _VERSION.fullmatch(parts[2]):
+        raise HeadError(400, "the request line must end in HTTP/1.0 or HTTP/1.1")
     if len(lines) - 1 > MAX_HEADERS:
         raise HeadError(431, "too many headers")
     headers = []
     for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise HeadError(400, "obsolete line folding (a header line that starts with whitespace)")
         name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.match(name):
+        if not colon or not _TOKEN.fullmatch(name):
             raise HeadError(400, "malformed header line")
-        try:
-            headers.append((name.decode("ascii"), value.strip().decode("latin-1")))
-        except UnicodeDecodeError:
-            raise HeadError(400, "header name is not ASCII") from None
-    try:
-        target = parts[1].decode("ascii")
-    except UnicodeDecodeError:
-        raise HeadError(400, "request target is not ASCII") from None
-    return Request(parts[0].decode("ascii"), target, parts[2].decode("ascii"), tuple(headers))
+        value = value.strip(b" \t")
+        if _CONTROL.search(value):
+            raise HeadError(400, f"header {name.decode('ascii')} has a control character (CR, LF, NUL …) in its value")
+        headers.append((name.decode("ascii"), value.decode("latin-1")))
+    return Request(parts[0].decode("ascii"), parts[1].decode("ascii"), parts[2].decode("ascii"), tuple(headers))
+
+
+# -- framing --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """How the request's body is delimited: none, Content-Length bytes, or chunked."""
+
+    kind: Literal["none", "length", "chunked"]
+    length: int = 0
+
+    def header(self) -> str | None:
+        """The framing header the origin gets: the only one, whatever the client's headers said."""
+        if self.kind == "length":
+            return f"Content-Length: {self.length}"
+        return "Transfer-Encoding: chunked" if self.kind == "chunked" else None
+
+    def body(self) -> LengthBody | ChunkedBody:
+        return ChunkedBody() if self.kind == "chunked" else LengthBody(self.length)
+
+
+def request_framing(request: Request) -> Framing:
+    """The body's framing by RFC 9112 §6.3, refusing every ambiguous or malformed case."""
+    names = {k.lower() for k, _ in request.headers}
+    if "transfer-encoding" in names:
+        if "content-length" in names:
+            raise HeadError(400, "both Transfer-Encoding and Content-Length: the framing is ambiguous")
+        if request.version == "HTTP/1.0":
+            raise HeadError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.lower() for c in request.values("transfer-encoding")]
+        if codings == ["chunked"]:
+            return Framing("chunked")
+        if codings.count("chunked") == 1 and codings[-1] == "chunked" and all(_TOKEN.fullmatch(c.encode())
+                                                                             for c in codings):
+            raise HeadError(501, "only the chunked transfer coding is supported")
+        raise HeadError(400, "Transfer-Encoding must end in chunked, once")
+    if "content-length" in names:
+        values = request.values("content-length")
+        if not all(_DIGITS.fullmatch(v) for v in values):
+            raise HeadError(400, "Content-Length must be decimal digits")
+        lengths = {int(v) for v in values}
+        if len(lengths) != 1:
+            raise HeadError(400, "conflicting Content-Length values")
+        return Framing("length", lengths.pop())
+    return Framing("none")
+
+
+class LengthBody:
+    """Passes on exactly `length` bytes, then nothing (what follows is counted in `discarded`)."""
+
+    def __init__(self, length: int) -> None:
+        self.remaining = length
+        self.discarded = 0
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    def feed(self, data: bytes) -> bytes:
+        if len(data) <= self.remaining:
+            self.remaining -= len(data)
+            return data
+        out, self.remaining = data[:self.remaining], 0
+        self.discarded += len(data) - len(out)
+        return out
+
+
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+
+class ChunkedBody:
+    """Passes on a chunked body byte for byte, checking its framing (RFC 9112 §7.1), up to and
+    including the empty line after the trailers; nothing after it. Chunk data is sliced through
+    without being looked at; only the size lines and trailers are parsed. Raises HeadError (400)
+    at the first byte that breaks the framing: what was returned before it was well-formed."""
+
+    def __init__(self) -> None:
+        self.state = _SIZE
+        self.remaining = 0
+        self.line = bytearray()
+        self.trailer_bytes = 0
+        self.trailer_lines = 0
+        self.discarded = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state == _DONE
+
+    def feed(self, data: bytes) -> bytes:
+        if self.state == _DATA and len(data) < self.remaining:  # the common case: inside a chunk
+            self.remaining -= len(data)
+            return data
+        out: list[bytes] = []
+        pos, size = 0, len(data)
+        while pos < size:
+            if self.state == _DATA:
+                take = min(self.remaining, size - pos)
+                out.append(data[pos:pos + take])
+                pos += take
+                self.remaining -= take
+                if not self.remaining:
+                    self.state = _DATA_END
+            elif self.state == _DONE:
+                self.discarded += size - pos
+                break
+            else:
+                end = data.find(b"\n", pos)
+                stop = size if end < 0 else end + 1
+                self.line += data[pos:stop]
+                pos = stop
+                limit = MAX_TRAILERS - self.trailer_bytes if self.state == _TRAILER else MAX_CHUNK_LINE
+                if len(self.line) > limit:
+                    raise HeadError(400, "chunked body: line too long")
+                if end >= 0:
+                    line = bytes(self.line)
+                    self.line.clear()
+                    self._line(line)
+                    out.append(line)
+        return b"".join(out)
+
+    def _line(self, line: bytes) -> None:
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            raise HeadError(400, "chunked body: a line that does not end in CRLF")
+        content = line[:-2]
+        if self.state == _SIZE:
+            match = _CHUNK_SIZE.fullmatch(content)
+            if match is None:
+                raise HeadError(400, "chunked body: malformed chunk-size line")
+            self.remaining = int(match.group(1), 16)
+            self.state = _DATA if self.remaining else _TRAILER
+        elif self.state == _DATA_END:
+            if content:
+                raise HeadError(400, "chunked body: chunk data longer than its size")
+            self.state = _SIZE
+        elif not content:  # the empty line that ends the trailer section, and the body
+            self.state = _DONE
+        else:
+            self.trailer_bytes += len(line)
+            self.trailer_lines += 1
+            name, colon, value = content.partition(b":")
+            if not colon or not _TOKEN.fullmatch(name) or _CONTROL.search(value):
+                raise HeadError(400, "chunked body: malformed trailer field")
+            if self.trailer_lines > MAX_HEADERS:
+                raise HeadError(400, "chunked body: too many trailer fields")
+
+
+# -- targets and the origin's request -------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +283,7 @@ class Target:
 def connect_target(target: str) -> Target:
     """`host:port` or `[v6]:port` of a CONNECT; the port is required (upstream answers 400 too)."""
     host, sep, port = target.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536 or not host:
+    if not sep or not _PORT.fullmatch(port) or not 0 < int(port) < 65536 or not host:
         raise HeadError(400, "CONNECT needs host:port")
     return Target("connect", host.removeprefix("[").removesuffix("]"), int(port))
 
@@ -99,7 +293,8 @@ def absolute_target(target: str) -> Target:
     scheme, sep, rest = target.partition("://")
     if not sep or scheme.lower() not in ("http", "https"):
         raise HeadError(400, "a proxy request needs an absolute http:// or https:// URL")
-    authority, slash, path = rest.partition("/")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    authority, path = rest[:end], rest[end:]
     authority = authority.rpartition("@")[2]  # credentials in the URL are not forwarded as authority
     if authority.startswith("["):
         host, _, port_text = authority[1:].partition("]")
@@ -107,17 +302,19 @@ def absolute_target(target: str) -> Target:
     else:
         host, _, port_text = authority.partition(":")
     default = 443 if scheme.lower() == "https" else 80
-    if port_text and (not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536):
+    if port_text and (not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536):
         raise HeadError(400, "bad port in URL")
     if not host:
         raise HeadError(400, "URL is missing a host")
-    return Target(scheme.lower(), host, int(port_text) if port_text else default, "/" + path if slash else "/")
+    return Target(scheme.lower(), host, int(port_text) if port_text else default, path if path[:1] == "/" else "/" + path)
 
 
-def origin_request(request: Request, target: Target) -> bytes:
+def origin_request(request: Request, target: Target, framing: Framing | None = None) -> bytes:
     """The request as the origin sees it: origin-form target, no hop-by-hop or Proxy-* headers,
-    `Host` set, `Connection: close` (one request per tunnelled connection)."""
-    drop = set(HOP_BY_HOP)
+    `Host` set, the body's framing header written from `framing` (so a `Connection` header cannot
+    remove it), `Connection: close` (one request per tunnelled connection)."""
+    framing = framing if framing is not None else request_framing(request)
+    drop = HOP_BY_HOP | FRAMING | {"host"}
     connection = request.header("connection")
     if connection:
         drop |= {token.strip().lower() for token in connection.split(",")}
@@ -125,8 +322,9 @@ def origin_request(request: Request, target: Target) -> bytes:
     host = f"[{target.host}]" if ":" in target.host else target.host
     host_value = host if target.port == default else f"{host}:{target.port}"
     lines = [f"{request.method} {target.path} {request.version}", f"Host: {host_value}"]
-    lines += [f"{k}: {v}" for k, v in request.headers
-              if k.lower() not in drop and k.lower() != "host" and not k.lower().startswith("proxy-")]
+    lines += [f"{k}: {v}" for k, v in request.headers if k.lower() not in drop and not k.lower().startswith("proxy-")]
+    if (header := framing.header()) is not None:
+        lines.append(header)
     lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 

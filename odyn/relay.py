@@ -8,6 +8,11 @@ The direction *out of the app* is marked: once it has ended, odyn waits until th
 has taken every byte (SIOCOUTQ reaches 0 where the socket family reports it) and then marks the
 connection settled, which is what shutdown waits for (see `connections`).
 
+A direction can be given a *filter* (the egress proxy's body framer: it passes on a request body
+exactly as framed and nothing after it); it sees every chunk, the bytes taken over from the stream
+included, and a ValueError from it aborts both sides. Without one, the data path has no per-chunk
+work but a `None` check.
+
 The handlers get streams (for heads and handshakes); `splice` then takes both transports over
 with `set_protocol` and copies with protocol callbacks: each chunk the transport reads goes
 straight to the other transport's `write`, and reading pauses while the other side's write
@@ -24,6 +29,7 @@ import fcntl
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Literal
 
 from odyn.connections import settled
@@ -34,6 +40,7 @@ SIOCOUTQ = 0x5411  # bytes the peer has not yet taken (TCP: unacked too; Unix: u
 UNIX_SNDBUF = 1 << 20  # more than one read (asyncio reads up to 256 KiB), so a chunk leaves in one send
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Filter = Callable[[bytes], bytes]  # what of a chunk to pass on; raises ValueError on a protocol error
 
 
 def unsent(transport: asyncio.BaseTransport) -> int | None:
@@ -60,9 +67,18 @@ class _Half(asyncio.Protocol):
         self.ended: asyncio.Future[None] = link.loop.create_future()  # EOF passed on, or connection gone
         self.lost: asyncio.Future[None] = link.loop.create_future()
         self.eof = False
+        self.filter: Filter | None = None  # applied to what this side reads, before the peer gets it
 
     def data_received(self, data: bytes) -> None:
         self.link.moved = True
+        if self.filter is not None:
+            try:
+                data = self.filter(data)
+            except ValueError as e:
+                self.link.fail(e)
+                return
+            if not data:
+                return
         self.peer.transport.write(data)
 
     def eof_received(self) -> bool:
@@ -98,15 +114,19 @@ def _done(future: asyncio.Future[None]) -> None:
 class _Link:
     """Two transports taken over from their streams, and an idle timer for the pair."""
 
-    def __init__(self, a: Stream, b: Stream, idle: float) -> None:
+    def __init__(self, a: Stream, b: Stream, idle: float, filters: tuple[Filter | None, Filter | None] = (None, None),
+                 on_error: Callable[[Exception], None] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.idle, self.moved = idle, False
+        self.on_error = on_error
+        self.error: Exception | None = None
         self.a, self.b = _Half(self, _transport(a[1])), _Half(self, _transport(b[1]))
         self.a.peer, self.b.peer = self.b, self.a
+        self.a.filter, self.b.filter = filters
         taken = [(half, *_take_over(half, reader)) for half, (reader, _) in ((self.a, a), (self.b, b))]
         for half, data, eof, gone, exc in taken:  # what the streams had read, then their ends
             if data:
-                half.peer.transport.write(data)
+                half.data_received(data)
             if gone:
                 half.connection_lost(exc)
             elif eof:
@@ -130,6 +150,14 @@ class _Link:
     def abort(self) -> None:
         self.a.transport.abort()
         self.b.transport.abort()
+
+    def fail(self, error: Exception) -> None:
+        """A filter refused what one side sent: nothing more passes either way."""
+        if self.error is None:
+            self.error = error
+            if self.on_error is not None:
+                self.on_error(error)
+        self.abort()
 
 
 def _take_over(half: _Half, reader: asyncio.StreamReader) -> tuple[bytes, bool, bool, Exception | None]:
@@ -171,14 +199,18 @@ async def _settle(transport: asyncio.BaseTransport, limit: float) -> None:
 
 
 async def splice(a: Stream, b: Stream, *, first_to_b: bytes = b"", first_to_a: bytes = b"",
-                 idle: float = IDLE_TIMEOUT, app: Literal["a", "b"] | None = None) -> None:
+                 idle: float = IDLE_TIMEOUT, app: Literal["a", "b"] | None = None, to_b: Filter | None = None,
+                 on_error: Callable[[Exception], None] | None = None) -> None:
     """Relay a ⇄ b until both directions have ended; then close both. `app` names the side that is
-    the app, whose outgoing direction settles the connection. The streams are spent afterwards."""
+    the app, whose outgoing direction settles the connection. `to_b` filters what a sends (not
+    `first_to_b`, which the caller passes on as it is); a ValueError from it aborts both sides and
+    is handed to `on_error`. `idle` ends the pair when nothing moved either way for that long. The
+    streams are spent afterwards."""
     if first_to_b:
         b[1].write(first_to_b)
     if first_to_a:
         a[1].write(first_to_a)
-    link = _Link(a, b, idle)
+    link = _Link(a, b, idle, (to_b, None), on_error)
     try:
         if app is not None:
             source = link.a if app == "a" else link.b

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import subprocess
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 from enclaver_rules.errors import EnclaverError
 from enclaver_rules.ports import LOGS_PORT, STATUS_PORT
-from odyn import ingress, transparent
+from odyn import connections, ingress, transparent
 from odyn.bringup import app_environment, set_hostname
 from odyn.connections import Connections
 from odyn.dns import AddressBook
@@ -35,6 +36,20 @@ EXIT_SIGNALED = 107
 EXIT_FATAL = 108
 DEFAULT_LINGER = 5.0  # seconds readers get to collect the final status and the log's end
 DEFAULT_FLUSH = 5.0  # seconds open ingress/egress connections get to deliver what the app left
+
+
+def raise_open_files_limit() -> str | None:
+    """Raise the soft limit on open files to the hard one: each proxied connection holds two
+    descriptors, and the proxy's and ingress's connection limits assume more than the usual soft
+    1024. Returns what was done, for the log, or None when nothing changed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return None
+    return f"open files limit raised from {soft} to {hard}"
 
 
 def no_bring_up() -> list[str]:
@@ -102,6 +117,14 @@ class Supervisor:
             self._ring.append(data)
             self._log_changed.notify_all()
 
+    def _log_line(self, line: str) -> None:
+        """The sink of odyn's network services (`connections.set_log`): their lines (a connection
+        limit reached, a broken chunked body) go into the log ring the host reads, not only to the
+        enclave's console. Synchronous callers, so the append is scheduled, and the task kept."""
+        task = asyncio.get_running_loop().create_task(self.log(f"{line.rstrip()}\n".encode()))
+        self._delivered.add(task)
+        task.add_done_callback(self._delivered.discard)
+
     async def _serve_logs(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         position = self._ring.reader()
         try:
@@ -160,6 +183,10 @@ class Supervisor:
         env = dict(env)
         if config is None:
             return env
+        connections.set_log(self._log_line)
+        raised = raise_open_files_limit()
+        if raised:
+            await self.log(f"odyn: {raised}\n".encode())
         from enclaver_rules.manifest import load_manifest
 
         manifest, _ = load_manifest(config)
@@ -246,6 +273,7 @@ class Supervisor:
     async def _finish(self, final: Status) -> None:
         """Publish the final status, end the log, and give readers `linger` seconds to collect both;
         readers already connected then still get to the end (bounded by `flush`)."""
+        connections.set_log(None)  # the ring closes now: later lines go to odyn's stderr
         async with self._log_changed:
             self._ring.close()
             self._log_changed.notify_all()

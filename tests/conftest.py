@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -58,6 +59,16 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Result]:
         return Result(code, out.getvalue(), err.getvalue())
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _restore_enclaver_logger() -> Iterator[None]:
+    """The CLI, run in-process, configures the `enclaver` logger (its own handler, no propagation);
+    without this a later test's caplog would see nothing from enclaver's modules."""
+    logger = logging.getLogger("enclaver")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 #: Fixtures that start a real service; a test reaching one (directly or through another fixture)

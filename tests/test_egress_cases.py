@@ -22,6 +22,7 @@ class Case:
     rule: str | None = None  # the rule that decides (None: the default deny)
     deny: tuple[str, ...] = ()
     upstream: bool | None = None  # upstream's answer, when it differs
+    special: str | None = None  # the kind of special address the decision is about
 
     def __str__(self) -> str:
         return f"{'+' if self.allowed else '-'}{self.dest} allow={list(self.allow)} deny={list(self.deny)}"
@@ -70,12 +71,12 @@ CASES = [
     C(("0.0.0.0/0",), "8.8.8.8", True, "0.0.0.0/0"),
     C(("0.0.0.0/0",), "::1", False),  # families never match each other
     C(("::/0",), "2001:db8::1", True, "::/0"),
-    C(("::/0",), "[::1]:443", True, "::/0"),
+    C(("::/0",), "[::1]:443", False, upstream=True, special="loopback"),  # special: see below
     C(("::/0",), "1.2.3.4", False),
     C(("10.0.0.0/255.0.0.0",), "10.9.9.9", True, "10.0.0.0/255.0.0.0"),  # dotted netmask
     # bracketed IPv6 entries are IP rules (upstream treats `[::1]` as a name that never matches)
-    C(("[::1]",), "::1", True, "[::1]", upstream=False),
-    C(("[::1]",), "[::1]:8200", True, "[::1]", upstream=False),
+    C(("[::1]",), "::1", True, "[::1]", upstream=False, special="loopback"),
+    C(("[::1]",), "[::1]:8200", True, "[::1]", upstream=False, special="loopback"),
     # an IP destination meets IP rules only; a name meets name rules only
     C(("**",), "8.8.8.8", False),
     C(("0.0.0.0/0",), "example.com", False),
@@ -94,7 +95,35 @@ CASES = [
     C(("host",), "HOST:5432", True, "host"),
     C(("host",), "127.0.0.1", False),
     C(("127.0.0.1",), "host", False),
-    C(("*",), "host", True, "*"),
+    C(("*",), "host", False, upstream=True),  # only the literal rule `host` allows the parent
+    C(("**",), "host", False, upstream=True),
+    C(("*", "host"), "host", True, "host"),
+    C(("**",), "localhost", True, "**"),  # a name like any other here; the host side vets its addresses
+    # special addresses (loopback, unspecified, link-local, ...) need an allow rule that names them:
+    # one lying wholly inside their range. A wider rule that merely contains them does not do.
+    C(("0.0.0.0/0",), "0.0.0.0:22", False, upstream=True, special="unspecified"),
+    C(("::/0",), "[::]:22", False, upstream=True, special="unspecified"),
+    C(("0.0.0.0/8",), "0.0.0.0", False, special="unspecified"),  # 0.0.0.0 is its own range: name it
+    C(("0.0.0.0",), "0.0.0.0", True, "0.0.0.0", special="unspecified"),
+    C(("0.0.0.0/0",), "0.1.2.3", False, upstream=True, special="this-network"),
+    C(("0.0.0.0/0",), "127.0.0.2", False, upstream=True, special="loopback"),
+    C(("0.0.0.0/1",), "127.0.0.1:5432", False, upstream=True, special="loopback"),
+    C(("0.0.0.0/0",), "[::ffff:127.0.0.1]:80", False, special="loopback"),
+    C(("127.0.0.0/8",), "[::ffff:127.0.0.1]:80", True, "127.0.0.0/8", upstream=False, special="loopback"),
+    C(("127.0.0.0/8",), "127.0.0.2", True, "127.0.0.0/8", special="loopback"),
+    C(("127.0.0.1",), "127.0.0.2", False),
+    C(("0.0.0.0/0",), "169.254.169.254", False, upstream=True, special="link-local"),
+    C(("169.254.169.254",), "169.254.169.254:80", True, "169.254.169.254", special="link-local"),
+    C(("169.254.0.0/16",), "169.254.169.254", True, "169.254.0.0/16", special="link-local"),
+    C(("0.0.0.0/0",), "169.254.169.254", False, "169.254.169.254", deny=("169.254.169.254",)),  # deny still wins
+    C(("::/0",), "[fd00:ec2::254]:80", False, upstream=True, special="link-local"),
+    C(("fd00:ec2::254",), "[fd00:ec2::254]:80", True, "fd00:ec2::254", special="link-local"),
+    C(("::/0",), "fe80::1", False, upstream=True, special="link-local"),
+    C(("::/0",), "64:ff9b::7f00:1", False, upstream=True, special="loopback"),  # NAT64 of 127.0.0.1
+    C(("::/0",), "::7f00:1", False, upstream=True, special="ipv4-compatible"),
+    C(("0.0.0.0/0",), "224.0.0.1", False, upstream=True, special="multicast"),
+    C(("0.0.0.0/0",), "255.255.255.255", False, upstream=True, special="broadcast"),
+    C(("0.0.0.0/0",), "10.0.0.1", True, "0.0.0.0/0"),  # ordinary addresses are unaffected
     # a four-entry filter as in upstream's test_domain_filter
     C(("example.com", "*.example.org", "**.example.net", "10.0.0.0/8"), "a.b.example.net", True, "**.example.net"),
     C(("example.com", "*.example.org", "**.example.net", "10.0.0.0/8"), "a.b.example.org", False),
@@ -128,6 +157,16 @@ def test_case(case: Case, cli, in_tmp) -> None:
     assert decision["allowed"] is case.allowed
     assert decision["rule"] == case.rule
     assert decision["list"] == (None if case.rule is None else "allow" if case.allowed else "deny")
+    assert decision["special"] == case.special
+
+
+def test_a_special_denial_says_what_the_address_is_and_how_to_allow_it(cli) -> None:
+    result = cli("egress", "test", "--allow", "0.0.0.0/0", "127.0.0.1:8080")
+    assert result.code == 1
+    assert result.lines == [
+        "denied   127.0.0.1:8080  127.0.0.1 is a loopback address (the parent instance's own services): allow rule "
+        "'0.0.0.0/0' contains it but does not name it; only an allow rule that names it allows it, e.g. '127.0.0.1'; "
+        "for the parent's services use 'host'"]
 
 
 def test_people_output_names_verdict_and_rule(cli) -> None:

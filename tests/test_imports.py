@@ -11,7 +11,8 @@ import pytest
 
 from conftest import REPO
 
-PURE = ["enclaver_rules/policy", "enclaver_rules/manifest", "enclaver_rules/errors.py", "enclaver_rules/ports.py", "odyn",
+PURE = ["enclaver_rules/policy", "enclaver_rules/manifest", "enclaver_rules/errors.py", "enclaver_rules/ports.py",
+        "enclaver_rules/redact.py", "odyn",
         *(f"enclaver_rules/oci/{m}.py" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
                                                   "flatten", "store"))]
 #: Third-party clients, each allowed in exactly one adapter module.
@@ -20,7 +21,7 @@ ADAPTERS = {"docker": {"enclaver_rules/oci/engine.py", "enclaver_rules/eif/nitro
             "urllib3": {"enclaver_rules/oci/registry.py"}}
 ALLOWED_THIRD_PARTY = {"yaml", "jsonschema", "cbor2"}  # cbor2: NSM messages, attestation
 PURE_PREFIXES = ("odyn.", "enclaver_rules.policy", "enclaver_rules.manifest", "enclaver_rules.errors",
-                 "enclaver_rules.ports",
+                 "enclaver_rules.ports", "enclaver_rules.redact",
                  *(f"enclaver_rules.oci.{m}" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
                                                         "flatten", "store")))
 

@@ -113,3 +113,13 @@ def test_corrupt_and_truncated_layers(box: tuple[Path, Path]) -> None:
         apply(root, good[: len(good) // 2])
     with pytest.raises(OperationFailed, match="zstd"):
         apply(root, b"\x28\xb5\x2f\xfd" + b"\0" * 100)
+
+
+def test_devices_follow_what_later_entries_do_to_their_place(box: tuple[Path, Path]) -> None:
+    root, _ = box
+    result = apply(root, tar_bytes([("dev/null", "chardev", ""), ("dev/zero", "chardev", ""), ("run/fifo", "fifo", ""),
+                                    ("old/fifo", "fifo", "")]),
+                   tar_bytes([("dev/null", "file", "now a file"), ("dev", "dir", ""), ("run/.wh..wh..opq", "file", ""),
+                              (".wh.old", "file", "")]))
+    assert sorted(result.special) == ["dev/zero"]  # type: ignore[attr-defined]
+    assert (root / "dev/null").read_text() == "now a file"

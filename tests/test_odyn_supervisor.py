@@ -324,3 +324,32 @@ def test_an_upload_in_flight_reaches_the_parent_before_the_exit_is_reported(tmp_
 
     total, lines = asyncio.run(main())
     assert total == 8 << 20 and lines[-1] == {"status": "exited", "code": 0}
+
+
+def test_network_service_lines_reach_the_log_the_host_reads(tmp_path: Path) -> None:
+    """The proxy's and ingress's own lines (a connection limit reached, a broken chunked body) went
+    only to odyn's stderr, the enclave console nobody reads; now they are in the log ring."""
+    from odyn import connections
+    from odyn.supervisor import Supervisor
+    from services import free_port
+
+    config = tmp_path / "cfg"
+    config.mkdir()
+    (config / "enclaver.yaml").write_text(
+        f"version: v1\nname: app\ntarget: t\nsources: {{app: a}}\negress:\n  proxy_port: {free_port()}\n"
+        "  allow: [host]\n")
+
+    async def main() -> bytes:
+        supervisor = Supervisor(UnixTransport(tmp_path, ENCLAVE_CID))
+        await supervisor.start_network(str(config / "enclaver.yaml"), {})
+        try:
+            connections.log("odyn: egress proxy: connection limit reached (256 open)")
+            await asyncio.sleep(0.05)
+            data, _, _ = supervisor._ring.read(0)
+            return data
+        finally:
+            connections.set_log(None)
+            for server in supervisor._network:
+                server.close()
+
+    assert b"odyn: egress proxy: connection limit reached (256 open)\n" in asyncio.run(main())

@@ -109,7 +109,8 @@ def test_an_app_without_proxy_support_reaches_allowed_names_only(tmp_path: Path)
         async def resolver(name: str, _port: int) -> list[str]:
             return ["127.0.0.1"] if name == "api.example.com" else []
 
-        host = HostEgress(EgressPolicy.from_lists(["**.example.com"]), UnixTransport(tmp_path, 2), resolver=resolver)
+        host = HostEgress(EgressPolicy.from_lists(["**.example.com", "127.0.0.1"]), UnixTransport(tmp_path, 2),
+                          resolver=resolver)  # the test server is on loopback: a special address, named
         server = await host.serve()
         script = (f"mount --bind {resolv} /etc/resolv.conf && exec {sys.executable} -m odyn --config-dir {config}"
                   f" --transport unix:{tmp_path} --cid {ENCLAVE_CID} --linger 1 -- {sys.executable}"

@@ -1,4 +1,9 @@
-"""`enclaver config show`: every effective value and where it came from."""
+"""`enclaver config show`: every effective value and where it came from.
+
+Values are printed as `manifest.config.shown` gives them: key material (`signature.key` holding the
+key itself) as its kind and fingerprint, credentials in a reference masked. The source column says
+where the value came from, so a redacted value can still be found and checked.
+"""
 
 from __future__ import annotations
 
@@ -41,6 +46,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], co
     add_overrides(show)
 
 
+def _cell(value: object) -> str:
+    return "—" if value is None else value if isinstance(value, str) else json.dumps(value)
+
+
 def run_show(args: argparse.Namespace, out: Output) -> int:
     config = resolve(args.file, overrides_from(args), os.environ)
     report_conflicts(config)
@@ -49,8 +58,8 @@ def run_show(args: argparse.Namespace, out: Output) -> int:
                   "settings": {v.setting.key: v.to_json() for v in config.values},
                   "diagnostics": [d.to_json() for d in config.diagnostics]})
     else:
-        rows = [(v.setting.key, "—" if v.value is None else v.value if isinstance(v.value, str) else json.dumps(v.value),
-                 v.origin + ("" if v.setting.overridable else "*"), v.source, v.origin) for v in config.values]
+        rows = [(v.setting.key, _cell(v.shown.value), v.origin + ("" if v.setting.overridable else "*"), v.source, v.origin)
+                for v in config.values]
         widths = [max(len(r[i]) for r in rows + [HEADER]) for i in range(3)]
         out.line(Text("  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=False)) + "  " + HEADER[3], style="bold"))
         for key, value, origin, source, kind in rows:

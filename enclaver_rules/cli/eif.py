@@ -88,21 +88,12 @@ def _blobs(args: argparse.Namespace, arch: str, out: Output) -> BlobSet:
     if Path(args.blobs).is_dir() or ("/" in args.blobs and not args.blobs.startswith(("oci:", "docker")) and \
             Path(args.blobs).exists()):
         return load_blobs(args.blobs, arch, expect)
-    from enclaver_rules.oci.flatten import flatten
+    from enclaver_rules.eif.blobs import load_image_blobs
     from enclaver_rules.oci.resolve import resolve
 
     sources = _sources(args, out, use_engine=True)
     image = resolve(args.blobs, sources, file="--blobs")
-    root = sources.store.root / "blobs" / image.digest.hex
-    if not root.is_dir():
-        staging = root.with_name(root.name + f".tmp-{os.getpid()}")
-        flatten([(str(d.digest), sources.store.open(d.digest)) for d in image.manifest.layers], staging)
-        os.replace(staging, root)
-    for candidate in (root, root / "blobs", root / "usr/share/nitro_enclaves/blobs", root / "blobs" / arch):
-        if (candidate / KERNEL_NAMES[arch]).is_file():
-            return load_blobs(candidate, arch, expect)
-    raise InvalidInput(f"{args.blobs}: the image carries no {arch} blob set", file="--blobs",
-                       fix=f"put {KERNEL_NAMES[arch]}, cmdline, init and nsm.ko at its root or under /blobs")
+    return load_image_blobs(sources.store, image, arch, expect, ref=args.blobs)
 
 
 def _build_defaults(args: argparse.Namespace) -> None:

@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         for d in e.diagnostics:
             out.diagnostic(d)
         if args.debug:
-            out.err.print(traceback.format_exc(), markup=False)
+            out.error_text(traceback.format_exc())
         return code_for(e)
     except KeyboardInterrupt:
         out.note("interrupted")
@@ -70,11 +70,12 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
     except BrokenPipeError:  # `enclaver … | head`: the reader left; not an error worth a traceback
         return ExitCode.OK
     except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback unless asked
-        out.err.print(f"internal error: {type(e).__name__}: {e}", style="red", markup=False)
+        # secrets: the message and traceback pass through the redaction like every other line
+        out.error_text(f"internal error: {type(e).__name__}: {e}", style="red")
         if args.debug:
-            out.err.print(traceback.format_exc(), markup=False)
+            out.error_text(traceback.format_exc())
         else:
-            out.err.print("this is a bug in enclaver: run again with --debug and report the traceback", markup=False)
+            out.error_text("this is a bug in enclaver: run again with --debug and report the traceback")
         return ExitCode.INTERNAL_ERROR
 
 

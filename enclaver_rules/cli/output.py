@@ -2,6 +2,9 @@
 
 rich draws colour only on a terminal and never when NO_COLOR is set; `--json` output bypasses
 rich entirely so it is exactly one JSON document.
+
+The last line of defence for secrets: every line, note, diagnostic, JSON document and log record
+printed here goes through `enclaver_rules.redact` first, whatever code produced it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, ClassVar, TextIO
 from rich.console import Console
 from rich.text import Text
 
+from enclaver_rules import redact
 from enclaver_rules.errors import Diagnostic
 
 JSON_FORMAT_VERSION = 1
@@ -40,22 +44,36 @@ class Output:
 
     def json(self, document: dict[str, Any]) -> None:
         """One JSON document on stdout, versioned so scripts can tell formats apart."""
+        document = redact.value(document)
         self.stdout.write(json.dumps({"version": JSON_FORMAT_VERSION, **document}, indent=2, sort_keys=False) + "\n")
 
     def diagnostic(self, d: Diagnostic, *, to_stdout: bool = False) -> None:
         if d.severity == "warning" and self.quiet:
             return
         style = "yellow" if d.severity == "warning" else "red"
-        text = str(d) if d.file else f"{'warning' if d.severity == 'warning' else 'error'}: {d}"
+        text = redact.text(str(d) if d.file else f"{'warning' if d.severity == 'warning' else 'error'}: {d}")
         (self.out if to_stdout else self.err).print(Text(text, style=style))
 
     def line(self, text: str | Text, *, style: str = "") -> None:
-        self.out.print(text if isinstance(text, Text) else Text(text, style=style))
+        self.out.print(_redacted(text, style))
 
     def note(self, text: str, *, style: str = "") -> None:
         """A message for people (stderr); hidden by -q."""
         if not self.quiet:
-            self.err.print(Text(text, style=style))
+            self.err.print(_redacted(text, style))
+
+    def error_text(self, text: str, *, style: str = "") -> None:
+        """Free text for stderr that no `Diagnostic` carries (an internal error, a traceback)."""
+        self.err.print(Text(redact.text(text), style=style))
+
+
+def _redacted(text: str | Text, style: str) -> Text:
+    if isinstance(text, Text):
+        clean = redact.text(text.plain)
+        if clean == text.plain:
+            return text
+        return Text(clean, style=text.style)  # its spans no longer fit the text: one style for all
+    return Text(redact.text(text), style=style)
 
 
 class _LineHandler(logging.Handler):
@@ -71,7 +89,10 @@ class _LineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         prefix, style = self.STYLES.get(record.levelno, ("", ""))
         try:
-            self.console.print(Text(prefix + record.getMessage(), style=style))
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            self.console.print(Text(prefix + redact.text(message), style=style))
         except Exception:  # noqa: BLE001 - logging must never raise into the caller
             self.handleError(record)
 
@@ -83,3 +104,9 @@ def setup_logging(verbosity: int, quiet: bool, console: Console) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # Other libraries' warnings (urllib3, …) reached stderr through logging.lastResort, unredacted:
+    # they go through the same redacting handler. Ours replaces the one an earlier call installed.
+    third_party = _LineHandler(console)
+    third_party.setLevel(max(level, logging.WARNING))
+    top = logging.getLogger()
+    top.handlers[:] = [h for h in top.handlers if not isinstance(h, _LineHandler)] + [third_party]

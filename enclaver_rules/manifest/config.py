@@ -7,6 +7,12 @@ overridden; those are exactly the fields odyn never reads inside the enclave. Po
 and are measured into PCR2; letting a variable change them would make the file lie about the
 policy the enclave enforces, so they are set in the file only and an attempt to override one is
 an error, not a silent no-op.
+
+Values are shown (by `config show`, in conflict warnings) through `shown()`: `signature.key` may
+hold the key itself rather than its path (pasted into the manifest or into ENC_SIGNATURE_KEY), so
+key material is shown as its kind and fingerprint, never as text; every other string passes through
+`redact.text` (a `target` written as `user:PASS@host/app` shows `***@host/app`). The values used for
+the build are untouched.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
+from enclaver_rules import redact
 from enclaver_rules.errors import Diagnostic, InvalidInput
 from enclaver_rules.manifest import schema as sch
 from enclaver_rules.manifest._yaml import Path
@@ -40,6 +47,30 @@ Origin = Literal["flag", "env", "file", "default"]
 ENV_PREFIX = "ENC_"
 _INT = re.compile(r"^[+-]?[0-9]+$")
 log = logging.getLogger("enclaver.config")
+#: Settings that may hold key material: shown by kind and fingerprint, never as text.
+SECRET_SETTINGS = frozenset({"signature.key"})
+
+
+@dataclass(frozen=True, slots=True)
+class Shown:
+    """A value as it may be printed: `value` is safe to show; `fingerprint` is set when it was redacted."""
+
+    value: Any
+    fingerprint: str | None = None
+
+    @property
+    def redacted(self) -> bool:
+        return self.fingerprint is not None
+
+
+def shown(key: str, value: Any) -> Shown:
+    """`value` of setting `key` as `config show` and the logs may print it."""
+    if not isinstance(value, str):
+        return Shown(redact.value(value))
+    if key in SECRET_SETTINGS and redact.is_key_material(value):
+        return Shown(redact.describe_key(value), redact.fingerprint(value))
+    clean = redact.text(value)
+    return Shown(clean, redact.fingerprint(value) if clean != value else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,16 +149,31 @@ class Effective:
     def conflict(self) -> bool:
         return any(c.value != self.value for c in self.overridden)
 
+    @property
+    def shown(self) -> Shown:
+        return shown(self.setting.key, self.value)
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "value": self.value,
+        """For `config show --json`: values as `shown()` gives them (a redacted one says so)."""
+        out = {
+            "value": self.shown.value,
             "origin": self.origin,
             "source": self.source,
             "overridable": self.setting.overridable,
             "flag": self.setting.flag if self.setting.overridable else None,
             "env": self.setting.env if self.setting.overridable else None,
-            "overridden": [{"origin": c.origin, "source": c.source, "value": c.value} for c in self.overridden],
+            "overridden": [_candidate_json(self.setting.key, c) for c in self.overridden],
         }
+        return {**out, **_redaction_json(self.shown)}
+
+
+def _redaction_json(s: Shown) -> dict[str, Any]:
+    return {"redacted": True, "fingerprint": s.fingerprint} if s.redacted else {}
+
+
+def _candidate_json(key: str, c: Candidate) -> dict[str, Any]:
+    s = shown(key, c.value)
+    return {"origin": c.origin, "source": c.source, "value": s.value, **_redaction_json(s)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,13 +196,15 @@ class Config:
         out = []
         for eff in self.values:
             if eff.conflict:
-                losers = " and ".join(f"{_show(c.value)} from {c.source}" for c in eff.overridden)
-                out.append(Diagnostic(f"{_show(eff.value)} from {eff.source} overrides {losers}",
+                key = eff.setting.key
+                losers = " and ".join(f"{_show(key, c.value)} from {c.source}" for c in eff.overridden)
+                out.append(Diagnostic(f"{_show(key, eff.value)} from {eff.source} overrides {losers}",
                                       field=eff.setting.key, severity="warning"))
         return tuple(out)
 
 
-def _show(value: Any) -> str:
+def _show(key: str, value: Any) -> str:
+    value = shown(key, value).value
     return json.dumps(value) if not isinstance(value, str) else value
 
 

@@ -8,6 +8,9 @@
     docker://busybox                → explicitly a registry
 
 Parsed once, here; everything else works with these values.
+
+A reference a user gives may carry credentials (`user:PASS@host/app`, never valid here): every
+message quotes it through `redact.reference`, which masks the user-info whatever the password holds.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from enclaver_rules import redact
 from enclaver_rules.oci.digest import Digest
 
 DOCKER_HUB = "docker.io"
@@ -27,12 +31,18 @@ _DOMAIN = re.compile(r"^(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z
 
 
 class BadReference(ValueError):
-    """A reference that cannot be parsed; carries a fix."""
+    """A reference that cannot be parsed; carries a fix. Its text is redacted (it quotes the input)."""
 
     def __init__(self, message: str, fix: str) -> None:
+        message, fix = redact.text(message), redact.text(fix)
         super().__init__(message)
         self.message = message
         self.fix = fix
+
+
+def _quoted(text: str) -> str:
+    """The reference as given, for a message: quoted, with any user-info masked."""
+    return repr(redact.reference(text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,16 +56,21 @@ class Reference:
 
     @classmethod
     def parse(cls, text: str) -> Reference:
-        original = text
+        original = _quoted(text)
         if not text or any(c.isspace() for c in text):
-            raise BadReference(f"{original!r} is not an image reference", "give e.g. registry.example.com/app:1.0")
+            raise BadReference(f"{original} is not an image reference", "give e.g. registry.example.com/app:1.0")
         digest = None
         if "@" in text:
             text, _, digest_text = text.partition("@")
+            if "@" in digest_text or "/" in digest_text:  # `user:PASS@host/app`: quote no part of it
+                raise BadReference(f"{original}: what follows '@' is not a digest, and a user name and password "
+                                   "cannot be part of an image reference",
+                                   "remove everything up to the '@' and log in with `docker login HOST`; a digest "
+                                   "is written app@sha256:<64 hex>")
             try:
                 digest = Digest.parse(digest_text)
             except ValueError as e:
-                raise BadReference(f"{original!r}: {e}", "copy the digest exactly, e.g. app@sha256:<64 hex>") from None
+                raise BadReference(f"{original}: {e}", "copy the digest exactly, e.g. app@sha256:<64 hex>") from None
         first, slash, rest = text.partition("/")
         if slash and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
             registry, remainder = first, rest
@@ -64,20 +79,20 @@ class Reference:
         if registry in ("index.docker.io", "registry-1.docker.io"):
             registry = DOCKER_HUB
         if not _DOMAIN.match(registry):
-            raise BadReference(f"{original!r}: {registry!r} is not a registry host", "write host[:port]/repository")
+            raise BadReference(f"{original}: {registry!r} is not a registry host", "write host[:port]/repository")
         tag = None
         name, colon, tag_text = remainder.rpartition(":")
         if colon and "/" not in tag_text:
             remainder, tag = name, tag_text
             if not _TAG.match(tag):
-                raise BadReference(f"{original!r}: {tag!r} is not a valid tag",
+                raise BadReference(f"{original}: {tag!r} is not a valid tag",
                                       "tags are letters, digits, '_', '.' and '-', at most 128")
         if registry == DOCKER_HUB and "/" not in remainder:
             remainder = f"library/{remainder}"
         if not _PATH.match(remainder):
             fix = "repository names are lowercase" if remainder.lower() != remainder else \
                 "use lowercase letters, digits and separators ('.', '_', '-', '/')"
-            raise BadReference(f"{original!r}: {remainder!r} is not a valid repository name", fix)
+            raise BadReference(f"{original}: {remainder!r} is not a valid repository name", fix)
         if tag is None and digest is None:
             tag = "latest"
         return cls(registry, remainder, tag, digest)
@@ -154,12 +169,12 @@ def parse_image(text: str) -> ImageLocation:
     if text.startswith("oci:"):
         path, _, tag = text[4:].partition(":")  # as skopeo: the path itself cannot contain ':'
         if not path:
-            raise BadReference(f"{text!r} names no directory", "write oci:PATH[:TAG]")
+            raise BadReference(f"{_quoted(text)} names no directory", "write oci:PATH[:TAG]")
         return OciLayoutImage(path, tag or None)
     if text.startswith("docker-archive:"):
         path = text[len("docker-archive:"):]
         if not path:
-            raise BadReference(f"{text!r} names no file", "write docker-archive:PATH")
+            raise BadReference(f"{_quoted(text)} names no file", "write docker-archive:PATH")
         return DockerArchiveImage(path)
     if text.startswith("docker-daemon:"):
         inner = text[len("docker-daemon:"):]
@@ -167,5 +182,5 @@ def parse_image(text: str) -> ImageLocation:
     if text.startswith("docker://"):
         return RegistryImage(Reference.parse(text[len("docker://"):]))
     if "://" in text:
-        raise BadReference(f"{text!r}: unknown transport", "use a reference, oci:, docker-archive:, docker-daemon: or docker://")
+        raise BadReference(f"{_quoted(text)}: unknown transport", "use a reference, oci:, docker-archive:, docker-daemon: or docker://")
     return RegistryImage(Reference.parse(text))

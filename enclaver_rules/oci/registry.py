@@ -10,7 +10,10 @@ build that pins code by digest must not trust the wire:
 * timeouts and a bounded retry budget on idempotent requests (a dead registry fails in seconds);
 * plain HTTP only for localhost / 127.0.0.0/8 / ::1 or hosts named with --insecure-registry;
 * credentials from `$DOCKER_CONFIG/config.json` (default `~/.docker/config.json`): inline
-  `auths`, `credHelpers`, `credsStore`. Never logged.
+  `auths`, `credHelpers`, `credsStore`. Never printed: each credential and token is handed to
+  `redact.remember` when it is first used, and every error built from what a registry sent (its
+  body, its headers, a transport error) is redacted before it is cut short and raised, so a
+  registry that echoes our `Authorization` header cannot make us print it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from enclaver_rules import redact
 from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest, DigestMismatch
@@ -161,6 +165,12 @@ class _Body:
             yield chunk
 
 
+def _shorten(text: str, limit: int = 200) -> str:
+    """One line (a diagnostic stays greppable), at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 class Registry:
     """One registry host. Methods take the repository, so a client serves many repositories."""
 
@@ -187,6 +197,7 @@ class Registry:
         if not self._basic_looked_up:
             self._basic = self._credentials(self.host)
             self._basic_looked_up = True
+            redact.remember_basic(self._basic)
         return self._basic
 
     def _authenticate(self, repository: str, response: requests.Response, headers: dict[str, str],
@@ -212,6 +223,7 @@ class Registry:
             self._tokens[repository] = backend
         new_headers, changed = backend.authenticate_request(response, dict(headers), refresh=refresh)
         headers.update(new_headers)
+        redact.remember_authorization(headers.get("Authorization"))  # a new Bearer token
         return bool(changed)
 
     def request(self, method: str, url: str, repository: str, *, headers: dict[str, str] | None = None,
@@ -229,7 +241,7 @@ class Registry:
                                                 allow_redirects=True)
             except requests.exceptions.RequestException as e:
                 raise RegistryUnavailable(
-                    f"{self.host}: {what or method + ' ' + url} failed: {type(e).__name__}: {e}",
+                    f"{self.host}: {what or method + ' ' + url} failed: {type(e).__name__}: {redact.text(str(e))}",
                     fix="check the registry address and that it is up; a local HTTP registry must be on "
                         "localhost/127.0.0.1 or named with --insecure-registry") from None
             if response.status_code not in (401, 403) or attempt == 2:
@@ -242,12 +254,16 @@ class Registry:
         raise AssertionError("unreachable")
 
     def _fail(self, response: requests.Response, what: str) -> None:
+        """Raise the error for a refused request. What the registry said is quoted (shortened), and
+        redacted first, whole: a body may echo our Authorization header, and cutting it before
+        redacting could leave a credential that no longer looks like one."""
         detail = ""
         try:
             errors = response.json().get("errors") or []
             detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
         except (ValueError, AttributeError):
-            detail = response.text[:200].strip()
+            detail = response.text[:1 << 16]
+        detail = _shorten(redact.text(detail).strip())
         message = f"{self.host}: {what}: HTTP {response.status_code}" + (f" ({detail})" if detail else "")
         if response.status_code == 404:
             raise NotFound(message, fix="check the repository, tag and digest")

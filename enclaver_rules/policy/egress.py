@@ -12,6 +12,15 @@ Semantics (upstream enclaver's where sound, strict where upstream is loose — s
   IPv4-mapped IPv6 destinations (``::ffff:10.0.0.1``) are treated as the IPv4 address they carry,
   so they cannot slip past IPv4 deny rules.
 * Deny wins over allow; nothing is allowed unless an allow rule matches.
+* **Special addresses** (`special_range`: unspecified, ``0.0.0.0/8``, loopback, link-local with the
+  instance metadata at ``169.254.169.254`` and ``fd00:ec2::254``, IPv4-compatible ``::/96``,
+  multicast, broadcast, and — given by the caller — the parent's own addresses) are allowed only by
+  an allow rule that *names* them: an IP rule that lies wholly inside the address's special range
+  (``127.0.0.1``, ``127.0.0.0/8``, ``169.254.169.254``), never by a wider one (``0.0.0.0/0``,
+  ``::/0``, ``10.0.0.0/8``). The same holds for the addresses an allowed *name* resolves to
+  (`EgressPolicy.decide_resolved`), which closes DNS rebinding onto the parent.
+* The name ``host`` (the parent instance) is allowed only by the literal rule ``host``, never by a
+  wildcard; it stands for `PARENT_ADDRESS` and no other address.
 
 Entries that upstream silently never matches (``[::1]``, ``example.com:443``, ``api-*.example.com``)
 or that match far more than their author can mean (``*.*``, ``example.*`` in ``allow``) are refused
@@ -22,13 +31,17 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ListName = Literal["allow", "deny"]
+
+#: The name that means the parent instance, and the one address it stands for on the parent.
+PARENT_NAME = "host"
+PARENT_ADDRESS = ipaddress.IPv4Address("127.0.0.1")
 
 # A host-name label: letters, digits, '-' and '_' (service labels such as `_dmarc` exist in the
 # wild), 1..63 characters, not starting or ending with '-'.
@@ -109,6 +122,8 @@ class Decision:
     reason: str
     rule: str | None = None
     list_name: ListName | None = None
+    special: str | None = None  # the kind of special address (`special_range`) when that decided: named or not
+    address: IPAddress | None = None  # for `decide_resolved`: the address the name resolved to
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -118,6 +133,7 @@ class Decision:
             "allowed": self.allowed,
             "list": self.list_name,
             "rule": self.rule,
+            "special": self.special,
             "reason": self.reason,
         }
 
@@ -375,6 +391,82 @@ def _normalise_name(text: str, raw: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# special addresses
+
+
+@dataclass(frozen=True, slots=True)
+class SpecialRange:
+    """A range of addresses that reach the parent instance itself or its link, not a remote host."""
+
+    network: IPNetwork
+    kind: str  # a short tag: "loopback", "link-local", "parent", ...
+    label: str  # "a loopback address", for messages
+    reaches: str  # what a connection to it reaches, for messages
+
+    def describe(self, address: IPAddress) -> str:
+        return f"{address} is {self.label} ({self.reaches})"
+
+
+_PARENT = "the parent instance's own services"
+_LINK = "the instance's link: metadata and role credentials at {}, DNS, time"
+#: Every special range; an address's range is the most specific one that contains it.
+SPECIAL_RANGES: tuple[SpecialRange, ...] = tuple(SpecialRange(ipaddress.ip_network(n), *rest) for n, *rest in (
+    ("0.0.0.0/32", "unspecified", "the unspecified address", f"Linux connects it to the local host: {_PARENT}"),
+    ("0.0.0.0/8", "this-network", "a 'this network' address (0.0.0.0/8)", "not a destination; may mean the local host"),
+    ("127.0.0.0/8", "loopback", "a loopback address", _PARENT),
+    ("169.254.0.0/16", "link-local", "a link-local address", _LINK.format("169.254.169.254")),
+    ("224.0.0.0/4", "multicast", "a multicast address", "not one remote host"),
+    ("255.255.255.255/32", "broadcast", "the broadcast address", "every host on the instance's link"),
+    ("::/128", "unspecified", "the unspecified address", f"Linux connects it to the local host: {_PARENT}"),
+    ("::1/128", "loopback", "a loopback address", _PARENT),
+    ("::/96", "ipv4-compatible", "an IPv4-compatible address (deprecated)", "not a destination"),
+    ("fe80::/10", "link-local", "a link-local address", "the instance's link"),
+    ("fd00:ec2::/32", "link-local", "an EC2 instance-services address", _LINK.format("fd00:ec2::254")),
+    ("ff00::/8", "multicast", "a multicast address", "not one remote host"),
+))
+#: IPv6 prefixes that carry an IPv4 address in their last 32 bits: mapped, translated (SIIT), NAT64.
+_EMBEDDING = tuple(ipaddress.IPv6Network(n) for n in ("::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96"))
+
+
+def special_range(address: IPAddress, own: Collection[IPAddress] = ()) -> SpecialRange | None:
+    """The special range `address` falls in (the most specific one), or None for an ordinary address.
+
+    `own` are the parent instance's own addresses (the host side knows them; this module does no
+    I/O): each is a special range of one address, so only a rule naming exactly it allows it. An
+    IPv6 address carrying an IPv4 one (``::ffff:127.0.0.1``, ``64:ff9b::7f00:1``) is special when
+    the IPv4 address is, and its range is the IPv4 range inside the same prefix.
+    """
+    if address.version == 6:
+        assert isinstance(address, ipaddress.IPv6Address)
+        for prefix in _EMBEDDING:
+            if address in prefix:
+                inner = special_range(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),
+                                      [a for a in own if a.version == 4])
+                if inner is None:
+                    break
+                network = ipaddress.IPv6Network(
+                    (int(prefix.network_address) | int(inner.network.network_address), 96 + inner.network.prefixlen))
+                return SpecialRange(network, inner.kind, f"{inner.label} carried in {prefix}", inner.reaches)
+    best: SpecialRange | None = None
+    for candidate in SPECIAL_RANGES:
+        if candidate.network.version == address.version and address in candidate.network \
+                and (best is None or candidate.network.prefixlen > best.network.prefixlen):
+            best = candidate
+    if best is None and address in own:
+        return SpecialRange(ipaddress.ip_network(address), "parent", "an address of the parent instance itself",
+                            _PARENT)
+    return best
+
+
+def names(rule: Rule, special: SpecialRange) -> bool:
+    """Whether `rule` explicitly names the addresses of `special`: it is an IP rule lying wholly
+    inside that range (so it can only have been written to reach such addresses). A wider rule
+    (``0.0.0.0/0``, ``::/0``, ``10.0.0.0/8``) only happens to contain them, and does not name them."""
+    return (isinstance(rule, IpRule) and rule.network.version == special.network.version
+            and rule.network.subnet_of(special.network))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
 # the policy
 
 
@@ -392,7 +484,13 @@ class EgressPolicy:
     def enabled(self) -> bool:
         return bool(self.allow)
 
-    def decide(self, destination: Destination | str) -> Decision:
+    def decide(self, destination: Destination | str, *, own: Collection[IPAddress] = ()) -> Decision:
+        """Whether the app may reach `destination`, and which rule says so.
+
+        A special address (see `special_range`; `own` are the parent's own addresses, which only the
+        host side knows) is allowed only by an allow rule that names it; the name `host` only by the
+        literal rule `host`.
+        """
         dest = parse_destination(destination) if isinstance(destination, str) else destination
         deny = _first_match(self.deny, dest)
         allow = _first_match(self.allow, dest)
@@ -401,9 +499,81 @@ class EgressPolicy:
             if allow is not None:
                 reason += f" (deny wins over allow rule {allow.text!r})"
             return Decision(dest, False, reason, deny.text, "deny")
+        if dest.address is not None:
+            special = special_range(dest.address, own)
+            if special is not None:
+                return self._decide_special(dest, dest.address, special, allow)
+        elif dest.host == PARENT_NAME and allow is not None and not _is_parent_rule(allow):
+            literal = next((r for r in self.allow if _is_parent_rule(r)), None)
+            if literal is None:
+                return Decision(dest, False, f"'{PARENT_NAME}' is the parent instance: only the allow rule "
+                                             f"'{PARENT_NAME}' itself allows it, not the wildcard {allow.text!r}")
+            allow = literal
         if allow is not None:
             return Decision(dest, True, f"allowed by allow rule {allow.text!r}", allow.text, "allow")
         return Decision(dest, False, self._default_reason(dest))
+
+    def _decide_special(self, dest: Destination, address: IPAddress, special: SpecialRange,
+                        allow: Rule | None, via: Decision | None = None) -> Decision:
+        """An allow rule must name a special address; one that merely contains it is not enough.
+        `via` is the decision on the name when `address` is what an allowed name resolved to."""
+        naming = next((r for r in self.allow if isinstance(r, IpRule) and r.matches(address) and names(r, special)),
+                      None)
+        what = special.describe(address)
+        resolved = address if via is not None else None
+        if naming is not None:
+            if via is not None:
+                return Decision(dest, True, f"{via.reason}; it resolves to {address}, named by allow rule "
+                                            f"{naming.text!r} ({what})", via.rule, "allow", special.kind, resolved)
+            return Decision(dest, True, f"allowed by allow rule {naming.text!r}, which names it ({what})",
+                            naming.text, "allow", special.kind)
+        if via is None and allow is None:
+            return Decision(dest, False, self._default_reason(dest))
+        fix = f"only an allow rule that names it allows it, e.g. {str(address)!r}"
+        if special.reaches == _PARENT:
+            fix += f"; for the parent's services use '{PARENT_NAME}'"
+        if via is None:
+            assert allow is not None
+            reason = f"{what}: allow rule {allow.text!r} contains it but does not name it; {fix}"
+        else:
+            reason = (f"{dest.host} resolves to {address}: {what}; allow rule {via.rule!r} allows the name, not this "
+                      f"address (DNS can point any name there); {fix}")
+        return Decision(dest, False, reason, special=special.kind, address=resolved)
+
+    def decide_resolved(self, destination: Destination | str, address: IPAddress | str, *,
+                        own: Collection[IPAddress] = ()) -> Decision:
+        """Whether the app may reach the name `destination` at `address`, one of the addresses it
+        resolves to (the host side asks this for every one of them before connecting).
+
+        The name must be allowed; then no deny rule may cover the address (deny wins after DNS too),
+        and a special address needs an allow rule naming it, as if it were dialled directly — so a
+        DNS answer cannot rebind an allowed name onto the parent's loopback, the instance metadata
+        or the parent's own addresses (`own`). `host` stands for `PARENT_ADDRESS` and nothing else.
+        """
+        dest = parse_destination(destination) if isinstance(destination, str) else destination
+        ip = ipaddress.ip_address(address) if isinstance(address, str) else address
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if dest.address is not None:
+            if ip != dest.address:
+                return Decision(dest, False, f"{dest.address} is an address, it cannot resolve to {ip}", address=ip)
+            return self.decide(dest, own=own)
+        by_name = self.decide(dest)
+        if not by_name.allowed:
+            return by_name
+        if dest.host == PARENT_NAME:
+            if ip == PARENT_ADDRESS:
+                return Decision(dest, True, f"{by_name.reason} (the parent instance, {PARENT_ADDRESS})",
+                                by_name.rule, "allow", address=ip)
+            return Decision(dest, False, f"'{PARENT_NAME}' stands for {PARENT_ADDRESS} only, not {ip}", address=ip)
+        deny = _first_match(self.deny, Destination(str(ip), str(ip), dest.port, ip))
+        if deny is not None:
+            return Decision(dest, False, f"{dest.host} resolves to {ip}, denied by deny rule {deny.text!r} "
+                                         "(deny wins after DNS too)", deny.text, "deny", address=ip)
+        special = special_range(ip, own)
+        if special is not None:
+            return self._decide_special(dest, ip, special, None, via=by_name)
+        return Decision(dest, True, f"{by_name.reason}; it resolves to {ip}", by_name.rule, "allow", address=ip)
 
     def _default_reason(self, dest: Destination) -> str:
         if not self.allow:
@@ -414,6 +584,10 @@ class EgressPolicy:
             what = "an IP address" if dest.address is not None else "a host name"
             return f"no allow rule matches: {what} is checked only against {kind}, and there are none (default deny)"
         return "no allow rule matches (default deny)"
+
+
+def _is_parent_rule(rule: Rule) -> bool:
+    return isinstance(rule, NameRule) and rule.labels == (PARENT_NAME,)
 
 
 def _first_match(rules: tuple[Rule, ...], dest: Destination) -> Rule | None:
@@ -459,7 +633,8 @@ def _review_entry(
             out.append(("warning", f"{rule.text!r} has host bits set; it means {rule.network}",
                         f"write {str(rule.network)!r}"))
         if list_name == "allow" and rule.network.prefixlen == 0:
-            out.append(("warning", f"{rule.text!r} allows every IPv{rule.network.version} address",
+            out.append(("warning", f"{rule.text!r} allows every IPv{rule.network.version} address (but not the "
+                                   "loopback, link-local and other special ones, which need a rule naming them)",
                         "name the networks the app needs"))
     elif list_name == "allow":
         if rule.labels == ("**",):

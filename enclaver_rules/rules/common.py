@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 
 from doit.exceptions import TaskFailed
 
-from enclaver_rules import __version__
+from enclaver_rules import __version__, redact
 from enclaver_rules.errors import EnclaverError
 from enclaver_rules.oci.mutate import canonical_json
 from enclaver_rules.oci.store import atomic_write
@@ -69,28 +70,32 @@ def reported(action: Callable[..., Any]) -> Callable[..., Any]:
     """Fail a task the way the CLI fails a command: an enclaver error with its message (file,
     field, fix), a system error (a missing or unreadable file) with its path and reason, anything
     else as an internal error; a traceback only with ENC_DEBUG=1, as `--debug` does for the CLI.
-    functools.wraps keeps the name, so doit can still pickle the action for `-n`."""
+    Whatever the failure says, and the traceback, pass through `redact` first: doit prints a task's
+    failure as it is, so this is the task's last line of defence for secrets, as the CLI printer is
+    the command's. functools.wraps keeps the name, so doit can still pickle the action for `-n`."""
+    def failed(text: str) -> TaskFailed:
+        return TaskFailed(redact.text(text))
+
+    def debug_traceback() -> None:
+        if os.environ.get("ENC_DEBUG"):
+            sys.stderr.write(redact.text(traceback.format_exc()))
+
     @functools.wraps(action)
     def run(*args: Any) -> Any:
         try:
             return action(*args)
         except EnclaverError as e:
-            return TaskFailed(str(e))
+            return failed(str(e))
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
-            _debug_traceback()
-            return TaskFailed(f"{where}{e.strerror or e}")
+            debug_traceback()
+            return failed(f"{where}{e.strerror or e}")
         except Exception as e:  # noqa: BLE001 - the last line of defence, as in the CLI
-            _debug_traceback()
-            return TaskFailed(f"internal error: {type(e).__name__}: {e} — this is a bug in enclaver: "
-                              "run again with ENC_DEBUG=1 and report the traceback")
+            debug_traceback()
+            return failed(f"internal error: {type(e).__name__}: {e} — this is a bug in enclaver: "
+                          "run again with ENC_DEBUG=1 and report the traceback")
 
     return run
-
-
-def _debug_traceback() -> None:
-    if os.environ.get("ENC_DEBUG"):
-        traceback.print_exc()
 
 
 def out_dir(cache_dir: str, name: str) -> Path:
