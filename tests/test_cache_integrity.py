@@ -419,3 +419,30 @@ def test_the_quarantine_is_reported_by_cache_verify(cli: Cli, tmp_path: Path) ->
     assert store.has(good) and not store.has(bad)
     again = cli("cache", "verify", "--cache-dir", str(store.root))
     assert again.code == ExitCode.OK and "damaged copy kept in" in again.stderr
+
+
+# -- a blob set taken from an image (eif build --blobs IMAGE, the rule set's equivalent) ---------------
+
+
+@pytest.mark.parametrize("how", ["flip", "flip-last", "truncate"])
+def test_a_rotted_blob_set_layer_is_refused_and_leaves_no_staging(tmp_path: Path, how: str) -> None:
+    from enclaver_rules.eif import blobs as blobs_module
+    from enclaver_rules.eif.blobs import write_dev_blobs
+    from enclaver_rules.oci.layer import Entry
+    from oci_helpers import make_layout
+
+    dev = write_dev_blobs(tmp_path / "dev", "x86_64")
+    files = [Entry.file(f"blobs/{p.name}", p.read_bytes()) for p in sorted((tmp_path / "dev").iterdir())]
+    cache = tmp_path / "cache"
+    digest = make_layout(str(cache), "blobs:1", [files[:2], files[2:]])
+    store = Store(cache)
+    image = load_stored(store, "blobs:1", Digest.parse(digest))
+    rot(store, str(image.manifest.layers[1].digest), how)
+    with pytest.raises(CorruptBlob) as caught:
+        blobs_module.load_image_blobs(store, image, "x86_64")
+    _refused(caught.value, store, str(image.manifest.layers[1].digest))
+    assert [p.name for p in (cache / "blobs").iterdir() if ".tmp-" in p.name] == []
+    assert store.staging() == []
+    # fetched (here: written) again, the set is taken and is the one the files make
+    make_layout(str(cache), "blobs:1", [files[:2], files[2:]])
+    assert blobs_module.load_image_blobs(store, image, "x86_64").digest == dev.digest
