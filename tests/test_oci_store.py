@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import multiprocessing
 import os
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 
 from enclaver_rules.oci.digest import Digest, DigestMismatch
 from enclaver_rules.oci.model import Descriptor
-from enclaver_rules.oci.store import Store, default_cache_dir
+from enclaver_rules.oci.store import Staging, Store, default_cache_dir
 
 
 def leftovers(store: Store) -> list[str]:
@@ -125,3 +127,94 @@ def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert default_cache_dir(str(tmp_path / "repo" / "sub")) == tmp_path / "repo" / "cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir(str(tmp_path)) == tmp_path / "xdg" / "enclaver"
+
+
+# -- staging left by writers that died ---------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _staging(root: Path, rel: str, *, directory: bool = False, age: float = 0) -> Path:
+    import time
+
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        (path / "deep").mkdir(parents=True)
+        (path / "deep" / "file").write_bytes(b"partial")
+    else:
+        path.write_bytes(b"partial")
+    when = time.time() - age
+    os.utime(path, (when, when))
+    return path
+
+
+def test_gc_removes_staging_of_dead_writers_and_spares_live_ones(tmp_path: Path) -> None:
+    import time
+
+    store = Store(tmp_path).init()
+    dead, live, hour = _dead_pid(), os.getpid(), 3600.0
+    stale = [
+        _staging(tmp_path, f"blobs/{'a' * 64}.tmp-{dead}", directory=True, age=2 * hour),  # a blob-set flatten
+        _staging(tmp_path, f"blobs/{'9' * 64}-x86_64.tmp-{dead}", directory=True, age=2 * hour),  # a blob set taken
+        _staging(tmp_path, f"blobs/sha256/.tmp-{dead}-abcd_123", age=2 * hour),  # Store.put
+        _staging(tmp_path, "blobs/sha256/.tmp-k2j4h5g6", age=2 * hour),  # Store.put before PIDs: age only
+        _staging(tmp_path, f".index.json.tmp-{dead}-zzzzzzzz", age=2 * hour),  # atomic_file
+        _staging(tmp_path, f"out/hello/.tmp-{'c' * 32}-{dead}", directory=True, age=2 * hour),  # an EIF build
+        _staging(tmp_path, f"out/hello/.latest-{dead}", age=2 * hour),
+        _staging(tmp_path, f"out/hello/{'d' * 32}/.policy.json.tmp-{dead}-qqqqqqqq", age=2 * hour),
+        _staging(tmp_path, "odyn-build/odyn-build-x1y2z3w4", directory=True, age=2 * hour),
+        # a live PID that started after the staging last changed: its writer's PID was reused
+        _staging(tmp_path, f"blobs/{'b' * 64}.tmp-{live}", directory=True, age=10 * 24 * hour),
+    ]
+    kept = [
+        _staging(tmp_path, f"blobs/{'e' * 64}.tmp-{live}", directory=True),  # being flattened right now
+        _staging(tmp_path, f"blobs/sha256/.tmp-{live}-abcdefgh"),  # a put in flight
+        _staging(tmp_path, f"blobs/sha256/.tmp-{dead}-fresh123", age=60),  # dead but young: another namespace?
+        _staging(tmp_path, f"out/hello/.tmp-{'f' * 32}-{live}", directory=True),
+        _staging(tmp_path, "blobs/sha256/.not-staging", age=2 * hour),  # no writer of ours names files so
+        _staging(tmp_path, f"elsewhere/.tmp-{dead}-abcdefgh", age=2 * hour),  # outside the cache's staging places
+    ]
+    layer = store.put_bytes(b"layer")  # reachable: kept
+    removed_staging: list[Staging] = []
+    store.gc(grace_seconds=int(hour), staging=removed_staging)
+    assert sorted(str(e.path) for e in removed_staging) == sorted(str(p) for p in stale)
+    assert not any(os.path.lexists(p) for p in stale)
+    assert all(os.path.lexists(p) for p in kept)
+    assert {e.pid for e in removed_staging} == {dead, live, None}
+    assert store.gc(grace_seconds=0, now=time.time()) == (1, 5)  # the unreferenced blob, never the live staging
+    assert not store.has(layer) and all(os.path.lexists(p) for p in kept[:2])
+
+
+def test_cache_gc_lists_what_it_removed(tmp_path: Path) -> None:
+    from enclaver_rules.cli.main import main
+
+    store = Store(tmp_path).init()
+    gone = _staging(tmp_path, f"blobs/{'a' * 64}.tmp-{_dead_pid()}", directory=True, age=7200)
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["cache", "gc", "--cache-dir", str(store.root)], stdout=out, stderr=err) == 0
+    assert "1 stale staging entry" in out.getvalue() and str(gone) in err.getvalue()
+    out = io.StringIO()
+    assert main(["cache", "gc", "--cache-dir", str(store.root), "--json"], stdout=out, stderr=io.StringIO()) == 0
+    assert json.loads(out.getvalue())["staging"] == []
+
+
+def test_verify_quarantines_what_it_finds_damaged(tmp_path: Path) -> None:
+    store = Store(tmp_path).init()
+    d = store.put_bytes(b"good")
+    path = store.path(d)
+    os.chmod(path, 0o644)
+    path.write_bytes(b"evil")
+    [problem] = store.verify()
+    [moved] = store.quarantined()
+    assert problem.path == str(path) and f"moved to {moved}" in problem.message
+    assert moved.read_bytes() == b"evil" and not store.has(d)
+    assert store.verify() == []
+    store.put_bytes(b"good", d)
+    assert store.read(d) == b"good"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +15,7 @@ from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, command, command_group
 from enclaver_rules.cli.output import Output
 from enclaver_rules.cli.progress import reporter
-from enclaver_rules.errors import InvalidInput
+from enclaver_rules.errors import InvalidInput, OperationFailed
 from enclaver_rules.oci.engine import Engine
 from enclaver_rules.oci.model import ImageConfig, Manifest, Platform
 from enclaver_rules.oci.reference import DaemonImage, OciLayoutImage, RegistryImage
@@ -28,8 +30,9 @@ TRANSFER_CODES = {
     ExitCode.FAILURE: "the image was not found, a digest did not match, or a registry or engine failed",
     ExitCode.INVALID_INPUT: "a reference, platform or flag is invalid",
 }
-VERIFY_CODES = {ExitCode.OK: "every blob matches its digest", ExitCode.FAILURE: "problems found (listed)"}
-GC_CODES = {ExitCode.OK: "unreachable blobs were removed"}
+VERIFY_CODES = {ExitCode.OK: "every blob matches its digest",
+                ExitCode.FAILURE: "problems found (listed; damaged blobs were moved to quarantine)"}
+GC_CODES = {ExitCode.OK: "unreachable blobs and dead writers' staging were removed"}
 IMAGE_HELP = ("IMAGE is a registry reference (docker.io defaults apply), oci:PATH[:TAG], docker-archive:PATH "
               "or docker-daemon:REF.")
 
@@ -51,7 +54,9 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
 def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     group = command_group(commands, common, "image", "pull, push and inspect images")
     p = command(group, common, "pull", help="copy an image into the store", codes=TRANSFER_CODES, run=run_pull,
-                description="Copy an image into the content-addressed store, verifying every blob. " + IMAGE_HELP)
+                description="Copy an image into the content-addressed store, verifying every blob: the ones it "
+                            "fetches as they stream, the ones the store already had by hashing them again. A "
+                            "damaged one is moved to the store's quarantine/ and fetched again. " + IMAGE_HELP)
     p.add_argument("image", metavar="IMAGE")
     _source_args(p)
     p.add_argument("--via-engine", action="store_true", help="let the local Docker engine pull it, then import it")
@@ -79,14 +84,22 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
 
     cache = command_group(commands, common, "cache", "check and clean the content-addressed store")
     p = command(cache, common, "verify", help="re-hash every blob in the store", codes=VERIFY_CODES, run=run_verify,
-                description="Re-hash every blob and check that every ref's blobs are present.")
+                description="Re-hash every blob and check that every ref's blobs are present. A blob whose bytes "
+                            "do not match its digest is moved to the store's quarantine/ (kept for inspection, never "
+                            "used; the next pull or build fetches it again). Pulls and pushes verify every blob "
+                            "they read in the same way.")
     _store_args(p)
     add_json(p)
-    p = command(cache, common, "gc", help="delete blobs no ref reaches", codes=GC_CODES, run=run_gc,
-                description="Delete blobs that no ref in index.json reaches. Blobs younger than --grace seconds are "
-                            "kept: a concurrent pull may not have tagged them yet.")
+    p = command(cache, common, "gc", help="delete blobs no ref reaches, and dead writers' staging",
+                codes=GC_CODES, run=run_gc,
+                description="Delete blobs that no ref in index.json reaches, and the temporary files and directories "
+                            "(`.tmp-…`, `*.tmp-PID`) that writers which died left in the cache. Both are kept while "
+                            "younger than --grace seconds (a concurrent pull may not have tagged a blob yet); staging "
+                            "whose writer (the PID in its name) is still running is kept at any age. The quarantine "
+                            "is left alone.")
     _store_args(p)
-    p.add_argument("--grace", type=int, default=3600, metavar="SECONDS", help="keep younger blobs (default 3600)")
+    p.add_argument("--grace", type=int, default=3600, metavar="SECONDS",
+                   help="keep younger blobs and staging (default 3600)")
     add_json(p)
 
 
@@ -107,8 +120,74 @@ def _summary(image: StoredImage, store: Store) -> dict[str, Any]:
             "store": str(store.root)}
 
 
-def run_pull(args: argparse.Namespace, out: Output) -> int:
+def _fetch(text: str, sources: Sources, *, again: bool = False, file: str = "IMAGE") -> StoredImage:
+    """`text` in the store; `again`: from its source even if the store holds it (a damaged blob
+    of it was just moved to quarantine: a digest-pinned registry image would else be looked up
+    in the store, found incomplete, and not fetched)."""
     from enclaver_rules.oci.resolve import location, resolve
+    from enclaver_rules.oci.transfer import pull
+
+    if again:
+        loc = location(text, file=file)
+        if isinstance(loc, RegistryImage):
+            return pull(loc.ref, sources.store.init(), sources.registry(loc.ref.api_host), platform=sources.platform,
+                        reporter=sources.reporter)
+    return resolve(text, sources, file=file)
+
+
+def _kept(store: Store) -> dict[str, int]:
+    """The store's blobs now, by name, with their inode: `put` writes a new file (a new inode)
+    for every blob it writes, so a blob with the same inode later was not written in between."""
+    try:
+        with os.scandir(store.blobs) as entries:
+            return {e.name: e.inode() for e in entries if not e.name.startswith(".")}
+    except FileNotFoundError:
+        return {}
+
+
+def _damaged(image: StoredImage, store: Store, before: dict[str, int]) -> list[str]:
+    """The image's blobs the store held `before` (and still holds, unwritten since) that no longer
+    match their digests: hashed now, moved to quarantine. Blobs written since were verified as
+    they were written, so they are not hashed again."""
+    damaged = []
+    for d in (image.manifest.config, *image.manifest.layers):
+        try:
+            inode = store.path(d.digest).stat().st_ino
+        except FileNotFoundError:
+            damaged.append(d.digest.short)
+            continue
+        if before.get(d.digest.hex) == inode and not store.intact(d.digest):
+            damaged.append(d.digest.short)
+    return damaged
+
+
+def _pull_checked(text: str, sources: Sources, out: Output) -> StoredImage:
+    """Pull, then hash the blobs the store already had (a pull skips them): a damaged one is
+    quarantined and the image fetched again, once."""
+    from enclaver_rules.oci.store import CorruptBlob
+
+    for attempt in (0, 1):
+        before = _kept(sources.store)
+        try:
+            image = _fetch(text, sources, again=attempt > 0)
+            damaged = _damaged(image, sources.store, before)
+        except CorruptBlob as e:
+            if attempt:
+                raise
+            out.note(f"{e.diagnostics[0].message}: moved to quarantine; fetching the image again", style="yellow")
+            continue
+        if not damaged:
+            return image
+        if attempt:
+            raise OperationFailed(f"{text}: blobs still damaged after fetching them again: {', '.join(damaged)}",
+                                  fix="the disk may be failing: run `enclaver cache verify` and check it")
+        out.note(f"{text}: {len(damaged)} blob(s) in the store no longer matched their digests "
+                 f"({', '.join(damaged)}): moved to quarantine; fetching them again", style="yellow")
+    raise AssertionError("unreachable")
+
+
+def run_pull(args: argparse.Namespace, out: Output) -> int:
+    from enclaver_rules.oci.resolve import location
 
     sources = _sources(args, out, use_engine=False)
     text = args.image
@@ -121,7 +200,7 @@ def run_pull(args: argparse.Namespace, out: Output) -> int:
         text = f"docker-daemon:{loc.ref}"
     with reporter(out.err, not out.quiet) as progress:
         sources.reporter = progress
-        image = resolve(text, sources)
+        image = _pull_checked(text, sources, out)
     if args.json:
         out.json(_summary(image, sources.store))
     else:
@@ -130,40 +209,55 @@ def run_pull(args: argparse.Namespace, out: Output) -> int:
 
 
 def run_push(args: argparse.Namespace, out: Output) -> int:
-    from enclaver_rules.oci.resolve import location, resolve
-    from enclaver_rules.oci.transfer import docker_archive, push
+    from enclaver_rules.oci.resolve import location
+    from enclaver_rules.oci.store import CorruptBlob
 
     sources = _sources(args, out, use_engine=True)
     dest = location(args.dest, file="DEST", source=False)  # a destination may not exist yet
+    if not isinstance(dest, (RegistryImage, DaemonImage, OciLayoutImage)):
+        raise InvalidInput(f"{args.dest}: cannot push to a docker-archive", file="DEST",
+                           fix="use `docker save`, or push to oci:PATH:TAG")
     with reporter(out.err, not out.quiet) as progress:
         sources.reporter = progress
-        image = resolve(args.source, sources, file="SRC")
-        store = sources.store
-        if isinstance(dest, RegistryImage):
-            src = location(args.source, file="SRC")
-            mount = src.ref.repository if isinstance(src, RegistryImage) and src.ref.api_host == dest.ref.api_host else None
-            digest = push(image, store, dest.ref, sources.registry(dest.ref.api_host), mount_from=mount,
-                          reporter=progress)
-            where = str(dest.ref)
-        elif isinstance(dest, DaemonImage):
-            Engine().load(docker_archive(image, store, str(dest.ref)))
-            digest, where = image.digest, f"docker-daemon:{dest.ref}"
-        elif isinstance(dest, OciLayoutImage):
-            layout = Store(dest.path).init()
-            for d in (image.manifest.config, *image.manifest.layers):
-                with store.open(d.digest) as f:
-                    layout.put_stream(f, d.digest, d.size, source=f"store {d.digest.short}")
-            layout.put_bytes(image.manifest.raw, image.digest)
-            layout.tag(dest.tag or "latest", image.manifest.descriptor())
-            digest, where = image.digest, str(dest)
-        else:
-            raise InvalidInput(f"{args.dest}: cannot push to a docker-archive", file="DEST",
-                               fix="use `docker save`, or push to oci:PATH:TAG")
+        try:
+            digest, where = _push(args.source, _fetch(args.source, sources, file="SRC"), dest, sources, progress)
+        except CorruptBlob as e:  # read from the store, damaged: quarantined; fetch it again, once
+            out.note(f"{e.diagnostics[0].message}: moved to quarantine; fetching {args.source} again", style="yellow")
+            try:
+                image = _fetch(args.source, sources, again=True, file="SRC")
+            except OperationFailed:
+                raise e from None  # nowhere to fetch it from: the damaged blob's own error says what to do
+            digest, where = _push(args.source, image, dest, sources, progress)
     if args.json:
         out.json({"source": args.source, "destination": where, "digest": str(digest)})
     else:
         out.line(f"{where}  {digest}")
     return ExitCode.OK
+
+
+def _push(source: str, image: StoredImage, dest: RegistryImage | DaemonImage | OciLayoutImage, sources: Sources,
+          progress: Any) -> tuple[Any, str]:
+    """Every blob read from the store is verified as it goes out (CorruptBlob: nothing is kept
+    under its name at the destination: a registry and `put` check the digest)."""
+    from enclaver_rules.oci.resolve import location
+    from enclaver_rules.oci.transfer import docker_archive, push
+
+    store = sources.store
+    if isinstance(dest, RegistryImage):
+        src = location(source, file="SRC")
+        mount = src.ref.repository if isinstance(src, RegistryImage) and src.ref.api_host == dest.ref.api_host else None
+        digest = push(image, store, dest.ref, sources.registry(dest.ref.api_host), mount_from=mount, reporter=progress)
+        return digest, str(dest.ref)
+    if isinstance(dest, DaemonImage):
+        Engine().load(docker_archive(image, store, str(dest.ref)))
+        return image.digest, f"docker-daemon:{dest.ref}"
+    layout = Store(dest.path).init()
+    for d in (image.manifest.config, *image.manifest.layers):
+        with store.open(d.digest) as f:  # hashed once: `put_stream` trusts a verified blob's own check
+            layout.put_stream(f, d.digest, d.size, source=f"store {d.digest.short}")
+    layout.put_bytes(image.manifest.raw, image.digest)
+    layout.tag(dest.tag or "latest", image.manifest.descriptor())
+    return image.digest, str(dest)
 
 
 def run_inspect(args: argparse.Namespace, out: Output) -> int:
@@ -200,25 +294,42 @@ def _inspect_doc(name: str, source: str, manifest: Manifest, config: ImageConfig
 
 def run_verify(args: argparse.Namespace, out: Output) -> int:
     store = _store(args)
-    total = sum(p.stat().st_size for p in store.blobs.iterdir()) if store.blobs.is_dir() else 0
+    total = 0
+    for blob in store.blobs.iterdir() if store.blobs.is_dir() else []:
+        with contextlib.suppress(FileNotFoundError):
+            total += blob.stat().st_size if not blob.name.startswith(".") else 0
     with reporter(out.err, not out.quiet) as progress:
         problems = store.verify(progress.task(f"verify {store.root}", total))
+    quarantined = store.quarantined()
     if args.json:
         out.json({"store": str(store.root), "ok": not problems,
-                  "problems": [{"path": p.path, "message": p.message} for p in problems]})
+                  "problems": [{"path": p.path, "message": p.message} for p in problems],
+                  "quarantine": [str(q) for q in quarantined]})
     else:
         for p in problems:
             out.line(Text(f"{p.path}: {p.message}", style="red"))
         if not problems:
             out.line(Text(f"{store.root}: every blob matches its digest", style="green"))
+        if quarantined:
+            out.note(f"{len(quarantined)} damaged cop{'y' if len(quarantined) == 1 else 'ies'} kept in "
+                     f"{store.quarantine_dir} for inspection (never used; delete them when done); the next pull "
+                     "or build fetches the blobs again")
     return ExitCode.FAILURE if problems else ExitCode.OK
 
 
 def run_gc(args: argparse.Namespace, out: Output) -> int:
+    from enclaver_rules.oci.store import Staging
+
     store = _store(args)
-    removed, freed = store.gc(grace_seconds=args.grace)
+    staging: list[Staging] = []
+    removed, freed = store.gc(grace_seconds=args.grace, staging=staging)
     if args.json:
-        out.json({"store": str(store.root), "removed": removed, "bytes": freed})
+        out.json({"store": str(store.root), "removed": removed, "bytes": freed,
+                  "staging": [{"path": str(e.path), "pid": e.pid} for e in staging]})
     else:
-        out.line(f"{store.root}: removed {removed} blobs, {freed / 1e6:.1f} MB")
+        out.line(f"{store.root}: removed {removed} blobs, {freed / 1e6:.1f} MB; "
+                 f"{len(staging)} stale staging entr{'y' if len(staging) == 1 else 'ies'}")
+        for e in staging:
+            writer = f"process {e.pid}, gone" if e.pid is not None else "writer unknown"
+            out.note(f"  removed {e.path} ({writer})")
     return ExitCode.OK

@@ -49,6 +49,10 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
     parser.add_argument("--update", metavar="POLICY.json",
                         help="merge into this existing policy (rollover: earlier images stay; admin kept): the "
                              "merged policy on stdout, the diff on stderr")
+    parser.add_argument("--immutable", action="store_true",
+                        help="a policy nobody can change once applied: no kms:PutKeyPolicy for anyone, not even "
+                             "the admin (default: $ENC_KMS_IMMUTABLE=1). Irreversible: a later release needs a new "
+                             "key; KMS takes it only with --bypass-policy-lockout-safety-check")
     parser.add_argument("--allow-debug", action="store_true",
                         help="accept a debug-mode enclave (all-zero PCRs): trusts any code, tests only")
     parser.add_argument("--cache-dir", metavar="DIR", help="the store to look IMAGE up in")
@@ -65,7 +69,9 @@ def _top(commands: Subparsers[argparse.ArgumentParser], common: argparse.Argumen
                     "recomputed from the EIF inside it with --recompute — the output says which) and print "
                     "them, with --kms-policy "
                     "as a KMS key policy that lets the decrypt-side actions through only for this PCR0 (and the "
-                    "PCRs given with --pcr), with a deny backstop for every other caller.",
+                    "PCRs given with --pcr), with a deny backstop, for every caller, of every action that releases "
+                    "or moves plaintext (ReEncrypt included) and of grants. The key administrator can still "
+                    "replace the policy, unless it is --immutable.",
         epilog=epilog(CODES), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(func=run, exit_codes=CODES)
     return parser
@@ -216,7 +222,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     if args.kms_policy or args.update:
         trust = kms.trust_from(os.environ, account=args.account, admin=args.admin, principal=args.principal,
                                pcrs=["PCR0", *[p for p in (args.pcr or []) if p != "PCR0"]],
-                               allow_debug=args.allow_debug, flags=True)
+                               allow_debug=args.allow_debug, immutable=args.immutable, flags=True)
         if args.update:
             try:
                 existing = json.loads(Path(args.update).read_text())
@@ -227,6 +233,9 @@ def run(args: argparse.Namespace, out: Output) -> int:
         else:
             policy = kms.key_policy(pcrs, trust)
         document["KeyPolicy"] = policy
+        if trust.immutable:  # on stderr whatever the output mode, -q included: it cannot be undone
+            document["Warnings"] = [kms.LOCKOUT_WARNING]
+            out.err.print(Text(f"warning: {kms.LOCKOUT_WARNING}", style="yellow"))
     elif not args.allow_debug and pcrs.get("PCR0") == kms.DEBUG_PCR:
         raise InvalidInput("PCR0 is all zeros: a debug-mode enclave, whose measurements prove nothing",
                            fix="pass --allow-debug to print it anyway")
