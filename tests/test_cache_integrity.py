@@ -288,8 +288,6 @@ def test_another_store_refuses_a_rotted_source_and_keeps_nothing(
     assert not other.has(layer) and [p.name for p in other.blobs.iterdir()] == []
 
 
-@pytest.mark.xfail(strict=True, reason="eif/rootfs.py and eif/build.py must call store.BackgroundCheck "
-                                       "(see the cache-integrity note); remove this mark when they do")
 @pytest.mark.parametrize("role", ["layer-gz", "layer-plain"])
 def test_an_eif_build_refuses_a_rotted_layer(pulled: tuple[Store, Manifest, dict[str, str]], tmp_path: Path,
                                             role: str) -> None:
@@ -446,3 +444,25 @@ def test_a_rotted_blob_set_layer_is_refused_and_leaves_no_staging(tmp_path: Path
     # fetched (here: written) again, the set is taken and is the one the files make
     make_layout(str(cache), "blobs:1", [files[:2], files[2:]])
     assert blobs_module.load_image_blobs(store, image, "x86_64").digest == dev.digest
+
+
+def test_a_running_builds_work_directory_is_not_removed_by_another_build(tmp_path: Path) -> None:
+    """eif_enclave removed every `.tmp-*` in the enclave's directory, a concurrent build's too."""
+    import subprocess
+    import sys
+
+    from enclaver_rules.rules.eif import remove_stale_work
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    try:
+        running = tmp_path / f".tmp-{'a' * 32}-{live.pid}"
+        killed = tmp_path / f".tmp-{'b' * 32}-{dead.stdout.strip()}"
+        for d in (running, killed):
+            d.mkdir()
+            (d / "application.eif").write_bytes(b"x")
+        remove_stale_work(tmp_path)
+        assert running.is_dir() and not killed.exists()
+    finally:
+        live.kill()
+        live.wait()

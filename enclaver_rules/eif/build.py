@@ -121,7 +121,10 @@ def build_eif(image: StoredImage, store: Store, blobs: BlobSet, output: str | os
             sections.append(SectionSource(SECTION_SIGNATURE, len(signature), lambda: iter([signature])))
             pcr8 = signer.pcr8
         with atomic_file(target) as out:
-            crc, measurements, size = write_eif(out, arch, sections, progress=progress)
+            try:
+                crc, measurements, size = write_eif(out, arch, sections, progress=progress)
+            finally:  # every layer blob matched its digest, or the EIF is not kept
+                tree.checks.wait()
     if pcr8:
         measurements = Measurements(measurements.pcr0, measurements.pcr1, measurements.pcr2, pcr8)
     return EifResult(target, measurements, size, crc, arch, blobs, image)

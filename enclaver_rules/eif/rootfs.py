@@ -41,6 +41,7 @@ from pathlib import Path
 
 from enclaver_rules.errors import InvalidInput, OperationFailed
 from enclaver_rules.oci.flatten import OPAQUE, WHITEOUT, UnsafeLayer
+from enclaver_rules.oci.store import BackgroundCheck
 
 CHUNK = 4 << 20  # big reads: fewer hand-offs to the hashing threads
 MAX_SYMLINKS = 40
@@ -152,6 +153,7 @@ class Tree:
         self._next_inode = 1
         self.nodes = 0  # built so far (replaced ones included): bounded by MAX_NODES
         self.steps = 0  # path components walked so far: bounded by MAX_TOTAL_STEPS
+        self.checks = BackgroundCheck()  # every store blob read here is verified beside the build
 
     def _count(self, where: str, n: int = 1) -> None:
         self.nodes += n
@@ -221,7 +223,17 @@ class Tree:
         return parent.children.get(parts[-1]) if parent is not None and parts else None
 
     def add_layer(self, label: str, blob: Path, workdir: Path) -> None:
-        """Apply one layer blob: a plain tar is read where it lies; gzip is inflated into `workdir`."""
+        """Apply one layer blob: a plain tar is read where it lies; gzip is inflated into `workdir`.
+        The blob's digest is checked in the background (`checks`); a broken layer is often a rotted
+        blob, so then the check's CorruptBlob, which names the digest and the fix, wins."""
+        self.checks.add(blob)
+        try:
+            self._add_layer(label, blob, workdir)
+        except (OperationFailed, OSError):
+            self.checks.wait(blob)
+            raise
+
+    def _add_layer(self, label: str, blob: Path, workdir: Path) -> None:
         index = len(self.layers)
         with open(blob, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"

@@ -177,7 +177,10 @@ def from_store(store: Store, ref: Reference, platform: Platform | None) -> Store
     if descriptor is not None:
         stored_platform = descriptor.annotation(PLATFORM_ANNOTATION)
         if platform is None or stored_platform in (None, str(platform)):
-            return load_stored(store, str(ref), descriptor.digest, "store")
+            try:
+                return load_stored(store, str(ref), descriptor.digest, "store")
+            except OperationFailed:
+                pass  # a blob is missing or quarantined: fetch the image again from its registry
     if store.has(ref.digest):
         try:
             node = store.manifest(ref.digest)

@@ -200,7 +200,7 @@ def import_oci_layout(path: str, tag: str | None, store: Store, *, platform: Pla
     When the layout *is* the store (`oci:cache:REF`, as skopeo names an image in it), the image
     is already there under its own ref: nothing is copied and no second ref is added.
     """
-    layout = Store(path)
+    layout = Store(path, quarantine=False)  # the user's layout: report a damaged blob, never move it
     if not Path(path).is_dir():
         raise OperationFailed(f"oci:{path}: no such directory", fix="give the directory of an OCI layout")
     if not (Path(path) / "index.json").is_file():

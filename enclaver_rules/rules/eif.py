@@ -11,15 +11,18 @@ or a complete entry; `latest` then points at it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci.digest import Digest
-from enclaver_rules.oci.store import Store
+from enclaver_rules.oci.store import Staging, Store, is_stale
 from enclaver_rules.rules.common import (
     EIF_FILE,
     EIF_RECORD,
@@ -184,6 +187,17 @@ def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[st
         raise refuse("it is signed, and this build is not")
 
 
+def remove_stale_work(out: Path) -> None:
+    """Remove work directories (`.tmp-<key>-<pid>`) that killed builds left, never a running
+    build's: two `doit` runs, or `-n` workers, may build into one enclave's directory at once."""
+    for stale in out.glob(".tmp-*"):
+        owner = re.fullmatch(r"\.tmp-[0-9a-f]+-(\d+)", stale.name)
+        pid = int(owner.group(1)) if owner else None
+        with contextlib.suppress(OSError):
+            if pid != os.getpid() and is_stale(Staging(stale, pid, stale.lstat().st_mtime, 0), 0, time.time()):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 @reported
 def eif_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]:
     _, resolved = read_resolved(manifest_path, cache_dir, name)
@@ -196,8 +210,7 @@ def eif_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]
         return json.loads((dest / EIF_RECORD).read_text())  # type: ignore[no-any-return]
     if dest.exists():
         shutil.rmtree(dest)  # incomplete or tampered: rebuild it
-    for stale in out.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed build
+    remove_stale_work(out)
     work = out / f".tmp-{key}-{os.getpid()}"
     work.mkdir(parents=True)
     remote = RemoteCache.from_env()
