@@ -14,6 +14,7 @@ rules, so a typo in a local name used to surface as a DNS error for `registry-1.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -37,7 +38,7 @@ from enclaver_rules.oci.reference import (
     parse_image,
 )
 from enclaver_rules.oci.registry import NotFound, Registry, RegistryUnavailable, is_local
-from enclaver_rules.oci.store import Store
+from enclaver_rules.oci.store import CorruptBlob, Store
 from enclaver_rules.oci.transfer import (
     DEFAULT_PLATFORM,
     PLATFORM_ANNOTATION,
@@ -53,6 +54,8 @@ from enclaver_rules.oci.transfer import (
 )
 
 #: Plain arguments that can only be paths (skopeo would need a transport; we say which).
+log = logging.getLogger("enclaver.resolve")
+
 _PATH_PREFIXES = ("/", "./", "../", "~/")
 #: Names that are archives by their ending: Docker Hub has no such repositories worth guessing at.
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.xz")
@@ -179,8 +182,10 @@ def from_store(store: Store, ref: Reference, platform: Platform | None) -> Store
         if platform is None or stored_platform in (None, str(platform)):
             try:
                 return load_stored(store, str(ref), descriptor.digest, "store")
+            except CorruptBlob as e:  # quarantined now: say so, and fetch the image again from its registry
+                log.warning("%s; fetching %s again", e, ref)
             except OperationFailed:
-                pass  # a blob is missing or quarantined: fetch the image again from its registry
+                pass  # a blob is missing (quarantined earlier): fetch the image again from its registry
     if store.has(ref.digest):
         try:
             node = store.manifest(ref.digest)

@@ -34,7 +34,7 @@ BUILD_EPOCH = 1700000000  # fixed, not "now": the binary must not change with th
 #: What the binary may contain, as (package, module paths relative to it); directories recursively.
 STAGED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("odyn", (".",)),
-    ("enclaver_rules", ("__init__.py", "errors.py", "ports.py", "policy", "manifest")),
+    ("enclaver_rules", ("__init__.py", "errors.py", "redact.py", "ports.py", "policy", "manifest")),
 )
 ENTRY = "from odyn.__main__ import main\nraise SystemExit(main())\n"
 
