@@ -53,9 +53,9 @@ from enclaver_rules.oci.transfer import (
     pull,
 )
 
-#: Plain arguments that can only be paths (skopeo would need a transport; we say which).
 log = logging.getLogger("enclaver.resolve")
 
+#: Plain arguments that can only be paths (skopeo would need a transport; we say which).
 _PATH_PREFIXES = ("/", "./", "../", "~/")
 #: Names that are archives by their ending: Docker Hub has no such repositories worth guessing at.
 _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.zst", ".tar.xz")
