@@ -1,7 +1,7 @@
 """Build the static odyn binary: stage its sources, a hash-pinned build venv, PyInstaller, staticx.
 
 Why this shape:
-- *Staging* copies exactly odyn and the pure modules it may import (policy, ports, errors,
+- *Staging* copies exactly odyn and the pure modules it may import (policy, ports, errors, redact,
   manifest, the schema) into a fresh tree, and PyInstaller sees only that tree: an import of an
   adapter or the CLI cannot sneak into the binary, it fails the build.
 - The venv is made by the *system* Python (`/usr/bin/python3`): staticx cannot bundle a Python
