@@ -86,6 +86,27 @@ def _uses_rule_set(dodo: Path) -> bool:
         return False
 
 
+class _Metered:
+    """A blob's chunks as they pass: counted, held to the declared size, hashed and reported. One
+    loop for writing a new blob and for checking one the store already keeps."""
+
+    def __init__(self, chunks: Iterable[bytes], size: int | None, source: str, hasher: Any,
+                 progress: Progress | None) -> None:
+        self._chunks, self._size, self._source, self._hasher, self._progress = chunks, size, source, hasher, progress
+        self.count = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self.count += len(chunk)
+            if self._size is not None and self.count > self._size:
+                raise DigestMismatch(f"{self._source or 'blob'}: more than the declared {self._size} bytes",
+                                     fix="the source is corrupt or tampered with; nothing was kept")
+            self._hasher.update(chunk)
+            if self._progress:
+                self._progress(len(chunk))
+            yield chunk
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -517,20 +538,14 @@ class Store:
         if expect is not None and self.has(expect):
             return self._check_only(chunks, expect, size, source, progress, hasher)
         f, tmp = self._temp()
-        count = 0
+        metered = _Metered(chunks, size, source, hasher, progress)
         try:
             with f:
-                for chunk in chunks:
-                    count += len(chunk)
-                    if size is not None and count > size:
-                        raise DigestMismatch(f"{source or 'blob'}: more than the declared {size} bytes",
-                                             fix="the source is corrupt or tampered with; nothing was kept")
-                    hasher.update(chunk)
+                for chunk in metered:
                     f.write(chunk)
-                    if progress:
-                        progress(len(chunk))
                 f.flush()
                 os.fsync(f.fileno())
+            count = metered.count
             got = Digest("sha256", hasher.hexdigest())
             if size is not None and count != size:
                 raise DigestMismatch(f"{source or 'blob'}: got {count} of {size} bytes of {expect}",
@@ -564,22 +579,16 @@ class Store:
         except FileNotFoundError:
             kept = None  # collected meanwhile: written again below
         fresh: tuple[BinaryIO, str] | None = self._temp() if kept is None else None
-        count = 0
+        metered = _Metered(chunks, size, source, hasher, progress)
         try:
-            for chunk in chunks:
-                count += len(chunk)
-                if size is not None and count > size:
-                    raise DigestMismatch(f"{source or 'blob'}: more than the declared {size} bytes",
-                                         fix="the source is corrupt or tampered with; nothing was kept")
-                hasher.update(chunk)
-                if progress:
-                    progress(len(chunk))
+            for chunk in metered:
                 if fresh is None:
                     assert kept is not None
                     if kept.read(len(chunk)) == chunk:
                         continue
-                    fresh = self._heal_from(kept, count - len(chunk))
+                    fresh = self._heal_from(kept, metered.count - len(chunk))
                 fresh[0].write(chunk)
+            count = metered.count
             if fresh is None and kept is not None and kept.read(1):
                 fresh = self._heal_from(kept, count)  # the kept copy is longer than the blob
             if (size is not None and count != size) or hasher.hexdigest() != expect.hex:
