@@ -149,11 +149,16 @@ def _net(path: Path) -> None:
 
 def check_validity(path: Path, at: datetime) -> str:
     """Every certificate, the root included, valid at `at`; E_CERT_TIME names each one that is not."""
-    expired = [f"{name} is valid {iso(c.not_valid_before_utc)} … {iso(c.not_valid_after_utc)}"
+    expired = [f"{name} is valid {_second(c.not_valid_before_utc)} … {_second(c.not_valid_after_utc)}"
                for c, name in zip(path.certs, path.names, strict=True)
                if not c.not_valid_before_utc <= at <= c.not_valid_after_utc]
     if expired:
         raise AttestationError("E_CERT_TIME", f"not valid at {iso(at)}: " + "; ".join(expired),
                                fix="a leaf lives 3 hours: check a stored document at its own timestamp")
     leaf = path.leaf
-    return f"all valid at {iso(at)} (the leaf {iso(leaf.not_valid_before_utc)} … {iso(leaf.not_valid_after_utc)})"
+    return f"all valid at {iso(at)} (the leaf {_second(leaf.not_valid_before_utc)} … {_second(leaf.not_valid_after_utc)})"
+
+
+def _second(moment: datetime) -> str:
+    """A certificate's time: whole seconds is all X.509 holds."""
+    return iso(moment).replace(".000Z", "Z")
