@@ -2,7 +2,7 @@
 
 Why this shape:
 - *Staging* copies exactly odyn and the pure modules it may import (policy, ports, errors, redact,
-  manifest, the schema) into a fresh tree, and PyInstaller sees only that tree: an import of an
+  manifest, the schema, and of attestation only the NSM messages) into a fresh tree, and PyInstaller sees only that tree: an import of an
   adapter or the CLI cannot sneak into the binary, it fails the build.
 - The venv is made by the *system* Python (`/usr/bin/python3`): staticx cannot bundle a Python
   built with DT_RUNPATH (pyenv's), and the binary's libpython and libc come from here.
@@ -34,7 +34,8 @@ BUILD_EPOCH = 1700000000  # fixed, not "now": the binary must not change with th
 #: What the binary may contain, as (package, module paths relative to it); directories recursively.
 STAGED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("odyn", (".",)),
-    ("enclaver_rules", ("__init__.py", "errors.py", "redact.py", "ports.py", "policy", "manifest")),
+    ("enclaver_rules", ("__init__.py", "errors.py", "redact.py", "ports.py", "policy", "manifest",
+                        "attestation/__init__.py", "attestation/nsm_messages.py")),  # not the rest: cryptography
 )
 ENTRY = "from odyn.__main__ import main\nraise SystemExit(main())\n"
 
