@@ -91,9 +91,10 @@ def _utc(t: float) -> datetime:
 class CertificateAuthority:
     """The simulator's root and intermediate, loaded from (or first made in) `directory`. Thread-safe."""
 
-    def __init__(self, directory: Path, root: Authority, intermediate: Authority) -> None:
+    def __init__(self, directory: Path, root: Authority, intermediate: Authority, *, created: bool = False) -> None:
         self.directory = directory
         self.root = root
+        self.created = created  # the root was made by this `open`
         self._intermediate = intermediate
         self._lock = threading.Lock()
 
@@ -106,6 +107,7 @@ class CertificateAuthority:
         _prepare(directory)
         with _locked(directory):
             root = _load(directory, "root")
+            created = root is None
             if root is None:
                 root = chain.new_root(ROOT_NAME, now, ROOT_LIFETIME)
                 _store(directory, "root", root)
@@ -115,7 +117,8 @@ class CertificateAuthority:
                                       f"{root.certificate.not_valid_after_utc:%Y-%m-%d}",
                                       fix=f"remove {directory} to make a new CA (verifiers must then trust the new "
                                           f"root: `enclaver attestation ca --print-root`)")
-            ca = cls(directory, root, _load(directory, "intermediate", issuer=root) or _issue(directory, root, now))
+            ca = cls(directory, root, _load(directory, "intermediate", issuer=root) or _issue(directory, root, now),
+                     created=created)
         ca.intermediate(now)  # renewed if near its end
         return ca
 
