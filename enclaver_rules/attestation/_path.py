@@ -23,7 +23,9 @@ from enclaver_rules.attestation.document import AttestationDocument, iso
 from enclaver_rules.attestation.errors import AttestationError
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
-_BROKEN = (ValueError, TypeError, UnsupportedAlgorithm)  # what cryptography raises on malformed certificates
+#: what cryptography raises on malformed certificates (a few of its exceptions derive from Exception only)
+_BROKEN = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension,
+           x509.UnsupportedGeneralNameType)
 
 
 @dataclass(frozen=True, slots=True)
