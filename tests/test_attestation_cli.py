@@ -130,7 +130,7 @@ def test_expected_pcrs_refuse_a_debug_document(cli) -> None:
 
 
 @pytest.mark.parametrize("flag, words", [
-    ("x=00", "--pcr"), ("32=" + "00" * 48, "--pcr"), ("0", "--pcr"), ("0=abc", "--pcr 0"), ("0=" + "zz" * 48, "--pcr 0"),
+    ("x=00", "--pcr"), ("32=" + "00" * 48, "--pcr"), ("9" * 5000 + "=00", "--pcr"), ("0", "--pcr"), ("0=abc", "--pcr 0"), ("0=" + "zz" * 48, "--pcr 0"),
 ])
 def test_pcr_flag_errors(cli, flag: str, words: str) -> None:
     result = cli("attestation", "verify", str(REAL), *AT_DOC, "--pcr", flag)

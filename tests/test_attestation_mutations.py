@@ -275,3 +275,15 @@ def test_a_wrong_root_is_refused() -> None:
 def test_a_leaf_the_root_signed_directly_is_valid() -> None:
     c = build_chain(path_lengths=())
     assert len(c.cabundle) == 1 and _check(_document_for(c), c).ok
+
+
+def test_a_certificate_cryptography_only_warns_about_is_refused(recwarn: pytest.WarningsRecorder) -> None:
+    """A negative serial number: cryptography loads it with a deprecation warning; it is no valid certificate."""
+    c = default_chain()
+    cert = bytearray(c.cabundle[-1])
+    at = cert.index(b"\xa0\x03\x02\x01\x02\x02") + 6  # [0] version v3, then the serial's INTEGER length
+    cert[at + 1] |= 0x80
+    doc = sample_document(cabundle=(*c.cabundle[:-1], bytes(cert)))
+    report = _check(cose.sign1(encode_payload(doc), c.leaf.key))
+    assert report.failure is not None and report.failure.code == "E_CHAIN" and "cabundle[3]" in report.failure.detail
+    assert not recwarn.list

@@ -111,7 +111,7 @@ def test_parse_measurements_both_shapes() -> None:
 
 @pytest.mark.parametrize("data, field", [
     ({"Measurements": {"PCR0": "zz" * 48}}, "Measurements.PCR0"), ({"PCR0": "00" * 47}, "PCR0"),
-    ({"PCR0": 5}, "PCR0"), ({"PCR32": "00" * 48}, "PCR32"), ({"PCRx": "00" * 48}, "PCRx"),
+    ({"PCR0": 5}, "PCR0"), ({"PCR32": "00" * 48}, "PCR32"), ({"PCR" + "9" * 5000: "00"}, "PCR" + "9" * 5000), ({"PCRx": "00" * 48}, "PCRx"),
     ({"Measurements": []}, "Measurements"), ({"HashAlgorithm": "x"}, ""),
 ])
 def test_parse_measurements_names_the_bad_field(data: dict[str, object], field: str) -> None:
