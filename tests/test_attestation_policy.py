@@ -93,6 +93,8 @@ def test_report_json() -> None:
 def test_at_must_be_aware() -> None:
     with pytest.raises(ValueError, match="timezone"):
         verify(REAL_DOC, roots=[aws_root()], at=datetime(2024, 8, 7))
+    with pytest.raises(ValueError, match="'now'"):
+        verify(REAL_DOC, roots=[aws_root()], at="now")  # type: ignore[arg-type]
 
 
 def test_pcr_arithmetic() -> None:
