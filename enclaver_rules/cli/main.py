@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from enclaver_rules import __version__
+from enclaver_rules.cli import attestation as attestation_cmd
 from enclaver_rules.cli import build as build_cmd
 from enclaver_rules.cli import config as config_cmd
 from enclaver_rules.cli import egress as egress_cmd
@@ -25,7 +26,7 @@ from enclaver_rules.cli.options import add_common
 from enclaver_rules.cli.output import Output, setup_logging
 from enclaver_rules.errors import EnclaverError
 
-COMMAND_GROUPS = (init_cmd, manifest_cmd, config_cmd, egress_cmd, image_cmd, eif_cmd, build_cmd, lock_cmd, trust_cmd, reproduce_cmd)
+COMMAND_GROUPS = (init_cmd, manifest_cmd, config_cmd, egress_cmd, image_cmd, eif_cmd, build_cmd, lock_cmd, trust_cmd, reproduce_cmd, attestation_cmd)
 log = logging.getLogger("enclaver")
 
 

@@ -1,0 +1,16 @@
+"""Attestation documents of AWS Nitro Enclaves: the document model, COSE_Sign1, the AWS root, PCRs.
+
+Pure (no file, network or clock access; time comes in as a parameter). One implementation, shared by
+the verifier (`enclaver attestation verify`), the simulated NSM and odyn:
+
+- `document`: `AttestationDocument`, its exact wire encoding and its syntactic checks;
+- `cose`: the COSE_Sign1 envelope (ES384) — build, decode, check the signature;
+- `chain`: issue an AWS-shaped certificate chain in memory (simulators and tests);
+- `roots`: the bundled AWS Nitro Enclaves Root-G1, pinned by fingerprint;
+- `pcrs`: PCR arithmetic and measurements files;
+- `verify`: the whole procedure, as a `Report` of named checks;
+- `errors`: `AttestationError`, whose `code` names the check that failed.
+
+This module imports nothing: odyn, a small binary without `cryptography`, imports modules of this
+package that need no cryptography, so importing the package must not pull it in.
+"""
