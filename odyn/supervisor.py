@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from enclaver_rules.errors import EnclaverError
 from enclaver_rules.ports import LOGS_PORT, STATUS_PORT
-from odyn import connections, ingress, transparent
+from odyn import api, connections, ingress, transparent
 from odyn.bringup import app_environment, set_hostname
 from odyn.connections import Connections
 from odyn.dns import AddressBook
@@ -67,6 +67,7 @@ class Supervisor:
     confine: Callable[[], None] | None = None  # runs in the app's process just before exec (no bypass)
     set_hostname: bool = False  # to the manifest's name, when the kernel has none (bring-up)
     resolv_conf: str = transparent.RESOLV_CONF  # rewritten for transparent egress
+    nsm: Callable[[], api.Attester | None] | None = None  # opens the NSM; called once, only for `api:`
     status: Status = field(default_factory=lambda: Status("starting"))
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _ring: LogRing = field(init=False)
@@ -75,9 +76,9 @@ class Supervisor:
     _app_status: int | None = None
     _exited: asyncio.Event = field(default_factory=asyncio.Event)
     _servers: list[asyncio.AbstractServer] = field(default_factory=list)  # status and logs
-    _network: list[asyncio.AbstractServer] = field(default_factory=list)  # ingress and egress
+    _network: list[asyncio.AbstractServer] = field(default_factory=list)  # ingress, egress, attestation API
     _datagrams: list[asyncio.DatagramTransport] = field(default_factory=list)  # transparent DNS
-    _connections: Connections = field(default_factory=Connections)  # ingress and egress
+    _connections: Connections = field(default_factory=Connections)  # ingress, egress, attestation API
     _readers: Connections = field(default_factory=Connections)  # of status and logs
     _delivered: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -178,8 +179,9 @@ class Supervisor:
                 os.killpg(self._app.pid, signum)
 
     async def start_network(self, config: str | None, env: dict[str, str]) -> dict[str, str]:
-        """Egress proxy and ingress listeners from the manifest at `config` (loaded only now, with the
-        status service up, so a broken manifest is reported); returns the app's environment."""
+        """Egress proxy, ingress listeners and the attestation API from the manifest at `config` (loaded
+        only now, with the status service up, so a broken manifest is reported); returns the app's
+        environment."""
         env = dict(env)
         if config is None:
             return env
@@ -210,7 +212,27 @@ class Supervisor:
                         "no_proxy": "localhost,127.0.0.1", "NO_PROXY": "localhost,127.0.0.1"})
         for item in manifest.ingress:
             self._network.append(await ingress.serve(self.transport, item.listen_port, track))
+        if manifest.api is not None:
+            port = manifest.api.listen_port
+            self._network.append(await api.serve(api.AttestationApi(self._attester(port)), port, track))
+            await self.log(f"odyn: attestation API on 127.0.0.1:{port}\n".encode())
         return env
+
+    def _attester(self, port: int) -> api.Attester:
+        """The NSM for the attestation API. Without one odyn fails (fatal) rather than serve an API
+        that can only answer errors: an app that asked for attestation must not run unattested."""
+        why = "odyn was started without an NSM client"
+        if self.nsm is not None:
+            try:
+                found = self.nsm()
+            except OSError as e:
+                why = str(e)
+            else:
+                if found is not None:
+                    return found
+                why = "there is no /dev/nsm (outside an enclave, point odyn at a simulated NSM: --nsm unix:PATH)"
+        raise EnclaverError(f"the manifest turns on the attestation API (api.listen_port {port}) but no NSM is "
+                            f"available: {why}")
 
     async def run(self, argv: list[str], env: dict[str, str], config: str | None = None) -> int:
         loop = asyncio.get_running_loop()

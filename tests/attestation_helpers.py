@@ -29,7 +29,7 @@ def der(cert: x509.Certificate) -> bytes:
 
 
 @dataclass(frozen=True)
-class TestChain:
+class SimChain:
     root: chain.Authority
     cas: tuple[chain.Authority, ...]  # regional, zonal, instance
     leaf: chain.Authority
@@ -40,7 +40,7 @@ class TestChain:
 
 
 def build_chain(now: datetime = NOW, *, leaf: Callable[[chain.Authority], chain.Authority] | None = None,
-                path_lengths: tuple[int, ...] = (2, 1, 0)) -> TestChain:
+                path_lengths: tuple[int, ...] = (2, 1, 0)) -> SimChain:
     root = chain.new_root("test.nitro-enclaves", now - timedelta(days=365), timedelta(days=3650))
     cas: list[chain.Authority] = []
     issuer = root
@@ -48,15 +48,15 @@ def build_chain(now: datetime = NOW, *, leaf: Callable[[chain.Authority], chain.
         issuer = chain.new_intermediate(issuer, f"ca{i}.test", now - timedelta(days=1), timedelta(days=10), n)
         cas.append(issuer)
     made = leaf(issuer) if leaf else chain.new_leaf(issuer, f"{MODULE_ID}.test", now - timedelta(minutes=5))
-    return TestChain(root, tuple(cas), made)
+    return SimChain(root, tuple(cas), made)
 
 
 @cache
-def default_chain() -> TestChain:
+def default_chain() -> SimChain:
     return build_chain()
 
 
-def sample_document(test_chain: TestChain | None = None, **changes: Any) -> AttestationDocument:
+def sample_document(test_chain: SimChain | None = None, **changes: Any) -> AttestationDocument:
     c = test_chain or default_chain()
     values = {i: bytes([i + 1]) * 48 for i in range(16)}
     values[4] = pcrs.of_string(INSTANCE)
@@ -66,7 +66,7 @@ def sample_document(test_chain: TestChain | None = None, **changes: Any) -> Atte
     return replace(doc, **changes)
 
 
-def signed(doc: AttestationDocument | None = None, *, test_chain: TestChain | None = None,
+def signed(doc: AttestationDocument | None = None, *, test_chain: SimChain | None = None,
            indefinite: bool = True) -> bytes:
     c = test_chain or default_chain()
     return cose.sign1(encode_payload(doc or sample_document(c), indefinite=indefinite), c.leaf.key)

@@ -34,8 +34,9 @@ async def _connect(directory: Path, port: int) -> tuple[asyncio.StreamReader, as
 
 
 async def collect(directory: Path) -> tuple[list[dict[str, object]], bytes]:
-    """Every status line until the final one, and the whole log until end-of-stream."""
-    (status_r, _), (logs_r, _) = await asyncio.gather(_connect(directory, STATUS_PORT), _connect(directory, LOGS_PORT))
+    """Every status line until the final one, and the whole log until end-of-stream. The writers stay
+    referenced: since Python 3.11.5 a garbage-collected StreamWriter closes its connection."""
+    (status_r, _status_w), (logs_r, _logs_w) = await asyncio.gather(_connect(directory, STATUS_PORT), _connect(directory, LOGS_PORT))
     lines = [json.loads(line) for line in (await asyncio.wait_for(status_r.read(), 30)).splitlines()]
     logs = await asyncio.wait_for(logs_r.read(), 30)  # returns only at the half-close
     return lines, logs
@@ -60,7 +61,7 @@ def test_a_late_reader_gets_the_ring_and_the_end(tmp_path: Path) -> None:
 
     async def late() -> bytes:
         await asyncio.sleep(1.0)  # the app has long exited
-        reader, _ = await _connect(tmp_path, LOGS_PORT)
+        reader, _logs_w = await _connect(tmp_path, LOGS_PORT)
         return await asyncio.wait_for(reader.read(), 20)
 
     assert asyncio.run(late()) == b"early bird\n"
@@ -74,10 +75,10 @@ def test_sigterm_is_forwarded_for_a_graceful_stop(tmp_path: Path) -> None:
     odyn = start_odyn(tmp_path, sys.executable, "-c", app)
 
     async def scenario() -> tuple[list[dict[str, object]], bytes]:
-        reader, _ = await _connect(tmp_path, LOGS_PORT)
+        reader, _logs_w = await _connect(tmp_path, LOGS_PORT)
         assert await asyncio.wait_for(reader.readline(), 20) == b"ready\n"
         odyn.send_signal(signal.SIGTERM)
-        status_r, _ = await _connect(tmp_path, STATUS_PORT)
+        status_r, _status_w = await _connect(tmp_path, STATUS_PORT)
         lines = [json.loads(x) for x in (await asyncio.wait_for(status_r.read(), 20)).splitlines()]
         return lines, await asyncio.wait_for(reader.read(), 20)
 
@@ -166,7 +167,7 @@ def test_manifest_drives_egress_proxy_env_and_ingress(tmp_path: Path) -> None:
                                  f"unix:{sockets}", "--cid", str(ENCLAVE_CID), "--linger", "1", "--",
                                  sys.executable, "-c", APP_WITH_NETWORK, str(origin.sockets[0].getsockname()[1]),
                                  str(ingress_port)])
-        logs_reader, _ = await _connect(sockets, LOGS_PORT)
+        logs_reader, _logs_w = await _connect(sockets, LOGS_PORT)
         answer = b""
         deadline = time.monotonic() + 30
         while b"200 OK" not in answer and time.monotonic() < deadline:  # until the app listens
@@ -227,8 +228,8 @@ def test_responses_in_flight_are_delivered_before_odyn_reports_the_exit(tmp_path
                              "--", sys.executable, "-c", LEAVES_AT_ONCE, str(port), str(8 << 20)])
 
     async def main() -> tuple[int, list[dict[str, object]]]:
-        logs_r, _ = await _connect(sockets, LOGS_PORT)
-        status_r, _ = await _connect(sockets, STATUS_PORT)
+        logs_r, _logs_w = await _connect(sockets, LOGS_PORT)
+        status_r, _status_w = await _connect(sockets, STATUS_PORT)
         first = await asyncio.wait_for(logs_r.readline(), 20)
         assert first == b"listening\n", first
         reader, writer = await _connect(sockets, port)
@@ -266,7 +267,7 @@ def test_a_peer_that_never_reads_is_cut_after_the_flush_bound(tmp_path: Path) ->
                              "--", sys.executable, "-c", LEAVES_AT_ONCE, str(port), str(1 << 20)])
 
     async def main() -> bytes:
-        logs_r, _ = await _connect(sockets, LOGS_PORT)
+        logs_r, _logs_w = await _connect(sockets, LOGS_PORT)
         assert await asyncio.wait_for(logs_r.readline(), 20) == b"listening\n"
         _, writer = await _connect(sockets, port)
         writer.write(b"GET\n")  # and never read the answer (1 MiB: more than a Unix socket buffers)
@@ -312,7 +313,7 @@ def test_an_upload_in_flight_reaches_the_parent_before_the_exit_is_reported(tmp_
                                  f"unix:{sockets}", "--cid", str(ENCLAVE_CID), "--linger", "0", "--flush-timeout",
                                  "30", "--", sys.executable, "-c", SENDS_AND_LEAVES,
                                  str(origin.sockets[0].getsockname()[1])])
-        status_r, _ = await _connect(sockets, STATUS_PORT)
+        status_r, _status_w = await _connect(sockets, STATUS_PORT)
         lines = [json.loads(x) for x in (await asyncio.wait_for(status_r.read(), 40)).splitlines()]
         code = await asyncio.get_running_loop().run_in_executor(None, odyn.wait, 30)
         assert code == 0

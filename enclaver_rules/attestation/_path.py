@@ -7,6 +7,7 @@ here (messages a person can act on); cryptography's own path validator then runs
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +17,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509 import verification
 from cryptography.x509.oid import SignatureAlgorithmOID
 
@@ -23,7 +25,9 @@ from enclaver_rules.attestation.document import AttestationDocument, iso
 from enclaver_rules.attestation.errors import AttestationError
 
 _E = TypeVar("_E", bound=x509.ExtensionType)
-_BROKEN = (ValueError, TypeError, UnsupportedAlgorithm)  # what cryptography raises on malformed certificates
+#: what cryptography raises on malformed certificates (a few of its exceptions derive from Exception only)
+_BROKEN = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension,
+           x509.UnsupportedGeneralNameType)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +60,10 @@ def build(doc: AttestationDocument, root: x509.Certificate) -> Path:
     certs = []
     for name, der in named:
         try:
-            certs.append(x509.load_der_x509_certificate(der))
-        except _BROKEN as e:
+            # what cryptography still loads with a deprecation warning (a serial number ≤ 0) is refused now
+            with warnings.catch_warnings(action="error", category=CryptographyDeprecationWarning):
+                certs.append(x509.load_der_x509_certificate(der))
+        except (*_BROKEN, CryptographyDeprecationWarning) as e:
             raise AttestationError("E_CHAIN", f"{name} is not a DER X.509 certificate ({e})") from None
     return Path(tuple(certs), tuple(n for n, _ in named), root)
 

@@ -80,11 +80,11 @@ def decode_sign1(data: bytes) -> Sign1:
             raise AttestationError("E_COSE_STRUCT", f"{name} must be bytes, got {type(value).__name__}")
     if not isinstance(unprotected, Mapping):
         raise AttestationError("E_COSE_STRUCT", f"unprotected header must be a map, got {type(unprotected).__name__}")
-    _check_protected(protected)
     if len(signature) != SIGNATURE_SIZE:
         raise AttestationError("E_SIG_LEN", f"signature is {len(signature)} bytes, ES384 needs {SIGNATURE_SIZE}")
     if not 1 <= len(payload) <= MAX_PAYLOAD:
         raise AttestationError("E_COSE_STRUCT", f"payload is {len(payload)} bytes, must be 1..{MAX_PAYLOAD}")
+    _check_protected(protected)
     return Sign1(protected, unprotected, payload, signature, tagged)
 
 

@@ -64,7 +64,7 @@ def parse_measurements(data: Mapping[str, Any], where: str = "measurements") -> 
         if not isinstance(key, str) or not key.upper().startswith("PCR"):
             continue
         digits = key[3:]
-        if not digits.isdecimal() or not 0 <= int(digits) < COUNT:
+        if not digits.isdecimal() or len(digits) > 2 or not 0 <= int(digits) < COUNT:
             raise InvalidInput(f"{key} is not a PCR name (PCR0 … PCR31)", file=where, field=prefix + key)
         out[int(digits)] = parse_hex(value, where, prefix + key)
     if not out:

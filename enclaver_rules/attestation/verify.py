@@ -113,8 +113,8 @@ def verify(data: bytes, *, roots: Sequence[x509.Certificate], at: datetime | Lit
     `at` is the instant the certificates must be valid at, an aware datetime, or "document" for the
     document's own timestamp (how a stored document is checked: its leaf lives 3 hours). With
     `expect_pcrs`, a debug-mode document fails the pcrs check whatever its values."""
-    if isinstance(at, datetime) and at.utcoffset() is None:
-        raise ValueError("at must be timezone-aware (UTC)")
+    if not (isinstance(at, datetime) and at.utcoffset() is not None) and at != "document":
+        raise ValueError(f"at must be a timezone-aware datetime or 'document', not {at!r}")
     checks: list[Check] = []
     try:
         decoded = decode(data)
@@ -147,7 +147,7 @@ def verify(data: bytes, *, roots: Sequence[x509.Certificate], at: datetime | Lit
 
 def _passed_before(name: str) -> list[Check]:
     """The decoding checks that ran and passed before `name` (they run in a fixed order)."""
-    done = {"cbor": "one CBOR item", "envelope": "COSE_Sign1", "protected": "alg ES384", "payload": "nine fields valid"}
+    done = {"cbor": "one CBOR item", "envelope": "COSE_Sign1", "protected": "alg ES384", "payload": "fields valid"}
     return [Check(n, True, done[n]) for n in CHECKS[:CHECKS.index(name)] if n in done]
 
 

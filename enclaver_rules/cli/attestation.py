@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 
@@ -24,6 +24,11 @@ from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, command, command_group
 from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import EnclaverError, InvalidInput
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from enclaver_rules.attestation.verify import Report
 
 #: Hooks adding more `enclaver attestation` sub-commands: each gets the group's sub-parsers and the
 #: common flags parser, like `add_parser` does.
@@ -136,7 +141,7 @@ def _read_small(path: str, what: str) -> bytes:
     return data
 
 
-def _roots(paths: list[str] | None) -> list[Any]:
+def _roots(paths: list[str] | None) -> list[x509.Certificate]:
     from enclaver_rules.attestation import roots
 
     if not paths:
@@ -156,13 +161,13 @@ def expected_pcrs(expect: str | None, flags: list[str]) -> dict[int, bytes] | No
     for flag in flags:
         index, sep, value = flag.partition("=")
         index = index.strip().upper().removeprefix("PCR")
-        if not sep or not index.isdecimal() or not 0 <= int(index) < pcrs.COUNT:
+        if not sep or not index.isdecimal() or len(index) > 2 or not 0 <= int(index) < pcrs.COUNT:
             raise InvalidInput(f"{flag!r} is not N=HEX with N in 0..31", field="--pcr", fix="e.g. --pcr 0=5fec1b…")
         found[int(index)] = pcrs.parse_hex(value.strip(), "--pcr", f"--pcr {index}")
     return found
 
 
-def _measurements(source: str) -> dict[str, Any]:
+def _measurements(source: str) -> Any:
     """A measurements.json as is; an EIF, a build directory or a release image through `enclaver trust`."""
     from enclaver_rules.cli.trust import is_eif, measurements_of
 
@@ -172,14 +177,14 @@ def _measurements(source: str) -> dict[str, Any]:
             data = json.loads(_read_small(source, "a measurements file"))
         except ValueError as e:
             raise InvalidInput(f"not JSON ({e})", file=source, fix="pass a measurements.json") from None
-        return data if isinstance(data, dict) else {"Measurements": data}
+        return data  # its shape is parse_measurements' to check
     if not path.exists() and source.endswith(".json"):
         raise InvalidInput("no such file", file=source, field="--expect")
     try:
         found, _how = measurements_of(source, None)
-    except InvalidInput:
-        raise
-    except EnclaverError as e:  # the expectation is unusable input, not a refused document
+    except EnclaverError as e:  # the expectation is unusable input (2), not a refused document (1)
+        if isinstance(e, InvalidInput):
+            raise
         raise InvalidInput(diagnostics=e.diagnostics) from None
     return {"Measurements": found}
 
@@ -205,7 +210,7 @@ def run_verify(args: argparse.Namespace, out: Output) -> int:
     return code
 
 
-def _print(report: Any, source: str, at_flag: str, out: Output) -> None:
+def _print(report: Report, source: str, at_flag: str, out: Output) -> None:
     from enclaver_rules.attestation.document import iso
 
     failure = report.failure
