@@ -418,3 +418,23 @@ def test_socket_paths(nsm: SimulatedNsm, tmp_path: Path) -> None:
     regular.write_text("")
     with pytest.raises(InvalidInput, match="not a socket"), served(nsm, regular):
         pass
+
+
+def test_odyns_attestation_api_over_the_simulated_nsm(nsm: SimulatedNsm, ca: CertificateAuthority,
+                                                      tmp_path: Path) -> None:
+    """What `odyn --nsm unix:PATH` wires up: the API's attester is an NsmClient on the simulator's socket."""
+    from odyn.api import AttestationApi, AttestationRequest
+    from odyn.nsm import open_nsm
+
+    path = tmp_path / "nsm.sock"
+    with served(nsm, path):
+        client = open_nsm(f"unix:{path}")
+        assert client is not None
+
+        async def ask() -> bytes:
+            return await AttestationApi(client).attest(AttestationRequest(nonce=b"n" * 32, user_data=b"app"))
+
+        raw = asyncio.run(ask())
+    report = verify.verify(raw, roots=[ca.root.certificate], at="document", nonce=b"n" * 32, user_data=b"app",
+                           expect_pcrs=pcrs.parse_measurements(MEASUREMENTS))
+    assert report.ok, report.failure
