@@ -7,10 +7,8 @@ import asyncio
 import functools
 import os
 import sys
-from collections.abc import Callable
 
 from odyn import bringup, nsm, sandbox
-from odyn.api import Attester
 from odyn.logring import DEFAULT_SIZE
 from odyn.supervisor import DEFAULT_FLUSH, DEFAULT_LINGER, EXIT_FATAL, Supervisor, no_bring_up
 from odyn.transport import Transport, UnixTransport, VsockTransport
@@ -32,7 +30,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-bootstrap", action="store_true",
                         help="skip bring-up (mounts, loopback, hostname, NSM entropy), as upstream's flag")
     parser.add_argument("--no-console", action="store_true", help="accepted for upstream compatibility")
-    parser.add_argument("--nsm", default="auto", metavar="auto|device[:PATH]|unix:PATH",
+    parser.add_argument("--nsm", default="auto", metavar="auto|none|device[:PATH]|unix:PATH",
                         help="the NSM the attestation API asks (when the manifest has api:): auto (/dev/nsm when "
                              "present), the device, or a simulated NSM on a Unix socket")
     parser.add_argument("app", nargs=argparse.REMAINDER, help="-- then the app's argv")
@@ -41,6 +39,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.app = args.app[1:]
     if not args.app:
         parser.error("give the app after --")
+    if not nsm.valid_spec(args.nsm):
+        parser.error(f"--nsm {args.nsm!r}: use auto, none, device, device:PATH or unix:PATH")
     return args
 
 
@@ -73,16 +73,6 @@ def bring_up() -> list[str]:
     return bringup.bring_up(source)
 
 
-def open_nsm(spec: str) -> Attester | None:
-    """The NSM client `--nsm` names (None: auto found no device); called only when the manifest
-    turns on the attestation API. Looked up by name because `odyn.nsm.open_nsm` lands with the NSM
-    client's rewrite: once it has, this is a plain call."""
-    opener: Callable[[str], Attester | None] | None = getattr(nsm, "open_nsm", None)
-    if opener is None:
-        raise nsm.NsmError(f"this odyn has no NSM client for the attestation API (--nsm {spec})")
-    return opener(spec)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     become_subreaper()
@@ -93,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         supervisor = Supervisor(transport(args.transport, args.cid), args.log_ring_bytes, args.linger,
                                 flush=args.flush_timeout, confine=sandbox.confine_app,
                                 bring_up=no_bring_up if args.no_bootstrap else bring_up,
-                                set_hostname=not args.no_bootstrap, nsm=functools.partial(open_nsm, args.nsm))
+                                set_hostname=not args.no_bootstrap, nsm=functools.partial(nsm.open_nsm, args.nsm))
         return asyncio.run(supervisor.run(args.app, dict(os.environ), path if os.path.exists(path) else None))
     except OSError as e:
         print(f"odyn: {e}", file=sys.stderr)

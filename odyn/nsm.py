@@ -216,6 +216,12 @@ class NsmClient:
         return result.random
 
 
+def valid_spec(spec: str) -> bool:
+    """Whether `open_nsm` understands `spec` (checked when odyn's arguments are parsed)."""
+    return spec in ("auto", "none", "device") or any(
+        spec.startswith(p) and len(spec) > len(p) for p in ("device:", "unix:"))
+
+
 def open_nsm(spec: str) -> NsmClient | None:
     """`auto`: the device if /dev/nsm exists, else None; `none`: None; `device` or `device:PATH`;
     `unix:PATH`: the simulated NSM's socket. ValueError for anything else."""

@@ -732,12 +732,21 @@ def test_api_without_an_nsm_is_fatal_before_the_app_starts(tmp_path: Path, nsm: 
 
 
 def test_the_nsm_flag() -> None:
-    from odyn.__main__ import open_nsm, parse
+    from odyn.__main__ import parse
+    from odyn.nsm import NsmClient, NsmError, NsmSocket, open_nsm
 
     assert parse(["--", "true"]).nsm == "auto"
     assert parse(["--nsm", "unix:/run/nsm.sock", "--", "true"]).nsm == "unix:/run/nsm.sock"
-    try:
-        opened = open_nsm("device:/nonexistent/nsm")
-    except OSError:
-        return  # no client for it: the supervisor reports this as the reason no NSM is available
-    assert opened is None or hasattr(opened, "attestation")
+    for bad in ("unix:", "tcp:1.2.3.4", "device:"):
+        with pytest.raises(SystemExit) as exit_:
+            parse(["--nsm", bad, "--", "true"])
+        assert exit_.value.code == 2
+    assert open_nsm("none") is None
+    client = open_nsm("unix:/nonexistent/nsm.sock")
+    assert isinstance(client, NsmClient) and isinstance(client.channel, NsmSocket)
+    with pytest.raises(NsmError, match="nonexistent"):
+        client.attestation(nonce=b"n")
+    device = open_nsm("device:/nonexistent/nsm")
+    assert device is not None
+    with pytest.raises(NsmError, match="/nonexistent/nsm"):
+        device.attestation()

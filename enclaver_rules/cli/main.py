@@ -11,6 +11,7 @@ from typing import TextIO
 
 from enclaver_rules import __version__
 from enclaver_rules.cli import attestation as attestation_cmd
+from enclaver_rules.cli import attestation_sim  # noqa: F401 - adds `attestation ca` and `attestation sim-nsm`
 from enclaver_rules.cli import build as build_cmd
 from enclaver_rules.cli import config as config_cmd
 from enclaver_rules.cli import egress as egress_cmd
