@@ -54,7 +54,8 @@ PAYLOAD_CASES: list[tuple[str, Any, str]] = [
     ("digest", "SHA256", "E_FIELD_VALUE"), ("digest", 384, "E_FIELD_TYPE"), ("digest", None, "E_FIELD_MISSING"),
     ("digest", MISSING, "E_FIELD_MISSING"),
     ("timestamp", "1735732800000", "E_FIELD_TYPE"), ("timestamp", -1, "E_FIELD_TYPE"), ("timestamp", 0, "E_FIELD_VALUE"),
-    ("timestamp", 1.5, "E_FIELD_TYPE"), ("timestamp", True, "E_FIELD_TYPE"), ("timestamp", 2**64, "E_FIELD_VALUE"),
+    # a float, and 2**64 (a bignum: tag 2), are outside the CBOR a document may hold: refused by the reader
+    ("timestamp", 1.5, "E_PAYLOAD_CBOR"), ("timestamp", True, "E_FIELD_TYPE"), ("timestamp", 2**64, "E_PAYLOAD_CBOR"),
     ("timestamp", 10**15, "E_FIELD_VALUE"), ("timestamp", None, "E_FIELD_MISSING"), ("timestamp", MISSING, "E_FIELD_MISSING"),
     ("pcrs", [bytes(48)], "E_FIELD_TYPE"), ("pcrs", {}, "E_FIELD_VALUE"),
     ("pcrs", {i: bytes(48) for i in range(33)}, "E_FIELD_VALUE"), ("pcrs", {32: bytes(48)}, "E_FIELD_VALUE"),
@@ -169,6 +170,15 @@ ENVELOPE_CASES: list[tuple[str, bytes, str]] = [
 @pytest.mark.parametrize("name, data, code", ENVELOPE_CASES, ids=[c[0] for c in ENVELOPE_CASES])
 def test_envelope_mutations(name: str, data: bytes, code: str) -> None:
     assert _code(data) == code
+
+
+def test_tags_and_floats_inside_the_document_are_refused_unread() -> None:
+    """cbor2 would make a datetime, a regular expression, a float of them; the strict reader refuses."""
+    assert _code(_envelope(..., {4: cbor2.CBORTag(1, 0)}, ..., ...)) == "E_TAG"
+    assert _code(_envelope(..., {4: 1.5}, ..., ...)) == "E_CBOR"
+    report = _check(_resigned(cbor2.dumps(_values() | {"nonce": cbor2.CBORTag(35, "(a+)+$")})))
+    assert report.failure is not None and report.failure.code == "E_PAYLOAD_CBOR"
+    assert "CBOR tag 35" in report.failure.detail and "nonce" in report.failure.detail
 
 
 def test_tag18_and_unprotected_headers_are_accepted() -> None:

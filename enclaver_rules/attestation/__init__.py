@@ -9,6 +9,8 @@ the verifier (`enclaver attestation verify`), the simulated NSM and odyn:
 - `roots`: the bundled AWS Nitro Enclaves Root-G1, pinned by fingerprint;
 - `pcrs`: PCR arithmetic and measurements files;
 - `verify`: the whole procedure, as a `Report` of named checks;
+- `nsm_messages`: the NSM API's request and response messages (odyn's client, the simulated NSM);
+- `cbor_strict`: the one CBOR reader of hostile bytes (documents and NSM messages), standard library only;
 - `errors`: `AttestationError`, whose `code` names the check that failed.
 
 This module imports nothing: odyn, a small binary without `cryptography`, imports modules of this

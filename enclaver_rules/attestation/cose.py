@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 from enclaver_rules.attestation._cbor import decode_exact
+from enclaver_rules.attestation.cbor_strict import Tagged
 from enclaver_rules.attestation.errors import AttestationError
 
 ALG_ES384 = -35
@@ -63,14 +64,11 @@ def decode_sign1(data: bytes) -> Sign1:
     if len(data) > MAX_DOCUMENT:
         raise AttestationError("E_SIZE", f"{len(data)} bytes: an attestation document is at most {MAX_DOCUMENT}",
                                fix="pass the COSE_Sign1 document the NSM returned, nothing else")
-    item = decode_exact(data, what="COSE_Sign1", code="E_CBOR")
-    tagged = isinstance(item, cbor2.CBORTag)
-    if isinstance(item, cbor2.CBORTag):
-        if item.tag != TAG_SIGN1:
-            raise AttestationError("E_TAG", f"CBOR tag {item.tag}, expected none or {TAG_SIGN1} (COSE_Sign1)")
+    # tag 18 around the whole envelope, and no other tag anywhere (E_TAG)
+    item = decode_exact(data, what="COSE_Sign1", code="E_CBOR", tags=(TAG_SIGN1,), tag_code="E_TAG")
+    tagged = isinstance(item, Tagged)
+    if isinstance(item, Tagged):
         item = item.value
-    elif data[:1] and data[0] >> 5 == 6:  # a tag cbor2 turned into a Python value (a date, a bignum…)
-        raise AttestationError("E_TAG", f"CBOR tag {_tag_number(data)}, expected none or {TAG_SIGN1} (COSE_Sign1)")
     if not isinstance(item, (list, tuple)) or len(item) != 4:
         got = f"{type(item).__name__}[{len(item)}]" if isinstance(item, (list, tuple)) else type(item).__name__
         raise AttestationError("E_COSE_STRUCT", f"COSE_Sign1 must be a 4-element array, got {got}")
@@ -102,15 +100,6 @@ def _check_protected(protected: bytes) -> None:
         raise AttestationError("E_PROTECTED", "alg (label 1) must be -35 (ES384)")
     if len(header) != 1:
         raise AttestationError("E_PROTECTED", "protected header must hold only alg (label 1)")
-
-
-def _tag_number(data: bytes) -> int:
-    """The number in a tag's head (major type 6), for the message only."""
-    info = data[0] & 0x1F
-    if info < 24:
-        return info
-    size = {24: 1, 25: 2, 26: 4, 27: 8}.get(info, 0)
-    return int.from_bytes(data[1:1 + size], "big")
 
 
 def verify_signature(envelope: Sign1, key: ec.EllipticCurvePublicKey) -> bool:

@@ -6,12 +6,12 @@ Codes (the first check that fails, in verification order):
 code               check         meaning
 =================  ============  ===============================================================
 E_SIZE             cbor          the input is larger than any attestation document can be
-E_CBOR             cbor          not one complete CBOR item (truncated, malformed, trailing bytes)
-E_TAG              envelope      a CBOR tag other than none or 18 (COSE_Sign1)
+E_CBOR             cbor          not one complete CBOR item (truncated, malformed, trailing bytes, a float)
+E_TAG              envelope      a CBOR tag other than 18 around the whole envelope (COSE_Sign1)
 E_COSE_STRUCT      envelope      not a 4-element array of the right types, or the payload size
 E_PROTECTED        protected     the protected header is not exactly ``{1: -35}`` (ES384)
 E_SIG_LEN          envelope      the signature is not the 96 bytes of a raw ES384 ``r ‖ s``
-E_PAYLOAD_CBOR     payload       the payload is not one CBOR map
+E_PAYLOAD_CBOR     payload       the payload is not one CBOR map, or holds a float or a tag
 E_DUPLICATE        payload       a map key appears twice (the payload, pcrs, the protected header)
 E_FIELD_UNKNOWN    payload       a key other than the nine fields
 E_FIELD_MISSING    payload       a mandatory field is absent or null

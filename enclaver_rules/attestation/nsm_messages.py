@@ -7,9 +7,10 @@ fields a one-entry map `{"DescribePCR": {"index": 16}}`, fields in declaration o
 
 Both ends live here: odyn's client encodes requests and decodes responses (`encode_request`,
 `decode_response`), the simulated NSM decodes requests and encodes responses (`decode_request`,
-`encode_response`). Sans-IO and pure: the standard library, and cbor2 (imported on first encode,
-so an odyn start that never talks to an NSM does not pay for it). odyn's static binary stages this
-module, so it must never import `cryptography` or anything else of `attestation`.
+`encode_response`). Sans-IO and pure: the standard library, `cbor_strict` and cbor2 (imported on
+first encode, so an odyn start that never talks to an NSM does not pay for it). odyn's static binary
+stages this module and `cbor_strict`, so it must never import `cryptography` or anything else of
+`attestation`.
 
 Limits, all checked before a request leaves the client (so a device is never called with a request
 the NSM would refuse) and again by the request decoder (the simulator's input is hostile):
@@ -19,11 +20,9 @@ asks of the real NSM), PCR indices 0..31 (u16 on the wire), a LockPCRs range ≤
 data ≤ 4064 bytes: our bound, the largest multiple of 32 whose request (at most 28 bytes of
 envelope) still fits the 4096-byte request limit. The usual datum is a 32- or 48-byte digest.
 
-Decoding uses a strict reader of the small CBOR subset these messages need (integers, byte and
-text strings, arrays, maps, false/true/null; definite or indefinite lengths), not cbor2: cbor2
-decodes semantic tags (regular expressions, MIME messages, shared references) into objects, and the
-simulator must not do that for whatever a client sends. Tags, floats, duplicate keys, trailing
-bytes and nesting deeper than the messages go are refused.
+Decoding uses `cbor_strict`, not cbor2: cbor2 decodes semantic tags (regular expressions, MIME
+messages, shared references) into objects, and the simulator must not do that for whatever a client
+sends. Tags, floats, duplicate keys, trailing bytes and nesting deeper than the messages go are refused.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeAlias
+
+from enclaver_rules.attestation import cbor_strict
 
 REQUEST_MAX = 0x1000  # NSM_REQUEST_MAX_SIZE: the driver refuses a larger request with EMSGSIZE
 RESPONSE_MAX = 0x3000  # NSM_RESPONSE_MAX_SIZE: the buffer the driver fills
@@ -425,7 +426,7 @@ def _nonempty(v: object) -> bytes:
     return v
 
 
-# --- CBOR: cbor2 to write, a strict reader of the messages' subset to read -----------------------
+# --- CBOR: cbor2 to write, cbor_strict to read -------------------------------------------------
 
 
 def _dumps(value: object) -> bytes:
@@ -434,111 +435,8 @@ def _dumps(value: object) -> bytes:
     return cbor2.dumps(value)
 
 
-class _Malformed(ValueError):
-    pass
-
-
 def _loads(data: bytes, what: str, code: ErrorCode) -> object:
     try:
-        value, end = _item(memoryview(data), 0, 0)
-        if end != len(data):
-            raise _Malformed(f"{len(data) - end} bytes after the item")
-    except _Malformed as e:
+        return cbor_strict.decode(data, max_depth=_MAX_DEPTH)  # no tags
+    except cbor_strict.CborError as e:
         raise NsmError(f"{what} is not CBOR this API uses: {e}", code=code) from None
-    return value
-
-
-def _head(data: memoryview, pos: int) -> tuple[int, int, int | None, int]:
-    """(major type, additional info, argument or None for indefinite, position after the head)."""
-    if pos >= len(data):
-        raise _Malformed("truncated")
-    initial = data[pos]
-    major, info = initial >> 5, initial & 0x1F
-    pos += 1
-    if info < 24:
-        return major, info, info, pos
-    if info in (24, 25, 26, 27):
-        size = 1 << (info - 24)
-        if pos + size > len(data):
-            raise _Malformed("truncated")
-        return major, info, int.from_bytes(data[pos:pos + size], "big"), pos + size
-    if info == 31 and major in (2, 3, 4, 5, 7):
-        return major, info, None, pos
-    raise _Malformed(f"reserved or invalid initial byte 0x{initial:02x} at offset {pos - 1}")
-
-
-def _item(data: memoryview, pos: int, depth: int) -> tuple[object, int]:
-    major, info, arg, pos = _head(data, pos)
-    if major == 0:
-        assert arg is not None
-        return arg, pos
-    if major == 1:
-        assert arg is not None
-        return -1 - arg, pos
-    if major in (2, 3):
-        if arg is None:  # indefinite: definite chunks of the same major type until a break
-            chunks = []
-            while True:
-                if pos < len(data) and data[pos] == 0xFF:
-                    pos += 1
-                    break
-                chunk_major, _, size, pos = _head(data, pos)
-                if chunk_major != major or size is None:
-                    raise _Malformed("a chunk of an indefinite string is not a definite string of its type")
-                chunks.append(_take(data, pos, size))
-                pos += size
-            raw = b"".join(chunks)
-        else:
-            raw = _take(data, pos, arg)
-            pos += arg
-        if major == 2:
-            return raw, pos
-        try:
-            return raw.decode("utf-8"), pos
-        except UnicodeDecodeError:
-            raise _Malformed("a text string is not UTF-8") from None
-    if major in (4, 5):
-        if depth >= _MAX_DEPTH:
-            raise _Malformed(f"nested deeper than {_MAX_DEPTH}")
-        if major == 4:
-            items: list[object] = []
-            while _more(data, pos, arg, len(items)):
-                value, pos = _item(data, pos, depth + 1)
-                items.append(value)
-            return items, _after(data, pos, arg)
-        entries: dict[object, object] = {}
-        while _more(data, pos, arg, len(entries)):
-            key, pos = _item(data, pos, depth + 1)
-            if not isinstance(key, str | int) or isinstance(key, bool):
-                raise _Malformed("a map key is neither text nor an integer")
-            if key in entries:
-                raise _Malformed(f"the map key {key!r:.40} appears twice")
-            entries[key], pos = _item(data, pos, depth + 1)
-        return entries, _after(data, pos, arg)
-    if major == 7 and info in (20, 21, 22):
-        return (False, True, None)[info - 20], pos
-    if major == 6:
-        raise _Malformed("tags are not used by this API")
-    if major == 7 and info == 31:
-        raise _Malformed(f"a break (0xff) outside an indefinite-length item, at offset {pos - 1}")
-    raise _Malformed(f"unsupported simple value or float (0x{(major << 5) | info:02x})")
-
-
-def _take(data: memoryview, pos: int, size: int) -> bytes:
-    if size > len(data) - pos:
-        raise _Malformed(f"a string of {size} bytes runs past the end")
-    return bytes(data[pos:pos + size])
-
-
-def _more(data: memoryview, pos: int, count: int | None, seen: int) -> bool:
-    if count is not None:
-        if count - seen > len(data) - pos:  # each item takes at least one byte
-            raise _Malformed("a container claims more items than there are bytes")
-        return seen < count
-    if pos >= len(data):
-        raise _Malformed("an indefinite container has no break")
-    return data[pos] != 0xFF
-
-
-def _after(data: memoryview, pos: int, count: int | None) -> int:
-    return pos if count is not None else pos + 1  # skip the break

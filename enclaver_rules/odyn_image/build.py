@@ -2,8 +2,9 @@
 
 Why this shape:
 - *Staging* copies exactly odyn and the pure modules it may import (policy, ports, errors, redact,
-  manifest, the schema, and of attestation only the NSM messages) into a fresh tree, and PyInstaller sees only that tree: an import of an
-  adapter or the CLI cannot sneak into the binary, it fails the build.
+  manifest, the schema, and of attestation only the NSM messages and their CBOR reader,
+  `cbor_strict`) into a fresh tree, and PyInstaller sees only that tree: an import of an adapter or
+  the CLI cannot sneak into the binary, it fails the build.
 - The venv is made by the *system* Python (`/usr/bin/python3`): staticx cannot bundle a Python
   built with DT_RUNPATH (pyenv's), and the binary's libpython and libc come from here.
 - Every enclave's PCRs depend on these bytes, so the build is reproducible: dependencies pinned by
@@ -35,7 +36,8 @@ BUILD_EPOCH = 1700000000  # fixed, not "now": the binary must not change with th
 STAGED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("odyn", (".",)),
     ("enclaver_rules", ("__init__.py", "errors.py", "redact.py", "ports.py", "policy", "manifest",
-                        "attestation/__init__.py", "attestation/nsm_messages.py")),  # not the rest: cryptography
+                        "attestation/__init__.py", "attestation/nsm_messages.py",  # not the rest: cryptography
+                        "attestation/cbor_strict.py")),  # nsm_messages reads CBOR with it
 )
 ENTRY = "from odyn.__main__ import main\nraise SystemExit(main())\n"
 
