@@ -102,3 +102,40 @@ def test_loading_the_rule_set_imports_no_registry_client() -> None:
     code = "import sys, enclaver_rules.rules; print(sorted(m for m in ('requests', 'oras', 'docker', 'boto3') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def _cose_and_cbor_uses(tree: ast.AST) -> tuple[set[str], set[str], bool]:
+    """(cbor2 decoders used, signature conversions imported or used, whether "Signature1" is written)."""
+    decoders, conversions, signature1 = {"loads", "load", "CBORDecoder"}, set(), False
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cbor2":
+            found |= {node.attr} & decoders
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cbor2"):
+            found |= {a.name for a in node.names} & decoders
+        if isinstance(node, ast.ImportFrom | ast.Name | ast.Attribute):
+            used = {a.name for a in node.names} if isinstance(node, ast.ImportFrom) else \
+                {node.id} if isinstance(node, ast.Name) else {node.attr}
+            conversions |= used & {"decode_dss_signature", "encode_dss_signature"}
+        signature1 |= isinstance(node, ast.Constant) and node.value == "Signature1"
+    return found, conversions, signature1
+
+
+def test_one_cose_and_one_cbor_reader() -> None:
+    """COSE_Sign1 (the Sig_structure, raw ``r ‖ s`` conversions) lives in `attestation/cose.py` only, and
+    hostile CBOR is read by `attestation/cbor_strict.py` only: cbor2, which turns tags into objects,
+    only encodes. A second copy of either is a defect (../shared/design.md)."""
+    for path in sorted([*(REPO / "enclaver_rules").rglob("*.py"), *(REPO / "odyn").rglob("*.py")]):
+        rel = str(path.relative_to(REPO))
+        decoders, conversions, signature1 = _cose_and_cbor_uses(ast.parse(path.read_text()))
+        assert not decoders, f"{rel} decodes with cbor2 ({sorted(decoders)}); read CBOR with attestation.cbor_strict"
+        if rel != "enclaver_rules/attestation/cose.py":
+            assert not conversions and not signature1, f"{rel} has COSE_Sign1 code of its own; use attestation.cose"
+
+
+def test_the_cose_rule_can_fail() -> None:
+    old = ("import cbor2\nfrom cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature\n"
+           "def s(p, q):\n    return cbor2.dumps(['Signature1', p, b'', q])\nx = cbor2.loads(b'')\n")
+    assert _cose_and_cbor_uses(ast.parse(old)) == ({"loads"}, {"decode_dss_signature"}, True)
+    assert _cose_and_cbor_uses(ast.parse("from cbor2 import CBORDecoder\nimport json\njson.load\n"))[0] == \
+        {"CBORDecoder"}

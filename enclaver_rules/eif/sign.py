@@ -6,6 +6,9 @@ integers. The COSE_Sign1 is untagged, protected header `{1: alg}` (ES256/ES384/E
 curve), empty unprotected map, payload `{"register_index": 0, "register_value": PCR0 as uints}`,
 signature r‖s. PCR8 = SHA384(0⁴⁸ ‖ SHA384(certificate DER)). ECDSA nonces are random, so signed
 EIFs differ byte-wise between builds while PCR0 and PCR8 do not.
+
+The COSE part (algorithms, Sig_structure, signing, verifying) is `attestation.cose`'s; the section's
+hostile bytes are read by `attestation.cbor_strict`, which refuses every CBOR tag.
 """
 
 from __future__ import annotations
@@ -16,22 +19,14 @@ from typing import Any
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
+from enclaver_rules.attestation import cbor_strict, cose
 from enclaver_rules.eif.format import SECTION_CMDLINE, SECTION_KERNEL, SECTION_RAMDISK, EifError, SectionSource
 from enclaver_rules.eif.measure import Measurements, Measurer, pcr_of
 from enclaver_rules.errors import InvalidInput
-
-#: curve → (COSE alg id, hash, bytes per coordinate)
-ALGORITHMS: dict[str, tuple[int, Any, int]] = {
-    "secp256r1": (-7, hashes.SHA256, 32),
-    "secp384r1": (-35, hashes.SHA384, 48),
-    "secp521r1": (-36, hashes.SHA512, 66),
-}
-ALG_NAMES = {-7: "ES256", -35: "ES384", -36: "ES512"}
 
 
 def _uints(data: bytes) -> list[int]:
@@ -64,7 +59,7 @@ class Signer:
         except (ValueError, TypeError):
             raise InvalidInput("not an unencrypted PEM private key", file=str(key), field="signature.key",
                                fix="give an unencrypted EC private key in PEM") from None
-        if not isinstance(private, ec.EllipticCurvePrivateKey) or private.curve.name not in ALGORITHMS:
+        if not isinstance(private, ec.EllipticCurvePrivateKey) or cose.algorithm_for(private) is None:
             raise InvalidInput("the signing key must be an EC key on P-256, P-384 or P-521", file=str(key),
                                field="signature.key", fix="make one with `openssl ecparam -name secp384r1 -genkey`")
         public = cert.public_key()
@@ -79,18 +74,14 @@ class Signer:
         return pcr_of(self.certificate.public_bytes(serialization.Encoding.DER))
 
 
-def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    return cbor2.dumps(["Signature1", protected, b"", payload])
-
-
 def signature_section(signer: Signer, pcr0_hex: str) -> bytes:
-    alg, digest, width = ALGORITHMS[signer.key.curve.name]
-    protected = cbor2.dumps({1: alg})
+    alg = cose.algorithm_for(signer.key)
+    if alg is None:
+        raise InvalidInput(f"the signing key is on {signer.key.curve.name}, not P-256, P-384 or P-521",
+                           field="signature.key", fix="make one with `openssl ecparam -name secp384r1 -genkey`")
     payload = cbor2.dumps({"register_index": 0, "register_value": _uints(bytes.fromhex(pcr0_hex))})
-    der = signer.key.sign(_sig_structure(protected, payload), ec.ECDSA(digest()))
-    r, s = decode_dss_signature(der)
-    cose = cbor2.dumps([protected, {}, payload, r.to_bytes(width, "big") + s.to_bytes(width, "big")])
-    return cbor2.dumps([{"signing_certificate": _uints(signer.certificate_pem), "signature": _uints(cose)}])
+    signed = cose.sign1(payload, signer.key, alg)
+    return cbor2.dumps([{"signing_certificate": _uints(signer.certificate_pem), "signature": _uints(signed)}])
 
 
 def measure_sections(sections: list[SectionSource]) -> Measurements:
@@ -125,11 +116,19 @@ class SignatureInfo:
 
 #: A signature section is a certificate and a COSE_Sign1 (a few KiB, twice that as CBOR uint arrays).
 MAX_SIGNATURE_SECTION = 1 << 20
-#: What a hostile section can make the decoders raise: cbor2's own errors (not ValueErrors in
-#: cbor2 6), a certificate whose key type cryptography does not know, and for cycles, wrong shapes
-#: and odd tags the built-in ones.
-_DECODE_ERRORS = (cbor2.CBORError, UnsupportedAlgorithm, ValueError, TypeError, LookupError, OverflowError,
-                  RecursionError, EOFError)
+#: The deepest a real section nests (array → map → uint array); the COSE_Sign1 inside, its protected
+#: header and its payload nest less. Deeper is not a section, and the bound keeps recursion small.
+MAX_DEPTH = 3
+#: What a hostile section can make the readers raise: `cbor_strict.CborError` (a ValueError) for bytes
+#: that are not CBOR, hold a tag, a float, a repeated key or nest too deep, ValueError for wrong shapes
+#: and certificates that are not PEM, UnsupportedAlgorithm for a certificate key cryptography does not
+#: know, and the built-ins a certificate's accessors might raise.
+_DECODE_ERRORS = (UnsupportedAlgorithm, ValueError, TypeError, LookupError)
+
+
+def _cbor(data: bytes) -> Any:
+    """The one CBOR item `data` holds, read strictly: no tag (regex, MIME, shared references), no float."""
+    return cbor_strict.decode(data, max_depth=MAX_DEPTH)
 
 
 def _byte_string(value: Any, what: str) -> bytes:
@@ -155,21 +154,20 @@ def read_signature(section: bytes, where: str = "the signature section") -> Sign
         raise EifError(f"{where} is {len(section):,} bytes, more than {MAX_SIGNATURE_SECTION:,}",
                        fix="the EIF is corrupt or malicious")
     try:
-        entries = cbor2.loads(section)
+        entries = _cbor(section)
         if not isinstance(entries, list) or len(entries) != 1 or not isinstance(entries[0], dict):
             raise ValueError("not a list of one {signing_certificate, signature} map")
         entry = entries[0]
         pem = _byte_string(entry.get("signing_certificate"), "signing_certificate")
-        cose = cbor2.loads(_byte_string(entry.get("signature"), "signature"))
-        if not isinstance(cose, list) or len(cose) != 4:
+        envelope = _cbor(_byte_string(entry.get("signature"), "signature"))
+        if not isinstance(envelope, list) or len(envelope) != 4:
             raise ValueError("the signature is not a COSE_Sign1 [protected, unprotected, payload, signature]")
-        protected, payload, signature = (_byte_string(cose[i], name) for i, name in
+        protected, payload, signature = (_byte_string(envelope[i], name) for i, name in
                                          ((0, "the protected header"), (2, "the payload"), (3, "the signature")))
-        header = cbor2.loads(protected)
-        alg = header.get(1) if isinstance(header, dict) else None
-        if type(alg) is not int:
+        alg = cose.header_alg(_cbor(protected))
+        if alg is None:
             raise ValueError("the protected header names no algorithm")
-        claims = cbor2.loads(payload)
+        claims = _cbor(payload)
         if not isinstance(claims, dict):
             raise ValueError("the payload is not a map")
         signed_pcr0 = _byte_string(claims.get("register_value"), "register_value").hex()
@@ -183,15 +181,8 @@ def read_signature(section: bytes, where: str = "the signature section") -> Sign
     except _DECODE_ERRORS as e:
         raise EifError(f"{where} is malformed: {str(e)[:200]}",
                        fix="the EIF is corrupt or malicious: rebuild or re-sign it") from None
-    entry_alg = next(((a, h, w) for a, h, w in ALGORITHMS.values() if a == alg), None)
-    valid = False
-    if entry_alg is not None and isinstance(public, ec.EllipticCurvePublicKey) and len(signature) == 2 * entry_alg[2]:
-        width = entry_alg[2]
-        der = encode_dss_signature(int.from_bytes(signature[:width], "big"), int.from_bytes(signature[width:], "big"))
-        try:
-            public.verify(der, _sig_structure(protected, payload), ec.ECDSA(entry_alg[1]()))
-            valid = True
-        except (InvalidSignature, ValueError):
-            valid = False
-    return SignatureInfo(certificate, ALG_NAMES.get(alg, str(alg)), signed_pcr0, valid, issuer, not_before, not_after,
-                         certificate_signature)
+    algorithm = cose.ALGORITHMS.get(alg)
+    valid = (algorithm is not None and isinstance(public, ec.EllipticCurvePublicKey)
+             and cose.verify(protected, payload, signature, public, algorithm))
+    return SignatureInfo(certificate, algorithm.name if algorithm else str(alg), signed_pcr0, valid, issuer,
+                         not_before, not_after, certificate_signature)
