@@ -7,7 +7,6 @@ import ast
 import json
 import logging
 import socket
-import socketserver
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from imds_helpers import ForwardProxy
 
 from conftest import REPO
 from enclaver_rules import redact
@@ -454,41 +454,6 @@ def test_credentials_outside_the_window_are_not_extended(fake: tuple[FakeImds, s
 
 
 # -- through a forward proxy ---------------------------------------------------------------------------------
-
-
-class ForwardProxy(socketserver.ThreadingTCPServer):
-    """A tiny HTTP forward proxy: absolute-form requests only, every one sent to `upstream` whatever its
-    host (as odyn's egress proxy sends 169.254.169.254 to the instance). It records each request line and
-    Host header."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream, self.seen = upstream, []  # type: list[tuple[str, str]]
-        super().__init__(("127.0.0.1", 0), ProxyHandler)
-
-
-class ProxyHandler(socketserver.StreamRequestHandler):
-    server: ForwardProxy
-
-    def handle(self) -> None:
-        request_line = self.rfile.readline().decode().rstrip("\r\n")
-        method, target, version = request_line.split(" ")
-        headers = []
-        while (line := self.rfile.readline()) not in (b"\r\n", b""):
-            headers.append(line)
-        host = next(h.split(b":", 1)[1].strip().decode() for h in headers if h.lower().startswith(b"host:"))
-        self.server.seen.append((request_line, host))
-        if not target.startswith("http://"):
-            self.wfile.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-            return
-        path = "/" + target.split("/", 3)[3]
-        with socket.create_connection(self.server.upstream) as up:
-            up.sendall(f"{method} {path} {version}\r\n".encode() + b"".join(
-                h for h in headers if not h.lower().startswith(b"connection:")) + b"Connection: close\r\n\r\n")
-            while chunk := up.recv(65536):
-                self.wfile.write(chunk)
 
 
 @pytest.mark.parametrize("base", ["http://169.254.169.254", "upstream"])
