@@ -6,6 +6,7 @@ Parsing flags and printing only; the service is `enclaver_rules.kms.imds`.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import signal
 import threading
 from datetime import timedelta
@@ -98,6 +99,9 @@ def run_serve(args: argparse.Namespace, out: Output) -> int:
                 out.line(f"serving IMDSv2 at {facts['url']}: role {args.role}, access key id "
                          f"{identity.access_key_id}, credentials valid {args.lifetime} s, region {args.region}")
             out.stdout.flush()  # a script waits for this line
+            if not _loopback(host):
+                out.note(f"warning: {host} is not a loopback address: anything that reaches it gets these "
+                         "credentials", style="yellow")
             out.note("serving until SIGTERM or Ctrl-C")
             signal.sigwait(stop_on)
         finally:
@@ -108,3 +112,10 @@ def run_serve(args: argparse.Namespace, out: Output) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     out.note("stopped")
     return ExitCode.OK
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

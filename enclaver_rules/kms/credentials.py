@@ -10,7 +10,9 @@ Instance Metadata Service Version 2 works*):
 
 * `PUT /latest/api/token` with `X-aws-ec2-metadata-token-ttl-seconds` (1..21600; botocore asks for 21600)
   gives a session token, sent as `X-aws-ec2-metadata-token` on every `GET`. It is reused until shortly
-  before its TTL runs out, and fetched again when IMDS answers 401. IMDSv2 only: there is no IMDSv1 fallback.
+  before its TTL runs out, and fetched again when IMDS answers 401. IMDSv2 only: botocore falls back to
+  IMDSv1 when the token `PUT` gets 403, 404 or 405; this client reports it instead, since every Nitro
+  instance offers IMDSv2 and a refused token means something to fix, not a reason to downgrade.
 * `GET /latest/meta-data/iam/security-credentials/` names the role (404: no role attached);
   `GET …/security-credentials/ROLE` gives `Code`, `AccessKeyId`, `SecretAccessKey`, `Token`, `Expiration`,
   or `Code` and `Message` on an error.
@@ -101,7 +103,7 @@ class ImdsError(OSError):
     never holds a secret."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Credentials:
     access_key_id: str
     secret_access_key: str = field(repr=False)
