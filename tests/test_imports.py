@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 
 PURE = ["enclaver_rules/policy", "enclaver_rules/manifest", "enclaver_rules/attestation", "enclaver_rules/errors.py", "enclaver_rules/ports.py",
-        "enclaver_rules/redact.py", "odyn",
+        "enclaver_rules/redact.py", "enclaver_rules/kms/credentials.py", "odyn",
         *(f"enclaver_rules/oci/{m}.py" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
                                                   "flatten", "store"))]
 #: Third-party clients, each allowed in exactly one adapter module.
@@ -25,7 +25,7 @@ ALLOWED_THIRD_PARTY = {"yaml", "jsonschema", "cbor2"}  # cbor2: NSM messages, at
 ALLOWED_UNDER = {"cryptography": ("enclaver_rules/attestation/",)}
 PURE_PREFIXES = ("odyn.", "enclaver_rules.policy", "enclaver_rules.manifest", "enclaver_rules.attestation",
                  "enclaver_rules.errors",
-                 "enclaver_rules.ports", "enclaver_rules.redact",
+                 "enclaver_rules.ports", "enclaver_rules.redact", "enclaver_rules.kms.credentials",
                  *(f"enclaver_rules.oci.{m}" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
                                                         "flatten", "store")))
 
