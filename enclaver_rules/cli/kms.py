@@ -78,7 +78,8 @@ def parse_identity(value: str) -> Identity:
 
     access_key, _, rest = value.partition(":")
     secret, _, principal = rest.partition("=")
-    fix = "ACCESS_KEY_ID:SECRET_ACCESS_KEY=PRINCIPAL_ARN, e.g. AKIDEXAMPLE:secret=arn:aws:iam::111122223333:role/Admin"
+    fix = ("give the access key id, a colon, the secret access key, an equals sign, then the principal's ARN "
+           "(arn:aws:iam::111122223333:role/Admin)")
     if not _ACCESS_KEY.fullmatch(access_key):
         raise InvalidInput(f"the access key id {access_key[:40]!r} is not 3..128 letters, digits or _",
                            field="--identity", fix=fix)
