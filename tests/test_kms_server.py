@@ -23,6 +23,8 @@ from botocore.credentials import ReadOnlyCredentials
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enclaver_rules.kms import sigv4
 from kms_helpers import ACCOUNT, ADMIN, IDENTITIES, OUTSIDER, PARENT, REGION, RunningKms, local_kms, run_serve
@@ -468,3 +470,42 @@ def test_the_ready_line_names_no_secret(kms: RunningKms) -> None:
     assert "roots=sha256:641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b" in kms.ready_line
     for secret, _ in IDENTITIES.values():
         assert secret not in kms.ready_line and secret not in kms.stderr()
+
+
+# --- the parsers alone: hostile input gives a ServiceError, never another exception ---------------------
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                  max_size=4), max_leaves=12)
+_members = st.dictionaries(st.sampled_from(["KeyId", "CiphertextBlob", "EncryptionContext", "Recipient", "Plaintext",
+                                            "NumberOfBytes", "KeySpec", "GrantTokens", "Limit", "Policy"]), _json,
+                           max_size=5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(["Decrypt", "Encrypt", "GenerateRandom", "CreateKey", "ListKeys", "PutKeyPolicy",
+                        "GenerateDataKeyPair", "CreateGrant"]), _json | _members)
+def test_model_validation_only_raises_service_errors(action: str, body: Any) -> None:
+    from enclaver_rules.kms import shapes
+    from enclaver_rules.kms.wire import ServiceError
+
+    try:
+        shapes.parse_input(action, body)
+    except ServiceError as e:
+        assert e.code in ("ValidationException", "SerializationException")
+
+
+_header = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=120)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["Authorization", "X-Amz-Date", "Host", "Content-Type", "X-Amz-Target",
+                                           "X-Amz-Content-SHA256", "authorization"]), _header), max_size=6),
+       st.binary(max_size=64))
+def test_sigv4_only_raises_service_errors(headers: list[tuple[str, str]], body: bytes) -> None:
+    from enclaver_rules.kms.wire import ServiceError
+
+    identities = {"AKIDADMIN": sigv4.Identity("AKIDADMIN", "s", ADMIN)}
+    with pytest.raises(ServiceError):
+        sigv4.verify(method="POST", path="/", headers=headers, body=body, identities=identities, region=REGION,
+                     now=datetime.now(UTC))

@@ -32,7 +32,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -309,7 +309,7 @@ class LocalKms:
         self._authorize(key, "kms:PutKeyPolicy", caller)
         _policy_name(p)
         self._check_policy(p["Policy"], caller, key.arn, p.get("BypassPolicyLockoutSafetyCheck", False))
-        self.store.update(key.key_id, policy=p["Policy"])
+        self.store.update(key.key_id, lambda k: replace(k, policy=p["Policy"]))
         return {}
 
     def _GetKeyPolicy(self, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -327,7 +327,7 @@ class LocalKms:
         self._dry_run(p)
         grant_id = os.urandom(32).hex()
         record = _grant(grant_id, p, caller, self.clock())
-        self.store.update(key.key_id, grants=key.grants + (record,))
+        self.store.update(key.key_id, lambda k: replace(k, grants=k.grants + (record,)))
         return {"GrantToken": os.urandom(32).hex(), "GrantId": grant_id}
 
     def _ListGrants(self, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -345,7 +345,8 @@ class LocalKms:
         if not any(g.grant_id == p["GrantId"] for g in key.grants):
             raise ServiceError("NotFoundException", f"Grant ID {p['GrantId']} not found")
         self._dry_run(p)
-        self.store.update(key.key_id, grants=tuple(g for g in key.grants if g.grant_id != p["GrantId"]))
+        self.store.update(key.key_id, lambda k: replace(k, grants=tuple(g for g in k.grants
+                                                                        if g.grant_id != p["GrantId"])))
         return {}
 
     # --- cryptography ----------------------------------------------------------------------------
