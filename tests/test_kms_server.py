@@ -8,10 +8,12 @@ import http.client
 import json
 import os
 import select
+import signal
 import socket
 import stat
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -509,3 +511,24 @@ def test_sigv4_only_raises_service_errors(headers: list[tuple[str, str]], body: 
     with pytest.raises(ServiceError):
         sigv4.verify(method="POST", path="/", headers=headers, body=body, identities=identities, region=REGION,
                      now=datetime.now(UTC))
+
+
+def test_sigint_ends_it_cleanly(tmp_path: Path) -> None:
+    with local_kms(tmp_path / "state") as running:
+        running.process.send_signal(signal.SIGINT)
+        assert running.process.wait(timeout=30) == 0
+    assert "stopped" in running.stderr()
+
+
+def test_concurrent_requests_and_grants(kms: RunningKms) -> None:
+    key = new_key(kms)
+
+    def work(i: int) -> str:
+        client = kms.client()
+        blob = client.encrypt(KeyId=key, Plaintext=str(i).encode(), EncryptionContext={"i": str(i)})["CiphertextBlob"]
+        assert client.decrypt(CiphertextBlob=blob, EncryptionContext={"i": str(i)})["Plaintext"] == str(i).encode()
+        return str(client.create_grant(KeyId=key, GranteePrincipal=PARENT, Operations=["Encrypt"])["GrantId"])
+
+    with ThreadPoolExecutor(8) as pool:
+        made = set(pool.map(work, range(16)))
+    assert {g["GrantId"] for g in kms.client().list_grants(KeyId=key)["Grants"]} == made
