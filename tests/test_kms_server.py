@@ -532,3 +532,31 @@ def test_concurrent_requests_and_grants(kms: RunningKms) -> None:
     with ThreadPoolExecutor(8) as pool:
         made = set(pool.map(work, range(16)))
     assert {g["GrantId"] for g in kms.client().list_grants(KeyId=key)["Grants"]} == made
+
+
+def test_the_blob_format_binds_key_and_context() -> None:
+    from enclaver_rules.kms import ciphertext
+
+    material, key_id = os.urandom(32), "0" * 8 + "-1111-2222-3333-" + "4" * 12
+    blob = ciphertext.seal(key_id, material, b"data", {"b": "2", "a": "1"})
+    assert blob.startswith(b"ELKM\x01\x24" + key_id.encode())
+    parsed = ciphertext.parse(blob)
+    assert parsed.key_id == key_id and ciphertext.unseal(parsed, material, {"a": "1", "b": "2"}) == b"data"
+    for context in ({"a": "1"}, None, {"a": "1", "b": "2", "c": ""}):
+        with pytest.raises(ciphertext.InvalidCiphertext):
+            ciphertext.unseal(parsed, material, context)
+    other_id = key_id[:-1] + "5"  # the key id is authenticated: moving a blob to another id fails its tag
+    moved = ciphertext.parse(blob.replace(key_id.encode(), other_id.encode()))
+    with pytest.raises(ciphertext.InvalidCiphertext):
+        ciphertext.unseal(moved, material, {"a": "1", "b": "2"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_are_no_blob_or_fail_their_tag(data: bytes) -> None:
+    from enclaver_rules.kms import ciphertext
+
+    with pytest.raises(ciphertext.InvalidCiphertext):
+        ciphertext.unseal(ciphertext.parse(data), os.urandom(32), {})
+    with pytest.raises(ciphertext.InvalidCiphertext):
+        ciphertext.unseal(ciphertext.parse(b"ELKM\x01\x03abc" + data.ljust(28, b"\x00")), os.urandom(32), {})
