@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import cbor2
 import pytest
-from attestation_helpers import REAL, default_chain, sample_document, signed
 
+from attestation_helpers import REAL, default_chain, sample_document, signed
 from enclaver_rules.attestation import cose, pcrs
 from enclaver_rules.attestation.document import FIELDS, encode_payload, parse_payload
 from enclaver_rules.attestation.errors import AttestationError

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from attestation_helpers import DATA, NOW, default_chain, sample_document, signed
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from attestation_helpers import DATA, NOW, default_chain, sample_document, signed
 from enclaver_rules.cli import attestation as attestation_cmd
 from enclaver_rules.cli.main import build_parser
 

@@ -6,10 +6,10 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 import cbor2
-from attestation_helpers import DATA, NOW, default_chain, sample_document, signed
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from attestation_helpers import DATA, NOW, default_chain, sample_document, signed
 from enclaver_rules.attestation import cose
 from enclaver_rules.attestation.document import AttestationDocument, encode_payload, parse_payload
 from enclaver_rules.attestation.errors import AttestationError

@@ -11,11 +11,11 @@ from typing import Any
 
 import cbor2
 import pytest
-from attestation_helpers import NOW, SimChain, build_chain, default_chain, sample_document, signed
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from attestation_helpers import NOW, SimChain, build_chain, default_chain, sample_document, signed
 from enclaver_rules.attestation import chain, cose
 from enclaver_rules.attestation.document import FIELDS, encode_payload
 from enclaver_rules.attestation.verify import Report, verify

@@ -7,8 +7,8 @@ import json
 from datetime import datetime
 
 import pytest
-from attestation_helpers import DATA, NOW, default_chain, sample_document, signed
 
+from attestation_helpers import DATA, NOW, default_chain, sample_document, signed
 from enclaver_rules.attestation import pcrs
 from enclaver_rules.attestation.roots import aws_root
 from enclaver_rules.attestation.verify import Report, verify

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from attestation_helpers import DATA, DERIVED, NEGATIVE, REAL
 
+from attestation_helpers import DATA, DERIVED, NEGATIVE, REAL
 from enclaver_rules.attestation import roots
 from enclaver_rules.attestation.errors import AttestationError
 from enclaver_rules.attestation.verify import decode, verify

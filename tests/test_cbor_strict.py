@@ -11,10 +11,10 @@ from typing import Any
 
 import cbor2
 import pytest
-from attestation_helpers import DERIVED, REAL
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from attestation_helpers import DERIVED, REAL
 from enclaver_rules.attestation.cbor_strict import CborError, DuplicateKey, Tagged, TagNotAllowed, decode
 
 DEPTH = 16

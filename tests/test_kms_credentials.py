@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from imds_helpers import ForwardProxy
 
 from conftest import REPO
 from enclaver_rules import redact
 from enclaver_rules.kms.credentials import Credentials, ImdsCredentials, ImdsError, parse_credentials
+from imds_helpers import ForwardProxy
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 ROLE = "enclave-role"

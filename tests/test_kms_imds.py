@@ -18,12 +18,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from botocore.credentials import InstanceMetadataProvider
 from botocore.utils import InstanceMetadataFetcher, InstanceMetadataRegionFetcher
-from imds_helpers import ACCESS_KEY_ID, ROLE, SECRET_ACCESS_KEY, ForwardProxy, RunningImds, running_imds
 
 from enclaver_rules.cli import main as main_module
 from enclaver_rules.kms import imds as imds_module
 from enclaver_rules.kms.credentials import ImdsCredentials, ImdsError
 from enclaver_rules.kms.imds import Identity, Instance, LocalImds
+from imds_helpers import ACCESS_KEY_ID, ROLE, SECRET_ACCESS_KEY, ForwardProxy, RunningImds, running_imds
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 CREDS = f"/latest/meta-data/iam/security-credentials/{ROLE}"
