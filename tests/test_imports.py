@@ -11,8 +11,11 @@ import pytest
 
 from conftest import REPO
 
+#: The KMS modules odyn's static binary stages (kms-recipient notes §2: CMS and the wire shapes shared by
+#: the proxy and the local KMS); the rest of `enclaver_rules/kms` (server, key store, SigV4) are adapters.
+KMS_PURE = ["enclaver_rules/kms/__init__.py", "enclaver_rules/kms/cms.py", "enclaver_rules/kms/wire.py"]
 PURE = ["enclaver_rules/policy", "enclaver_rules/manifest", "enclaver_rules/attestation", "enclaver_rules/errors.py", "enclaver_rules/ports.py",
-        "enclaver_rules/redact.py", "odyn",
+        "enclaver_rules/redact.py", "odyn", *KMS_PURE,
         *(f"enclaver_rules/oci/{m}.py" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
                                                   "flatten", "store"))]
 #: Third-party clients, each allowed in exactly one adapter module.
@@ -22,9 +25,10 @@ ADAPTERS = {"docker": {"enclaver_rules/oci/engine.py", "enclaver_rules/eif/nitro
 ALLOWED_THIRD_PARTY = {"yaml", "jsonschema", "cbor2"}  # cbor2: NSM messages, attestation
 #: Third-party libraries allowed in some pure modules only: cryptography (no I/O, but big and native) is
 #: for the attestation package, which verifies signatures and certificates; odyn's binary does without it.
-ALLOWED_UNDER = {"cryptography": ("enclaver_rules/attestation/",)}
+ALLOWED_UNDER = {"cryptography": ("enclaver_rules/attestation/", "enclaver_rules/kms/cms.py"),
+                 "asn1crypto": ("enclaver_rules/kms/cms.py",)}  # BER CMS, which cryptography cannot read
 PURE_PREFIXES = ("odyn.", "enclaver_rules.policy", "enclaver_rules.manifest", "enclaver_rules.attestation",
-                 "enclaver_rules.errors",
+                 "enclaver_rules.errors", "enclaver_rules.kms.cms", "enclaver_rules.kms.wire",
                  "enclaver_rules.ports", "enclaver_rules.redact",
                  *(f"enclaver_rules.oci.{m}" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
                                                         "flatten", "store")))
@@ -73,6 +77,20 @@ def test_cryptography_is_allowed_in_attestation_only() -> None:
     assert not _allowed("odyn/nsm.py", "cryptography")
     assert not _allowed("enclaver_rules/attestation/verify.py", "docker")
     assert _allowed("odyn/nsm.py", "enclaver_rules.attestation.nsm_messages")
+    assert _allowed("enclaver_rules/kms/cms.py", "asn1crypto.cms")
+    assert not _allowed("enclaver_rules/kms/wire.py", "asn1crypto.cms")
+    assert not _allowed("enclaver_rules/kms/cms.py", "botocore.auth")
+    assert not _allowed("odyn/kms_proxy.py", "enclaver_rules.kms.server")
+
+
+def test_the_shared_kms_modules_load_no_aws_sdk() -> None:
+    """odyn's binary stages kms/__init__.py, cms.py and wire.py: none may pull boto3, botocore or moto in."""
+    import subprocess
+
+    code = ("import sys, enclaver_rules.kms.cms, enclaver_rules.kms.wire; "
+            "print(sorted(m for m in ('boto3', 'botocore', 'moto') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_importing_the_attestation_package_loads_no_cryptography() -> None:

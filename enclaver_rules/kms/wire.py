@@ -1,0 +1,53 @@
+"""AWS JSON 1.1 as KMS speaks it: the target header, the content type, the error body. Standard library only.
+
+From botocore's KMS model (`botocore/data/kms/2014-11-01/service-2.json`: `protocol json`,
+`jsonVersion 1.1`, `targetPrefix TrentService`) and `botocore/serialize.py` (target = prefix + "." +
+operation, content type `application/x-amz-json-<jsonVersion>`); errors are `{"__type", "message"}`,
+which `botocore/parsers.py` reads (kms-recipient notes §1.3).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+
+TARGET_PREFIX = "TrentService."
+CONTENT_TYPE = "application/x-amz-json-1.1"
+TARGET_HEADER = "X-Amz-Target"
+#: the only `RecipientInfo.KeyEncryptionAlgorithm` the model allows (`KeyEncryptionMechanism`)
+KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
+RECIPIENT = "Recipient"
+CIPHERTEXT_FOR_RECIPIENT = "CiphertextForRecipient"
+#: Every action whose input has a `Recipient` member (botocore model, 1.44), and the answer field
+#: that carries the plaintext when there is no Recipient (null or empty when there is one).
+RECIPIENT_ACTIONS: Mapping[str, str] = MappingProxyType({
+    "Decrypt": "Plaintext",
+    "GenerateDataKey": "Plaintext",
+    "GenerateDataKeyPair": "PrivateKeyPlaintext",
+    "GenerateRandom": "Plaintext",
+    "DeriveSharedSecret": "SharedSecret",
+})
+_ACTION = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
+
+
+def action_of(target_header: str) -> str:
+    """`TrentService.Decrypt` → `Decrypt`; ValueError for anything else (another service's prefix,
+    no action, characters no KMS operation name has)."""
+    if not isinstance(target_header, str) or not target_header.startswith(TARGET_PREFIX):
+        raise ValueError(f"{TARGET_HEADER} {target_header!r:.80} does not start with {TARGET_PREFIX!r}")
+    action = target_header[len(TARGET_PREFIX):]
+    if not _ACTION.fullmatch(action):
+        raise ValueError(f"{TARGET_HEADER} {target_header!r:.80} names no action")
+    return action
+
+
+def target_of(action: str) -> str:
+    """`Decrypt` → `TrentService.Decrypt`."""
+    return TARGET_PREFIX + action
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The JSON error body: `{"__type": code, "message": message}`."""
+    return json.dumps({"__type": code, "message": message}, separators=(",", ":")).encode()
