@@ -72,7 +72,7 @@ class CmsError(ValueError):
 def build_enveloped(plaintext: bytes, recipient_public_key_der: bytes) -> bytes:
     """`plaintext` sealed for the RSA key whose DER SubjectPublicKeyInfo is given, exactly as KMS
     writes CiphertextForRecipient. CmsError for a key that is not RSA of 2048..8192 bits."""
-    public_key = _rsa_public_key(recipient_public_key_der)
+    public_key = load_recipient_key(recipient_public_key_der)
     if len(plaintext) > MAX_PLAINTEXT:
         raise CmsError(f"{len(plaintext)} bytes of plaintext is more than the {MAX_PLAINTEXT} an envelope may carry")
     spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -99,7 +99,9 @@ def build_enveloped(plaintext: bytes, recipient_public_key_der: bytes) -> bytes:
     return _indefinite(b"\x30", _oid(ENVELOPED_DATA), _indefinite(b"\xa0", enveloped))
 
 
-def _rsa_public_key(der: bytes) -> rsa.RSAPublicKey:
+def load_recipient_key(der: bytes) -> rsa.RSAPublicKey:
+    """The RSA key of a DER SubjectPublicKeyInfo (an attestation document's public_key); CmsError
+    unless it is RSA of 2048..8192 bits."""
     if not isinstance(der, bytes | bytearray) or not 0 < len(der) <= MAX_PUBLIC_KEY:
         raise CmsError(f"the recipient's public key must be a DER SubjectPublicKeyInfo of 1..{MAX_PUBLIC_KEY} bytes")
     try:

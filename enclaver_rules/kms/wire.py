@@ -48,6 +48,19 @@ def target_of(action: str) -> str:
     return TARGET_PREFIX + action
 
 
+class ServiceError(Exception):
+    """An error answer: its `__type` code, message and HTTP status (400 unless the model says otherwise)."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def body(self) -> bytes:
+        return error_body(self.code, self.message)
+
+
 def error_body(code: str, message: str) -> bytes:
     """The JSON error body: `{"__type": code, "message": message}`."""
     return json.dumps({"__type": code, "message": message}, separators=(",", ":")).encode()

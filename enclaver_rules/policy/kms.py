@@ -305,6 +305,11 @@ class Decision:
     allowed: bool
     why: str  # the deciding statement's Sid, "grant", or what was missing
 
+    @property
+    def explicit_deny(self) -> bool:
+        """Refused by a Deny statement (not merely for want of an Allow): AWS words the two apart."""
+        return not self.allowed and self.why.startswith("denied by ")
+
 
 def _listify(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
@@ -334,8 +339,8 @@ def _principal_matches(who: Any, principal: str) -> bool:
     for arn in _listify(who.get("AWS", [])):
         if arn in ("*", caller):
             return True
-        root = re.fullmatch(r"arn:aws[a-z-]*:iam::(\d{12}):root", str(arn))
-        if root and account and root.group(1) == account.group(1):
+        root = re.fullmatch(r"arn:aws[a-z-]*:iam::(\d{12}):root|(\d{12})", str(arn))  # an account ID means its root
+        if root and account and (root.group(1) or root.group(2)) == account.group(1):
             return True
     return False  # Service and federated principals are never an IAM caller here
 
@@ -373,10 +378,16 @@ def _condition_holds(condition: Mapping[str, Mapping[str, Any]], context: Mappin
     return True
 
 
-def _applies(statement: Mapping[str, Any], principal: str, action: str, context: Mapping[str, str]) -> bool:
+def _applies(statement: Mapping[str, Any], principal: str, action: str, context: Mapping[str, str],
+             resource: str | None = None) -> bool:
     if "NotPrincipal" in statement or "NotResource" in statement:
         raise ValueError(f"statement {statement.get('Sid', '?')}: NotPrincipal/NotResource are not modelled")
     if not _principal_matches(statement.get("Principal"), principal):
+        return False
+    if "Resource" not in statement:  # accepted by KMS, but "has no effect" (botocore's CreateKeyRequest.Policy)
+        return False
+    if resource is not None and not any(p == "*" or _glob(str(p), resource, case=True)
+                                        for p in _listify(statement["Resource"])):
         return False
     if "NotAction" in statement:
         if any(_glob(p, action, case=False) for p in _listify(statement["NotAction"])):
@@ -387,7 +398,7 @@ def _applies(statement: Mapping[str, Any], principal: str, action: str, context:
 
 
 def evaluate(policy: Mapping[str, Any], principal: str, action: str, context: Mapping[str, str] | None = None,
-             grants: Sequence[Grant] = ()) -> Decision:
+             grants: Sequence[Grant] = (), *, resource: str | None = None) -> Decision:
     """Whether KMS lets `principal` call `action` (`kms:Decrypt`) on this key, with the request's
     condition keys `context` (e.g. `kms:RecipientAttestation:ImageSha384`, present only when the
     request carries a valid attestation document) and the key's `grants`.
@@ -399,10 +410,13 @@ def evaluate(policy: Mapping[str, Any], principal: str, action: str, context: Ma
     key-policies.html; likewise *KMS key access and permissions*: "No AWS principal has any
     permissions to a KMS key unless that permission is provided explicitly and never denied").
     Then an Allow statement, or a grant to the caller for the operation; else it is denied.
+    `resource`, the key's ARN, is matched against each statement's `Resource` (in a key policy
+    `"*"` means this key); None takes every `Resource` to name this key. A statement without
+    `Resource` (or `Action`) has no effect, as KMS documents.
     """
     context = context or {}
     statements = policy.get("Statement", [])
-    applicable = [s for s in _listify(statements) if _applies(s, principal, action, context)]
+    applicable = [s for s in _listify(statements) if _applies(s, principal, action, context, resource)]
     for s in applicable:
         if s.get("Effect") == "Deny":
             return Decision(False, f"denied by {s.get('Sid', 'a statement')}")
@@ -429,3 +443,176 @@ def plaintext_paths(policy: Mapping[str, Any], principal: str, grants: Sequence[
     if evaluate(policy, principal, "kms:PutKeyPolicy", {}, held).allowed:
         paths.append("kms:PutKeyPolicy")
     return paths
+
+
+# -- what the local KMS checks a key policy against ----------------------------------------------
+# `enclaver kms serve` stores a policy only after `validate_policy`, so `evaluate` never meets a
+# statement it would misread: a condition this evaluator does not model is refused, never ignored
+# (ignoring a condition of an Allow would grant access; of a Deny, lift it).
+
+#: The condition keys the local KMS puts in a request's context (`request_context`), lower-case
+#: (IAM's key names are case-insensitive). PCR0..PCR31: every index an NSM document may carry.
+SUPPORTED_KEYS = ("kms:RecipientAttestation:ImageSha384", "kms:RecipientAttestation:PCR0…PCR31", "aws:PrincipalArn",
+                  "kms:CallerAccount")
+_SUPPORTED_KEY = re.compile(r"kms:recipientattestation:(imagesha384|pcr([0-9]|[12][0-9]|3[01]))|aws:principalarn"
+                            r"|kms:calleraccount")
+_IF_EXISTS_OK = tuple(o for o in _OPERATORS if o != "Null")
+_STATEMENT_FIELDS = ("Sid", "Effect", "Principal", "Action", "NotAction", "Resource", "Condition")
+_POLICY_FIELDS = ("Version", "Id", "Statement")
+_VERSIONS = ("2012-10-17", "2008-10-17")
+_PRINCIPAL_ARN = re.compile(r"arn:aws[a-z-]*:(iam|sts)::\d{12}:[\w+=,.@/:-]+|\d{12}")
+_ACTION_PATTERN = re.compile(r"\*|[a-z0-9-]+:[A-Za-z0-9*?]+")
+_SERVICE = re.compile(r"[a-z0-9.-]+\.amazonaws\.com(\.cn)?")
+LOCKOUT_MESSAGE = "The new key policy will not allow you to update the key policy in the future."
+
+
+class MalformedPolicy(InvalidInput):
+    """A key policy the local KMS refuses (KMS's MalformedPolicyDocumentException); the message
+    names the statement and the part that is wrong."""
+
+
+def validate_policy(policy: Any) -> None:
+    """Raise MalformedPolicy unless every part of `policy` is something `evaluate` models exactly:
+    known fields only; Effect Allow or Deny; a Principal ("*", or AWS ARNs/account IDs, or service
+    names); Action/NotAction patterns; Resource strings; conditions with the operators of
+    `_OPERATORS` (and their IfExists forms, not NullIfExists) over SUPPORTED_KEYS only. Refused as
+    not modelled: NotPrincipal, NotResource, other operators (Numeric…, Date…, ArnLike,
+    ForAnyValue:/ForAllValues: …), other condition keys, policy variables (`${…}`)."""
+    if not isinstance(policy, dict):
+        raise MalformedPolicy("the policy is not a JSON object")
+    _fields(policy, _POLICY_FIELDS, "the policy")
+    if "Version" in policy and policy["Version"] not in _VERSIONS:
+        raise MalformedPolicy(f"Version {policy['Version']!r} is not {' or '.join(_VERSIONS)}")
+    statements = policy.get("Statement")
+    if isinstance(statements, dict):
+        statements = [statements]
+    if not isinstance(statements, list) or not statements:
+        raise MalformedPolicy("the policy has no Statement (a statement object or a non-empty list of them)")
+    for index, statement in enumerate(statements):
+        _validate_statement(statement, index)
+
+
+def _where(statement: Any, index: int) -> str:
+    sid = statement.get("Sid") if isinstance(statement, dict) else None
+    return f"Statement[{index}]" + (f" ({sid})" if isinstance(sid, str) and sid else "")
+
+
+def _fields(value: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
+    unknown = [k for k in value if k not in allowed]
+    if unknown:
+        hint = {"NotPrincipal": "NotPrincipal is not modelled: name the principals in Principal",
+                "NotResource": "NotResource is not modelled: a key policy's Resource is \"*\" (this key)"}
+        text = "; ".join(hint.get(k, "") for k in unknown if k in hint)
+        raise MalformedPolicy(f"{where}: unsupported field {', '.join(map(repr, unknown))}"
+                              + (f" ({text})" if text else f"; allowed: {', '.join(allowed)}"))
+
+
+def _strings(value: Any, where: str, what: str) -> list[str]:
+    values = _listify(value)
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise MalformedPolicy(f"{where}: {what} must be a non-empty string or list of strings")
+    if any("${" in v for v in values):
+        raise MalformedPolicy(f"{where}: {what} uses a policy variable (${{…}}), which is not modelled")
+    return values
+
+
+def _validate_statement(statement: Any, index: int) -> None:
+    where = _where(statement, index)
+    if not isinstance(statement, dict):
+        raise MalformedPolicy(f"{where}: a statement must be a JSON object")
+    _fields(statement, _STATEMENT_FIELDS, where)
+    if "Sid" in statement and not isinstance(statement["Sid"], str):
+        raise MalformedPolicy(f"{where}: Sid must be a string")
+    if statement.get("Effect") not in ("Allow", "Deny"):
+        raise MalformedPolicy(f"{where}: Effect must be \"Allow\" or \"Deny\", not {statement.get('Effect')!r}")
+    _validate_principal(statement.get("Principal"), where)
+    if "Action" in statement and "NotAction" in statement:
+        raise MalformedPolicy(f"{where}: Action and NotAction together")
+    for name in ("Action", "NotAction"):
+        if name in statement:
+            for action in _strings(statement[name], where, name):
+                if not _ACTION_PATTERN.fullmatch(action):
+                    raise MalformedPolicy(f"{where}: {name} {action!r} is not an action (e.g. kms:Decrypt, kms:Get*)")
+    if "Resource" in statement:
+        _strings(statement["Resource"], where, "Resource")
+    if "Condition" in statement:
+        _validate_condition(statement["Condition"], where)
+
+
+def _validate_principal(principal: Any, where: str) -> None:
+    if principal == "*":
+        return
+    if not isinstance(principal, dict) or not principal:
+        raise MalformedPolicy(f"{where}: Principal must be \"*\" or an object such as "
+                              f"{{\"AWS\": \"arn:aws:iam::111122223333:root\"}} (every statement needs one)")
+    _fields(principal, ("AWS", "Service"), f"{where}: Principal")
+    for arn in _strings(principal.get("AWS", "*"), where, "Principal.AWS"):
+        if arn != "*" and not _PRINCIPAL_ARN.fullmatch(arn):
+            raise MalformedPolicy(f"{where}: Principal.AWS {arn!r} is not \"*\", an account ID or an IAM/STS ARN")
+    if "Service" in principal:
+        for name in _strings(principal["Service"], where, "Principal.Service"):
+            if not _SERVICE.fullmatch(name):
+                raise MalformedPolicy(f"{where}: Principal.Service {name!r} is not a service name "
+                                      f"(e.g. logs.amazonaws.com)")
+
+
+def _validate_condition(condition: Any, where: str) -> None:
+    if not isinstance(condition, dict):
+        raise MalformedPolicy(f"{where}: Condition must be an object of operators")
+    for operator, keys in condition.items():
+        base = operator.removesuffix("IfExists")
+        if base not in _OPERATORS or (base != operator and base not in _IF_EXISTS_OK):
+            supported = ", ".join(_OPERATORS) + " (and …IfExists, but NullIfExists)"
+            raise MalformedPolicy(f"{where}: condition operator {operator!r} is not supported by the local KMS "
+                                  f"(supported: {supported}); a condition is never ignored")
+        if not isinstance(keys, dict) or not keys:
+            raise MalformedPolicy(f"{where}: {operator} must map condition keys to values")
+        for key, values in keys.items():
+            if not isinstance(key, str) or not _SUPPORTED_KEY.fullmatch(key.lower()):
+                raise MalformedPolicy(f"{where}: condition key {key!r} ({operator}) is not supported by the local "
+                                      f"KMS (supported: {', '.join(SUPPORTED_KEYS)}); a condition is never ignored")
+            listed = _listify(values)
+            if not listed or not all(isinstance(v, str | bool | int) and not isinstance(v, float) for v in listed):
+                raise MalformedPolicy(f"{where}: {operator} {key}: values must be a string (number, boolean) or a "
+                                      f"non-empty list of them")
+            if any(isinstance(v, str) and "${" in v for v in listed):
+                raise MalformedPolicy(f"{where}: {operator} {key} uses a policy variable (${{…}}), not modelled")
+            if base in ("Bool", "Null") and not all(str(v).lower() in ("true", "false") for v in listed):
+                raise MalformedPolicy(f"{where}: {operator} {key}: values must be true or false")
+            if base == "Null" and len(listed) != 1:
+                raise MalformedPolicy(f"{where}: Null {key} takes one value, true or false")
+
+
+def request_context(principal: str, pcrs: Mapping[int, bytes] | None = None) -> dict[str, str]:
+    """A request's condition keys: `aws:PrincipalArn` (an assumed-role session's role, as IAM
+    gives it) and `kms:CallerAccount` always; with the PCRs of a *verified* attestation document,
+    `kms:RecipientAttestation:ImageSha384` (PCR0) and `kms:RecipientAttestation:PCR<i>` for every
+    PCR in it, lower-case hex (AWS doc: *Condition keys for Nitro Enclaves*; which indices KMS
+    exposes is UNCONFIRMED, notes §7.3: all of them here)."""
+    caller = _caller(principal)
+    context = {"aws:PrincipalArn": caller}
+    account = _ACCOUNT_OF.fullmatch(caller)
+    if account:
+        context["kms:CallerAccount"] = account.group(1)
+    if pcrs is not None:
+        for index, value in sorted(pcrs.items()):
+            context[f"{CONDITION}PCR{index}"] = value.hex()
+        if 0 in pcrs:
+            context[IMAGE_KEY] = pcrs[0].hex()
+    return context
+
+
+def check_lockout(policy: Mapping[str, Any], principal: str, resource: str | None = None) -> None:
+    """KMS's lock-out safety check (botocore's CreateKeyRequest.BypassPolicyLockoutSafetyCheck):
+    MalformedPolicy with AWS's message unless `policy` lets `principal` call kms:PutKeyPolicy
+    later. Its exception name in real KMS is UNCONFIRMED (notes §7.15)."""
+    if not evaluate(policy, principal, "kms:PutKeyPolicy", request_context(principal), resource=resource).allowed:
+        raise MalformedPolicy(LOCKOUT_MESSAGE)
+
+
+def default_key_policy(account: str) -> dict[str, Any]:
+    """AWS's default key policy (AWS doc: *Default key policy*): the account root may do anything,
+    so the account's IAM policies decide."""
+    return {"Version": "2012-10-17", "Id": "key-default-1", "Statement": [
+        {"Sid": "Enable IAM User Permissions", "Effect": "Allow",
+         "Principal": {"AWS": f"arn:aws:iam::{account}:root"}, "Action": "kms:*", "Resource": "*"}]}
