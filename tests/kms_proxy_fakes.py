@@ -102,27 +102,28 @@ _AUTHORIZATION = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/([0-9]{8})/([^
 
 
 def verify_sigv4(method: str, path: str, headers: dict[str, str], body: bytes,
-                 known: dict[str, Creds]) -> tuple[str | None, str]:
-    """(access key id, "") when the request is signed by one of `known`; (key or None, why) otherwise.
-    Recomputed with botocore's SigV4Auth over exactly the headers the signature names."""
+                 secrets: dict[str, str]) -> tuple[str | None, str]:
+    """(access key id, "") when the request is signed with the secret `secrets` holds for its key;
+    (key or None, why) otherwise. Recomputed with botocore's SigV4Auth over exactly the headers the
+    signature names (the session token among them, when there is one)."""
     match = _AUTHORIZATION.fullmatch(headers.get("authorization", ""))
     if match is None:
         return None, "no SigV4 Authorization header"
     akid, date, region, service, signed, signature = match.groups()
-    creds = known.get(akid)
-    if creds is None:
+    secret = secrets.get(akid)
+    if secret is None:
         return akid, "unknown access key"
     if service != "kms" or not headers.get("x-amz-date", "").startswith(date):
         return akid, "bad scope"
-    if headers.get("x-amz-security-token") != creds.token:
-        return akid, "wrong session token"
     names = signed.split(";")
     if "host" not in names or any(n not in headers for n in names):
         return akid, "a signed header is missing"
+    if "x-amz-security-token" in headers and "x-amz-security-token" not in names:
+        return akid, "the session token is not signed"
     request = AWSRequest(method=method, url=f"http://{headers['host']}{path}", data=body,
                          headers={n: headers[n] for n in names})
     request.context["timestamp"] = headers["x-amz-date"]
-    signer = SigV4Auth(ReadOnlyCredentials(akid, creds.secret_access_key, creds.token), "kms", region)
+    signer = SigV4Auth(ReadOnlyCredentials(akid, secret, headers.get("x-amz-security-token")), "kms", region)
     expected = signer.signature(signer.string_to_sign(request, signer.canonical_request(request)), request)
     return (akid, "") if expected == signature else (akid, "signature does not match")
 
@@ -148,6 +149,10 @@ class FakeKms:
     seals Recipient answers to the document's key; `mode` breaks answers on purpose."""
 
     valid: dict[str, Creds] = field(default_factory=lambda: {INSTANCE.access_key_id: INSTANCE})
+    #: (access key id, session token) → still valid? Default: `valid` holds that key with that token.
+    accept: Callable[[str, str | None], bool] | None = None
+    secrets: dict[str, str] = field(default_factory=lambda: {c.access_key_id: c.secret_access_key
+                                                             for c in (INSTANCE, ROTATED, APP)})
     public_key_of: Callable[[bytes], bytes] = fake_public_key
     mode: str = "ok"  # ok | no-cfr | garbage-cms | bad-json | denied | silent | big
     seen: list[Seen] = field(default_factory=list)
@@ -191,12 +196,14 @@ class FakeKms:
 
     def answer(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes, str]:
         action = wire.action_of(headers.get("x-amz-target", ""))
-        akid, problem = verify_sigv4("POST", path, headers, body, {**self.valid, **{c.access_key_id: c for c in
-                                                                                   (INSTANCE, ROTATED, APP)}})
+        akid, problem = verify_sigv4("POST", path, headers, body, self.secrets)
         self.seen.append(Seen(headers, body, action, akid, problem))
         if problem:
             return 400, wire.error_body("InvalidSignatureException", problem), ""
-        if akid not in self.valid:
+        assert akid is not None
+        token = headers.get("x-amz-security-token")
+        if not (self.accept(akid, token) if self.accept is not None else
+                akid in self.valid and self.valid[akid].token == token):
             return 400, wire.error_body("ExpiredTokenException", "The security token included in the request is "
                                                                  "expired"), ""
         if self.mode == "denied":

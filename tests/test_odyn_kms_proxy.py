@@ -8,8 +8,10 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,9 @@ from kms_proxy_fakes import (
 
 from enclaver_rules.attestation.nsm_messages import NsmError
 from enclaver_rules.kms import cms
+from enclaver_rules.kms.credentials import ImdsCredentials
+from enclaver_rules.kms.imds import Identity, LocalImds
+from enclaver_rules.kms.imds import serve as serve_imds
 from enclaver_rules.manifest import KmsEndpoint
 from odyn import kms_proxy, kms_rewrite
 from odyn.http_head import parse_head
@@ -89,7 +94,8 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running(tmp_path: Path, *, allow: tuple[str, ...] = ("127.0.0.1",), endpoint: str | None = None,
-                  kms: FakeKms | None = None, nsm: FakeNsm | None = None, credentials: FakeCredentials | None = None,
+                  kms: FakeKms | None = None, nsm: FakeNsm | None = None,
+                  credentials: FakeCredentials | Callable[[int], Any] | None = None,
                   tls: bool = False, **options: Any) -> AsyncIterator[Stack]:
     server_tls = client_tls = None
     if tls:
@@ -100,6 +106,8 @@ async def running(tmp_path: Path, *, allow: tuple[str, ...] = ("127.0.0.1",), en
     egress_port, servers = await egress_stack(tmp_path, list(allow))
     where = KmsEndpoint.parse(endpoint or (f"127.0.0.1:{kms.port}" if tls else f"http://127.0.0.1:{kms.port}"))
     lines: list[str] = []
+    if callable(credentials):  # made with the egress proxy's port
+        credentials = credentials(egress_port)
     proxy = KmsProxy(nsm or FakeNsm(), credentials or FakeCredentials(INSTANCE), lambda region: where,
                      ("127.0.0.1", egress_port), ssl_context=client_tls, log=lines.append, **options)
     proxy.start()
@@ -188,7 +196,7 @@ def test_the_fake_kms_refuses_a_forged_signature() -> None:
                "authorization": f"AWS4-HMAC-SHA256 Credential={INSTANCE.access_key_id}/20260101/us-east-1/kms/"
                                 "aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-security-token;"
                                 "x-amz-target, Signature=" + "0" * 64}
-    assert verify_sigv4("POST", "/", headers, b"{}", {INSTANCE.access_key_id: INSTANCE}) == (
+    assert verify_sigv4("POST", "/", headers, b"{}", {INSTANCE.access_key_id: INSTANCE.secret_access_key}) == (
         INSTANCE.access_key_id, "signature does not match")
 
 
@@ -277,6 +285,80 @@ def test_expired_credentials_are_refreshed_once_and_the_call_retried(tmp_path: P
         assert credentials.refreshes == 2 and len(s.kms.seen) == 4
 
     run(tmp_path, body, credentials=credentials, kms=FakeKms(valid={ROTATED.access_key_id: ROTATED}))
+
+
+@contextlib.contextmanager
+def local_imds(clock: Callable[[], datetime]) -> Iterator[tuple[LocalImds, str]]:
+    """`enclaver imds serve`'s server, in a thread, on a clock the test moves."""
+    imds = LocalImds("enclave-role", Identity(INSTANCE.access_key_id, INSTANCE.secret_access_key), clock=clock)
+    server = serve_imds(imds)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield imds, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class WallClock:
+    """Now, plus however far the test has moved it."""
+
+    def __init__(self) -> None:
+        self.ahead = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.ahead
+
+
+def test_credentials_from_imds_through_egress_are_refreshed_before_they_expire(tmp_path: Path) -> None:
+    """The real IMDSv2 client and the local IMDS, both on the test's clock; KMS takes only the token
+    IMDS currently hands out."""
+    clock = WallClock()
+    with local_imds(clock) as (imds, url):
+        kms = FakeKms(accept=lambda akid, token: token == imds.credentials()["Token"])
+
+        async def body(s: Stack) -> None:
+            await s.call("decrypt", CiphertextBlob=b"blob")
+            clock.ahead = timedelta(minutes=51)  # under 10 of the set's 60 minutes left: it must be renewed first
+            await s.call("decrypt", CiphertextBlob=b"blob")
+            first, second = (seen.headers["x-amz-security-token"] for seen in s.kms.seen)
+            assert first != second and [seen.access_key for seen in s.kms.seen] == [INSTANCE.access_key_id] * 2
+            assert s.lines == []  # renewed before use: KMS never refused a set
+
+        run(tmp_path, body, kms=kms, credentials=lambda port: ImdsCredentials(url, proxy=("127.0.0.1", port),
+                                                                               clock=clock))
+
+
+def test_credentials_imds_rotated_early_are_refreshed_when_kms_refuses_them(tmp_path: Path) -> None:
+    clock = WallClock()
+    with local_imds(clock) as (imds, url):
+        kms = FakeKms(accept=lambda akid, token: token == imds.credentials()["Token"])
+
+        async def body(s: Stack) -> None:
+            await s.call("decrypt", CiphertextBlob=b"blob")
+            clock.ahead = timedelta(minutes=31)  # IMDS has a new set; the client, 29 minutes from expiry, has no reason to ask
+            answer = await s.call("generate_data_key", KeyId="k", KeySpec="AES_256")
+            assert answer["Plaintext"] == PLAINTEXTS["GenerateDataKey"]
+            tokens = [seen.headers["x-amz-security-token"] for seen in s.kms.seen]
+            assert tokens[0] == tokens[1] != tokens[2] and len(tokens) == 3
+            assert s.lines == ["odyn: KMS proxy: KMS refused the instance's credentials (ExpiredTokenException); "
+                               "fetched new ones from IMDS and retried once"]
+
+        run(tmp_path, body, kms=kms, credentials=lambda port: ImdsCredentials(url, proxy=("127.0.0.1", port),
+                                                                               clock=clock))
+
+
+def test_imds_the_egress_policy_denies_is_503_naming_it(tmp_path: Path) -> None:
+    with local_imds(WallClock()) as (_, url):
+        async def body(s: Stack) -> None:
+            error = await s.fails("decrypt", CiphertextBlob=b"blob")
+            assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+            assert "no AWS credentials from the instance metadata service" in error.response["Error"]["Message"]
+            assert s.kms.seen == [] and len(s.lines) == 1
+
+        imds_at = url.replace("127.0.0.1", "localhost")  # allowed is 127.0.0.1, not the name
+        run(tmp_path, body, credentials=lambda port: ImdsCredentials(imds_at, proxy=("127.0.0.1", port)))
 
 
 def test_no_credentials_from_imds_is_503(tmp_path: Path) -> None:
