@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,10 +39,15 @@ from enclaver_rules.kms.credentials import ImdsCredentials
 from enclaver_rules.kms.imds import Identity, LocalImds
 from enclaver_rules.kms.imds import serve as serve_imds
 from enclaver_rules.manifest import KmsEndpoint
+from enclaver_rules.policy import EgressPolicy
+from enclaver_rules.runtime.egress_host import HostEgress
 from odyn import kms_proxy, kms_rewrite
 from odyn.http_head import parse_head
 from odyn.kms_proxy import KeyRing, KmsProxy, RecipientKey, new_key
 from odyn.kms_rewrite import ProxyError
+from odyn.supervisor import EXIT_FATAL, Supervisor
+from odyn.transport import UnixTransport
+from services import free_port
 
 LIMIT = 30.0
 REGION = "us-east-1"
@@ -590,3 +596,94 @@ def test_concurrent_first_calls_share_one_key() -> None:
         assert serialization.load_der_public_key(keys[0].spki).key_size == 2048  # type: ignore[union-attr]
 
     asyncio.run(main())
+
+
+# -- through the supervisor ---------------------------------------------------------------------------
+
+APP_USES_KMS = r"""
+import os, sys, boto3
+from botocore.config import Config
+# no endpoint_url: botocore >= 1.31 reads AWS_ENDPOINT_URL_KMS, which odyn set
+kms = boto3.client("kms", config=Config(retries={"total_max_attempts": 1}))
+plaintext = kms.decrypt(CiphertextBlob=b"blob")["Plaintext"]
+pair = kms.generate_data_key_pair(KeyId="k", KeyPairSpec="RSA_2048")
+print("kms:", kms.meta.endpoint_url, os.environ["AWS_KMS_ENDPOINT"], plaintext.decode(),
+      pair["PrivateKeyPlaintext"].hex(), flush=True)
+"""
+
+
+def _kms_manifest(tmp_path: Path, kms_port: int, egress_port: int, proxy_port: int) -> Path:
+    config = tmp_path / "cfg"
+    config.mkdir()
+    (config / "enclaver.yaml").write_text(
+        "version: v1\nname: app\ntarget: t\nsources: {app: a}\n"
+        f"egress:\n  proxy_port: {egress_port}\n  allow: [169.254.169.254, 127.0.0.1]\n"
+        f"kms_proxy:\n  listen_port: {proxy_port}\n  endpoints:\n    us-east-1: http://127.0.0.1:{kms_port}\n")
+    (tmp_path / "vsock").mkdir()
+    return config / "enclaver.yaml"
+
+
+APP_ENV = {"PATH": "/usr/bin:/bin", "AWS_ACCESS_KEY_ID": APP.access_key_id, "AWS_SECRET_ACCESS_KEY": APP.secret_access_key,
+           "AWS_DEFAULT_REGION": REGION, "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+
+
+def test_an_app_in_the_enclave_uses_plain_boto3_through_odyns_kms_proxy(tmp_path: Path) -> None:
+    """odyn's supervisor as in an enclave: egress (the test is the host side), the local IMDS behind it,
+    an NSM, a KMS; the app is unchanged boto3 code with dummy credentials and no endpoint_url."""
+    nsm = FakeNsm()
+    egress_port, proxy_port = free_port(), free_port()
+
+    async def main(url: str) -> tuple[int, bytes, FakeKms]:
+        kms = await FakeKms().start()
+        kms.accept = lambda akid, token: akid == INSTANCE.access_key_id
+        config = _kms_manifest(tmp_path, kms.port, egress_port, proxy_port)
+        host = await HostEgress(EgressPolicy.from_lists(["169.254.169.254", "127.0.0.1"], []),
+                                UnixTransport(tmp_path / "vsock", 2)).serve()
+        supervisor = Supervisor(UnixTransport(tmp_path / "vsock", 16), linger=0, flush=1, nsm=lambda: nsm, imds=url)
+        try:
+            code = await asyncio.wait_for(supervisor.run([sys.executable, "-c", APP_USES_KMS], dict(APP_ENV),
+                                                         str(config)), 90)
+        finally:
+            host.close()
+            kms.close()
+        data, _, _ = supervisor._ring.read(0)
+        return code, data, kms
+
+    with local_imds(lambda: datetime.now(UTC)) as (_, url):
+        code, logs, kms = asyncio.run(main(url))
+    assert code == 0, logs.decode()
+    endpoint = f"http://127.0.0.1:{proxy_port}"
+    assert (f"odyn: KMS proxy on {endpoint} (AWS_ENDPOINT_URL_KMS, AWS_KMS_ENDPOINT), credentials from {url} "
+            "through egress\n").encode() in logs
+    assert f"kms: {endpoint} {endpoint} the decrypted secret {PLAINTEXTS['GenerateDataKeyPair'].hex()}\n".encode() in logs
+    assert [seen.action for seen in kms.seen] == ["Decrypt", "GenerateDataKeyPair"]
+    assert all(seen.access_key == INSTANCE.access_key_id and not seen.signature_problem for seen in kms.seen)
+    assert len(nsm.calls) == 2
+
+
+def test_a_kms_proxy_without_an_nsm_is_fatal_before_the_app_starts(tmp_path: Path) -> None:
+    config = _kms_manifest(tmp_path, 1, free_port(), 9999)
+    marker = tmp_path / "app-ran"
+
+    async def main() -> tuple[int, Any]:
+        supervisor = Supervisor(UnixTransport(tmp_path / "vsock", 16), linger=0, flush=1, nsm=lambda: None)
+        code = await asyncio.wait_for(supervisor.run([sys.executable, "-c", f"open({str(marker)!r}, 'w')"],
+                                                     dict(APP_ENV), str(config)), 60)
+        return code, supervisor.status
+
+    code, status = asyncio.run(main())
+    assert code == EXIT_FATAL and not marker.exists() and status.state == "fatal"
+    assert str(status.error).startswith("the manifest turns on the KMS proxy (kms_proxy.listen_port 9999) but no NSM "
+                                        "is available: there is no /dev/nsm")
+
+
+def test_the_imds_flag_defaults_to_the_sdk_variable_then_the_link_local_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    from odyn.__main__ import parse
+
+    monkeypatch.delenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", raising=False)
+    assert parse(["--", "true"]).imds == "http://169.254.169.254"
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:8111/")
+    assert parse(["--", "true"]).imds == "http://127.0.0.1:8111/"
+    assert parse(["--imds", "http://imds.test", "--", "true"]).imds == "http://imds.test"
+    with pytest.raises(SystemExit):
+        parse(["--imds", "https://imds.test", "--", "true"])
