@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
+import subprocess
 import sys
+import tarfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,18 +36,26 @@ from kms_proxy_fakes import (
     tls_pair,
 )
 
+from enclaver_rules.attestation import verify
 from enclaver_rules.attestation.nsm_messages import NsmError
 from enclaver_rules.kms import cms
 from enclaver_rules.kms.credentials import ImdsCredentials
 from enclaver_rules.kms.imds import Identity, LocalImds
 from enclaver_rules.kms.imds import serve as serve_imds
 from enclaver_rules.manifest import KmsEndpoint
+from enclaver_rules.oci.digest import Digest
+from enclaver_rules.oci.store import Store
+from enclaver_rules.oci.transfer import load_stored
+from enclaver_rules.odyn_image.image import DEFAULT_TAG, ODYN_PATH
 from enclaver_rules.policy import EgressPolicy
 from enclaver_rules.runtime.egress_host import HostEgress
+from enclaver_rules.runtime.sim_nsm import CertificateAuthority, SimulatedNsm
+from enclaver_rules.runtime.sim_nsm import serve as serve_nsm
 from odyn import kms_proxy, kms_rewrite
 from odyn.http_head import parse_head
 from odyn.kms_proxy import KeyRing, KmsProxy, RecipientKey, new_key
 from odyn.kms_rewrite import ProxyError
+from odyn.nsm import NsmClient
 from odyn.supervisor import EXIT_FATAL, Supervisor
 from odyn.transport import UnixTransport
 from services import free_port
@@ -687,3 +698,92 @@ def test_the_imds_flag_defaults_to_the_sdk_variable_then_the_link_local_address(
     assert parse(["--imds", "http://imds.test", "--", "true"]).imds == "http://imds.test"
     with pytest.raises(SystemExit):
         parse(["--imds", "https://imds.test", "--", "true"])
+
+
+# -- the simulated NSM, and odyn's static binary --------------------------------------------------------
+
+MEASURED = {0: bytes([0xA0]) * 48, 1: bytes([0xA1]) * 48, 2: bytes([0xA2]) * 48, 8: bytes([0xA8]) * 48}
+
+
+def _verified_public_key(ca: CertificateAuthority, pcrs: dict[int, bytes]) -> Callable[[bytes], bytes]:
+    """What the fake KMS does with a document: verify it against the simulator's root, require the
+    measurements and a public key, and seal to that key."""
+    def public_key_of(document: bytes) -> bytes:
+        report = verify.verify(document, roots=[ca.root.certificate], at=datetime.now(UTC), expect_pcrs=pcrs)
+        assert report.ok and report.document is not None, report.failure
+        assert report.document.nonce is None and report.document.user_data is None
+        assert report.document.public_key is not None
+        return report.document.public_key
+
+    return public_key_of
+
+
+def test_documents_from_the_simulated_nsm_verify_and_bind_the_proxys_key(tmp_path: Path) -> None:
+    ca = CertificateAuthority.open(tmp_path / "ca")
+    client = NsmClient(_Direct(SimulatedNsm(ca, MEASURED)))
+
+    async def body(s: Stack) -> None:
+        assert (await s.call("decrypt", CiphertextBlob=b"blob"))["Plaintext"] == PLAINTEXTS["Decrypt"]
+        assert (await s.call("generate_random", NumberOfBytes=32))["Plaintext"] == b"\x07" * 32
+        documents = [verify.decode(_document_key(s, i)).document for i in range(2)]
+        assert documents[0].public_key == documents[1].public_key == s.proxy.keys.current.spki  # type: ignore[union-attr]
+        assert documents[0].timestamp <= documents[1].timestamp and _document_key(s, 0) != _document_key(s, 1)
+
+    run(tmp_path, body, nsm=client, kms=FakeKms(public_key_of=_verified_public_key(ca, MEASURED)))
+
+
+class _Direct:
+    def __init__(self, nsm: SimulatedNsm) -> None:
+        self.nsm = nsm
+
+    def request(self, body: bytes) -> bytes:
+        return self.nsm.handle(body)
+
+
+def test_odyns_static_binary_serves_the_kms_proxy(tmp_path: Path, odyn_cache: Path) -> None:
+    """The binary as built (botocore cut down to its signer by our PyInstaller hook, certifi's bundle,
+    cryptography's native module): the simulated NSM on its socket, the local IMDS, an unchanged boto3 app."""
+    from test_odyn_image import _record
+    from test_odyn_supervisor import ENCLAVE_CID, collect
+
+    store = Store(odyn_cache)
+    image = load_stored(store, DEFAULT_TAG, Digest.parse(str(_record(odyn_cache)["digest"])))
+    with tarfile.open(fileobj=io.BytesIO(store.read(image.manifest.layers[0].digest))) as tar:
+        member = tar.extractfile(ODYN_PATH.lstrip("/"))
+        assert member is not None
+        binary = tmp_path / "odyn"
+        binary.write_bytes(member.read())
+    binary.chmod(0o755)
+    ca = CertificateAuthority.open(tmp_path / "ca")
+    egress_port, proxy_port = free_port(), free_port()
+
+    async def main(url: str) -> tuple[int, list[dict[str, object]], bytes, FakeKms]:
+        kms = await FakeKms(public_key_of=_verified_public_key(ca, MEASURED)).start()
+        kms.accept = lambda akid, token: akid == INSTANCE.access_key_id
+        config = _kms_manifest(tmp_path, kms.port, egress_port, proxy_port)
+        nsm_server = await serve_nsm(SimulatedNsm(ca, MEASURED), tmp_path / "nsm.sock")
+        host = await HostEgress(EgressPolicy.from_lists(["169.254.169.254", "127.0.0.1"], []),
+                                UnixTransport(tmp_path / "vsock", 2)).serve()
+        odyn = subprocess.Popen(
+            [str(binary), "--transport", f"unix:{tmp_path / 'vsock'}", "--cid", str(ENCLAVE_CID), "--linger", "1",
+             "--no-bootstrap", "--config-dir", str(config.parent), "--nsm", f"unix:{tmp_path / 'nsm.sock'}",
+             "--imds", url, "--", sys.executable, "-c", APP_USES_KMS],
+            env={**APP_ENV, "TMPDIR": str(tmp_path)})
+        try:
+            lines, logs = await asyncio.wait_for(collect(tmp_path / "vsock"), 120)
+            code = await asyncio.to_thread(odyn.wait, 60)
+        finally:
+            if odyn.poll() is None:
+                odyn.kill()
+            for server in (host, nsm_server):
+                server.close()
+            kms.close()
+        return code, lines, logs, kms
+
+    with local_imds(lambda: datetime.now(UTC)) as (_, url):
+        code, lines, logs, kms = asyncio.run(main(url))
+    assert code == 0 and lines[-1] == {"status": "exited", "code": 0}, logs.decode()
+    endpoint = f"http://127.0.0.1:{proxy_port}"
+    assert f"kms: {endpoint} {endpoint} the decrypted secret {PLAINTEXTS['GenerateDataKeyPair'].hex()}\n".encode() in logs
+    assert [seen.action for seen in kms.seen] == ["Decrypt", "GenerateDataKeyPair"]
+    assert all(seen.access_key == INSTANCE.access_key_id and not seen.signature_problem for seen in kms.seen)
