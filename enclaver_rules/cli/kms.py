@@ -11,7 +11,6 @@ import re
 import signal
 import threading
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 from enclaver_rules.cli.exit_codes import ExitCode
@@ -78,7 +77,8 @@ def parse_identity(value: str) -> Identity:
 
     access_key, _, rest = value.partition(":")
     secret, _, principal = rest.partition("=")
-    fix = "ACCESS_KEY_ID:SECRET_ACCESS_KEY=PRINCIPAL_ARN, e.g. AKIDEXAMPLE:secret=arn:aws:iam::111122223333:role/Admin"
+    fix = ("give the access key id, a colon, the secret access key, an equals sign, then the principal's ARN "
+           "(arn:aws:iam::111122223333:role/Admin)")
     if not _ACCESS_KEY.fullmatch(access_key):
         raise InvalidInput(f"the access key id {access_key[:40]!r} is not 3..128 letters, digits or _",
                            field="--identity", fix=fix)
@@ -139,15 +139,13 @@ def run_serve(args: argparse.Namespace, out: Output) -> int:
                                   field="--port") from None
         host, port = str(server.server_address[0]), int(server.server_address[1])
         endpoint = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-        stop = threading.Event()
-
-        def on_signal(number: int, frame: FrameType | None) -> None:
-            stop.set()
-
-        previous = {number: signal.signal(number, on_signal) for number in (signal.SIGTERM, signal.SIGINT)}
+        # SIGTERM and SIGINT are blocked in every thread (the server's threads inherit the mask) and
+        # taken here with sigwait: a handler would run only when the signal lands on the main thread
+        signals = {signal.SIGTERM, signal.SIGINT}
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         worker = threading.Thread(target=server.serve_forever, name="kms-http", daemon=True)
-        worker.start()
         try:
+            worker.start()
             out.stdout.write(f"ready {endpoint} region={args.region} account={args.account} "
                              f"identities={','.join(identities) or '-'} "
                              f"roots={','.join('sha256:' + fingerprint(c) for c, _ in roots) or '-'} "
@@ -159,13 +157,14 @@ def run_serve(args: argparse.Namespace, out: Output) -> int:
                 out.note(f"trusting attestation root {fingerprint(cert)} ({source})")
             out.note(f"local KMS for {args.account} in {args.region} at {endpoint}, {len(store.all())} key(s) in "
                      f"{store.directory}; until SIGTERM or Ctrl-C")
-            while not stop.wait(3600):
-                pass
+            signal.sigwait(signals)
         finally:
-            server.shutdown()
+            if worker.is_alive():
+                server.shutdown()  # blocks until serve_forever returns: only when it runs
             server.server_close()
             worker.join(10)
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+            while signal.sigtimedwait(signals, 0) is not None:  # a second signal: consumed, not re-raised
+                pass
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     out.note("stopped")
     return ExitCode.OK

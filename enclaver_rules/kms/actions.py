@@ -17,12 +17,9 @@ document's RSA key) with the plaintext member left out (the model says "null or 
 here). A document that fails verification is a ValidationException (the code real KMS uses is
 UNCONFIRMED, notes §7.4) and never yields plaintext.
 
-`CiphertextBlob` is this KMS's own format (KMS's is opaque, notes §6.3): `ELKM`, a version byte, the
-key id (length-prefixed), a 12-byte nonce, then AES-256-GCM under the key's material, whose
-associated data is everything before the nonce plus the encryption context as sorted compact JSON
-(so the context is order-free and bound). A blob that does not parse, names a key not held here,
-fails its tag or is opened with another context: InvalidCiphertextException; a blob of another key
-than the KeyId given: IncorrectKeyException.
+`CiphertextBlob` is this KMS's own format (`ciphertext`). A blob that does not parse, names a key not
+held here, fails its tag or is opened with another encryption context: InvalidCiphertextException; a
+blob of another key than the KeyId given: IncorrectKeyException.
 """
 
 from __future__ import annotations
@@ -32,25 +29,20 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclaver_rules.attestation.verify import verify
-from enclaver_rules.kms import cms, shapes
+from enclaver_rules.kms import ciphertext, recipient, shapes
 from enclaver_rules.kms.keystore import GrantRecord, Key, KeyStore
-from enclaver_rules.kms.wire import KEY_ENCRYPTION_ALGORITHM, RECIPIENT_ACTIONS, ServiceError
+from enclaver_rules.kms.recipient import Attested
+from enclaver_rules.kms.wire import ServiceError
 from enclaver_rules.policy import kms as policy
 
-MAGIC = b"ELKM"
-BLOB_VERSION = 1
-NONCE = 12
 SYMMETRIC = "SYMMETRIC_DEFAULT"
 ECC_CURVES: Mapping[str, Callable[[], ec.EllipticCurve]] = {
     "ECC_NIST_P256": ec.SECP256R1, "ECC_NIST_P384": ec.SECP384R1, "ECC_NIST_P521": ec.SECP521R1}
@@ -88,12 +80,6 @@ def loads(text: str | bytes) -> Any:
 class Caller:
     principal: str  # the ARN the caller acts as
     access_key: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Attested:
-    pcrs: Mapping[int, bytes]
-    public_key: bytes  # DER SPKI, RSA ≥ 2048 bits
 
 
 class LocalKms:
@@ -166,66 +152,33 @@ class LocalKms:
     # --- Recipient -------------------------------------------------------------------------------
 
     def _attested(self, params: Mapping[str, Any]) -> Attested | None:
-        recipient = params.get("Recipient")
-        if recipient is None:
-            return None
-        algorithm = recipient.get("KeyEncryptionAlgorithm")
-        document = recipient.get("AttestationDocument")
-        if algorithm != KEY_ENCRYPTION_ALGORITHM:
-            raise ServiceError("ValidationException", f"Recipient.KeyEncryptionAlgorithm must be "
-                                                      f"{KEY_ENCRYPTION_ALGORITHM}, not {algorithm!r}")
-        if document is None:
-            raise ServiceError("ValidationException", "Recipient.AttestationDocument is required with a Recipient")
-        report = verify(document, roots=self.roots, at=datetime.fromtimestamp(self.clock(), UTC))
-        failure = report.failure
-        if failure is not None or report.document is None:
-            detail = f"{failure.name}: {failure.detail}" if failure else "not decoded"
-            raise ServiceError("ValidationException", f"Recipient.AttestationDocument is not a valid attestation "
-                                                      f"document from a trusted root ({detail})")
-        public_key = report.document.public_key
-        if not public_key:
-            raise ServiceError("ValidationException", "Recipient.AttestationDocument carries no public_key: the "
-                                                      "enclave must put its RSA public key (DER SPKI) in it")
-        try:
-            cms.load_recipient_key(public_key)
-        except cms.CmsError as e:
-            raise ServiceError("ValidationException", f"Recipient.AttestationDocument public_key: {e}") from None
-        return Attested(dict(report.document.pcrs), public_key)
+        return recipient.attested(params.get("Recipient"), self.roots, datetime.fromtimestamp(self.clock(), UTC))
 
-    @staticmethod
-    def _answer(action: str, result: dict[str, Any], secret: bytes, attested: Attested | None) -> dict[str, Any]:
-        """`secret` in the action's plaintext member, or sealed for the attested enclave."""
-        if attested is None:
-            result[RECIPIENT_ACTIONS[action]] = secret
-        else:
-            result["CiphertextForRecipient"] = cms.build_enveloped(secret, attested.public_key)
-        return result
+    _answer = staticmethod(recipient.answer)
 
     # --- the ciphertext blob ---------------------------------------------------------------------
 
-    def _seal(self, key: Key, plaintext: bytes, context: Mapping[str, str] | None) -> bytes:
-        head = MAGIC + bytes([BLOB_VERSION, len(key.key_id)]) + key.key_id.encode()
-        nonce = os.urandom(NONCE)
-        return head + nonce + AESGCM(key.material).encrypt(nonce, plaintext, head + _canonical(context))
+    @staticmethod
+    def _seal(key: Key, plaintext: bytes, context: Mapping[str, str] | None) -> bytes:
+        return ciphertext.seal(key.key_id, key.material, plaintext, context)
 
     def _unseal(self, blob: bytes, context: Mapping[str, str] | None, key_id: str | None, caller: Caller,
                 iam_action: str, attested: Attested | None = None) -> tuple[Key, bytes]:
-        if len(blob) < 6 or blob[:4] != MAGIC or blob[4] != BLOB_VERSION or len(blob) < 6 + blob[5] + NONCE + 16:
-            raise ServiceError("InvalidCiphertextException", "the ciphertext was not made by this local KMS")
-        size = blob[5]
-        head, nonce, body = blob[:6 + size], blob[6 + size:6 + size + NONCE], blob[6 + size + NONCE:]
-        owner = self.store.get(head[6:].decode("ascii", "replace"))
+        try:
+            parsed = ciphertext.parse(blob)
+        except ciphertext.InvalidCiphertext as e:
+            raise ServiceError("InvalidCiphertextException", str(e)) from None
+        owner = self.store.get(parsed.key_id)
         if owner is None:
             raise ServiceError("InvalidCiphertextException", "the ciphertext names a key this local KMS does not hold")
         if key_id is not None and self._key(key_id).key_id != owner.key_id:
             raise ServiceError("IncorrectKeyException", f"The key ID in the request does not identify the key that "
                                                         f"encrypted the ciphertext ({owner.arn})")
-        self._authorize(owner, iam_action, caller, attested)
+        self._authorize(owner, iam_action, caller, attested)  # before the tag is checked: no oracle for strangers
         try:
-            return owner, AESGCM(owner.material).decrypt(nonce, body, head + _canonical(context))
-        except InvalidTag:
-            raise ServiceError("InvalidCiphertextException", "the ciphertext was altered, or the encryption context "
-                                                             "differs from the one it was encrypted with") from None
+            return owner, ciphertext.unseal(parsed, owner.material, context)
+        except ciphertext.InvalidCiphertext as e:
+            raise ServiceError("InvalidCiphertextException", str(e)) from None
 
     # --- management ------------------------------------------------------------------------------
 
@@ -309,7 +262,7 @@ class LocalKms:
         self._authorize(key, "kms:PutKeyPolicy", caller)
         _policy_name(p)
         self._check_policy(p["Policy"], caller, key.arn, p.get("BypassPolicyLockoutSafetyCheck", False))
-        self.store.update(key.key_id, policy=p["Policy"])
+        self.store.update(key.key_id, lambda k: replace(k, policy=p["Policy"]))
         return {}
 
     def _GetKeyPolicy(self, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -327,7 +280,7 @@ class LocalKms:
         self._dry_run(p)
         grant_id = os.urandom(32).hex()
         record = _grant(grant_id, p, caller, self.clock())
-        self.store.update(key.key_id, grants=key.grants + (record,))
+        self.store.update(key.key_id, lambda k: replace(k, grants=k.grants + (record,)))
         return {"GrantToken": os.urandom(32).hex(), "GrantId": grant_id}
 
     def _ListGrants(self, p: dict[str, Any], caller: Caller) -> dict[str, Any]:
@@ -345,7 +298,8 @@ class LocalKms:
         if not any(g.grant_id == p["GrantId"] for g in key.grants):
             raise ServiceError("NotFoundException", f"Grant ID {p['GrantId']} not found")
         self._dry_run(p)
-        self.store.update(key.key_id, grants=tuple(g for g in key.grants if g.grant_id != p["GrantId"]))
+        self.store.update(key.key_id, lambda k: replace(k, grants=tuple(g for g in k.grants
+                                                                        if g.grant_id != p["GrantId"])))
         return {}
 
     # --- cryptography ----------------------------------------------------------------------------
@@ -475,9 +429,3 @@ def _symmetric_only(algorithm: str | None) -> None:
     if algorithm not in (None, SYMMETRIC):
         raise ServiceError("InvalidKeyUsageException", f"EncryptionAlgorithm {algorithm}: this local KMS's "
                                                        f"encryption keys are {SYMMETRIC} keys")
-
-
-def _canonical(context: Mapping[str, str] | None) -> bytes:
-    """The encryption context bound into a ciphertext: sorted compact JSON, so order never matters."""
-    return json.dumps(dict(context or {}), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-

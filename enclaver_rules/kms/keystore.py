@@ -17,8 +17,8 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ class KeyStore:
         self.directory = directory
         self._lock_fd: int | None = lock_fd
         self._keys = keys
-        self._mutex = threading.Lock()
+        self._mutex = threading.RLock()  # `update` holds it across its read and its write
 
     @classmethod
     def open(cls, directory: str | os.PathLike[str]) -> KeyStore:
@@ -148,14 +148,16 @@ class KeyStore:
                 f.write(data)
             self._keys[key.key_id] = key
 
-    def update(self, key_id: str, **changes: Any) -> Key:
-        """The key with `changes` applied, stored."""
-        current = self.get(key_id)
-        if current is None:
-            raise KeyError(key_id)
-        new = replace(current, **changes)
-        self.put(new)
-        return new
+    def update(self, key_id: str, change: Callable[[Key], Key]) -> Key:
+        """Replace the key by `change(key)`, read and written under one lock (two grants made at
+        once both stay)."""
+        with self._mutex:
+            current = self._keys.get(key_id)
+            if current is None:
+                raise KeyError(key_id)
+            new = change(current)
+            self.put(new)
+            return new
 
 
 def _prepare(directory: Path) -> None:

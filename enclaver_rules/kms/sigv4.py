@@ -93,7 +93,9 @@ def verify(*, method: str, path: str, headers: Sequence[tuple[str, str]], body: 
     missing = [n for n in names if n not in values]
     if missing:
         raise _error("InvalidSignatureException", f"signed header(s) {', '.join(missing)} missing from the request")
-    stamp = values["x-amz-date"][-1].strip()
+    if any(len(values.get(n, ())) > 1 for n in ("host", "x-amz-date", "x-amz-security-token")):
+        raise _error("IncompleteSignatureException", "Host, X-Amz-Date and X-Amz-Security-Token may each appear once")
+    stamp = values["x-amz-date"][0].strip()
     try:
         signed_at = datetime.strptime(stamp, TIMESTAMP).replace(tzinfo=UTC)
     except ValueError:
