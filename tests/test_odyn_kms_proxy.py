@@ -48,9 +48,11 @@ from enclaver_rules.oci.store import Store
 from enclaver_rules.oci.transfer import load_stored
 from enclaver_rules.odyn_image.image import DEFAULT_TAG, ODYN_PATH
 from enclaver_rules.policy import EgressPolicy
+from enclaver_rules.policy import kms as kms_policy
 from enclaver_rules.runtime.egress_host import HostEgress
 from enclaver_rules.runtime.sim_nsm import CertificateAuthority, SimulatedNsm
 from enclaver_rules.runtime.sim_nsm import serve as serve_nsm
+from kms_helpers import ADMIN, IDENTITIES, PARENT, local_kms
 from odyn import kms_proxy, kms_rewrite
 from odyn.http_head import parse_head
 from odyn.kms_proxy import KeyRing, KmsProxy, RecipientKey, new_key
@@ -787,3 +789,69 @@ def test_odyns_static_binary_serves_the_kms_proxy(tmp_path: Path, odyn_cache: Pa
     assert f"kms: {endpoint} {endpoint} the decrypted secret {PLAINTEXTS['GenerateDataKeyPair'].hex()}\n".encode() in logs
     assert [seen.action for seen in kms.seen] == ["Decrypt", "GenerateDataKeyPair"]
     assert all(seen.access_key == INSTANCE.access_key_id and not seen.signature_problem for seen in kms.seen)
+
+
+# -- the real local KMS -----------------------------------------------------------------------------------
+
+
+def test_against_the_local_kms_a_key_that_requires_the_enclaves_pcrs(tmp_path: Path) -> None:
+    """`enclaver kms serve` enforcing the policy `enclaver trust` writes (PCR0 and PCR8), the local IMDS
+    serving the parent role's keys, the simulated NSM: the measured enclave gets its data key and can
+    decrypt it again; an enclave with another PCR0 is refused, and its refusal passes through as it is."""
+    ca = CertificateAuthority.open(tmp_path / "ca")
+    root = tmp_path / "sim-root.pem"
+    root.write_bytes(ca.root.certificate.public_bytes(serialization.Encoding.PEM))
+    parent_key = next(k for k, (_, arn) in IDENTITIES.items() if arn == PARENT)
+    measurements = {f"PCR{i}": value.hex() for i, value in MEASURED.items()}
+    policy = kms_policy.key_policy(measurements, kms_policy.Trust(admin=ADMIN, principal=PARENT,
+                                                                  pcrs=("PCR0", "PCR8")))
+    other = dict(MEASURED)
+    other[0] = bytes([0xB0]) * 48
+
+    with local_kms(tmp_path / "kms", roots=[root], aws_root=False) as kms, local_imds_for(
+            parent_key, IDENTITIES[parent_key][0]) as imds_url:
+        key_id = kms.client().create_key(Policy=json.dumps(policy))["KeyMetadata"]["KeyId"]
+
+        def credentials(port: int) -> ImdsCredentials:
+            return ImdsCredentials(imds_url, proxy=("127.0.0.1", port))
+
+        measured = NsmClient(_Direct(SimulatedNsm(ca, MEASURED)))
+        changed = NsmClient(_Direct(SimulatedNsm(ca, other)))
+
+        async def enclave(s: Stack) -> None:
+            data_key = await s.call("generate_data_key", KeyId=key_id, KeySpec="AES_256")
+            assert len(data_key["Plaintext"]) == 32
+            again = await s.call("decrypt", CiphertextBlob=data_key["CiphertextBlob"], KeyId=key_id)
+            assert again["Plaintext"] == data_key["Plaintext"] and again["KeyId"].endswith(key_id)
+            pair = await s.call("generate_data_key_pair", KeyId=key_id, KeyPairSpec="RSA_2048")
+            private = serialization.load_der_private_key(pair["PrivateKeyPlaintext"], None)
+            assert private.public_key().public_bytes(  # type: ignore[union-attr]
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) == pair["PublicKey"]
+            sealed.append(data_key["CiphertextBlob"])
+
+        async def impostor(s: Stack) -> None:
+            error = await s.fails("decrypt", CiphertextBlob=sealed[0], KeyId=key_id)
+            assert error.response["Error"]["Code"] == "AccessDeniedException"
+            assert s.lines == []  # a refusal by KMS is not odyn's failure
+
+        sealed: list[bytes] = []
+        for name in ("measured", "changed"):
+            (tmp_path / name).mkdir()
+        run(tmp_path / "measured", enclave, endpoint=kms.endpoint, nsm=measured, credentials=credentials)
+        run(tmp_path / "changed", impostor, endpoint=kms.endpoint, nsm=changed, credentials=credentials)
+        direct = kms.client(parent_key)  # the parent itself, without attestation: refused too
+        with pytest.raises(ClientError, match="AccessDeniedException"):
+            direct.decrypt(CiphertextBlob=sealed[0], KeyId=key_id)
+
+
+@contextlib.contextmanager
+def local_imds_for(access_key_id: str, secret: str) -> Iterator[str]:
+    imds = LocalImds("EnclaveParent", Identity(access_key_id, secret))
+    server = serve_imds(imds)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
