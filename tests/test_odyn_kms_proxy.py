@@ -855,3 +855,16 @@ def local_imds_for(access_key_id: str, secret: str) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_kms_proxy_without_egress_is_refused_with_upstreams_words(tmp_path: Path) -> None:
+    """`manifest check` refuses such a manifest first; odyn checks again, as upstream does at start-up."""
+    from enclaver_rules.errors import EnclaverError
+    from enclaver_rules.manifest import Manifest
+
+    manifest = Manifest.from_data({"version": "v1", "name": "a", "target": "t", "sources": {"app": "a"},
+                                   "kms_proxy": {"listen_port": 9999}})
+    supervisor = Supervisor(UnixTransport(tmp_path, 16), nsm=lambda: FakeNsm())
+    with pytest.raises(EnclaverError, match="KMS proxy is configured but egress is not. Configure egress allow policy "
+                                            "to access the IMDS at 169.254.169.254 and the AWS KMS endpoint"):
+        asyncio.run(supervisor._start_kms_proxy(manifest, lambda handler: handler))
