@@ -865,6 +865,7 @@ def test_a_kms_proxy_without_egress_is_refused_with_upstreams_words(tmp_path: Pa
     manifest = Manifest.from_data({"version": "v1", "name": "a", "target": "t", "sources": {"app": "a"},
                                    "kms_proxy": {"listen_port": 9999}})
     supervisor = Supervisor(UnixTransport(tmp_path, 16), nsm=lambda: FakeNsm())
-    with pytest.raises(EnclaverError, match="KMS proxy is configured but egress is not. Configure egress allow policy "
-                                            "to access the IMDS at 169.254.169.254 and the AWS KMS endpoint"):
+    with pytest.raises(EnclaverError) as refused:
         asyncio.run(supervisor._start_kms_proxy(manifest, lambda handler: handler))
+    assert str(refused.value) == ("KMS proxy is configured but egress is not. Configure egress allow policy to access "
+                                  "the IMDS at 169.254.169.254 and the AWS KMS endpoint")
