@@ -29,7 +29,7 @@ from enclaver_rules.kms.wire import CONTENT_TYPE, TARGET_HEADER, ServiceError, a
 log = logging.getLogger("enclaver.kms")
 
 MAX_BODY = 1 << 20
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 256  # SDK clients keep idle connections (botocore: up to 10 each) for reuse
 IO_TIMEOUT = 30.0  # seconds per socket operation; also how long an idle keep-alive connection is kept
 ACCEPTED_TYPES = (CONTENT_TYPE, "application/x-amz-json-1.0", "application/json")
 
@@ -37,7 +37,7 @@ ACCEPTED_TYPES = (CONTENT_TYPE, "application/x-amz-json-1.0", "application/json"
 class KmsHttpServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 64
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], kms: LocalKms, identities: Mapping[str, Identity],
                  clock: Callable[[], float] = time.time) -> None:
