@@ -8,9 +8,10 @@ import functools
 import os
 import sys
 
+from enclaver_rules.kms.credentials import ImdsCredentials
 from odyn import bringup, nsm, sandbox
 from odyn.logring import DEFAULT_SIZE
-from odyn.supervisor import DEFAULT_FLUSH, DEFAULT_LINGER, EXIT_FATAL, Supervisor, no_bring_up
+from odyn.supervisor import DEFAULT_FLUSH, DEFAULT_IMDS, DEFAULT_LINGER, EXIT_FATAL, Supervisor, no_bring_up
 from odyn.transport import Transport, UnixTransport, VsockTransport
 
 
@@ -33,12 +34,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--nsm", default="auto", metavar="auto|none|device[:PATH]|unix:PATH",
                         help="the NSM the attestation API asks (when the manifest has api:): auto (/dev/nsm when "
                              "present), the device, or a simulated NSM on a Unix socket")
+    parser.add_argument("--imds", metavar="URL", default=os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or DEFAULT_IMDS,
+                        help="the instance metadata service the KMS proxy gets credentials from, through egress "
+                             f"(default: $AWS_EC2_METADATA_SERVICE_ENDPOINT, else {DEFAULT_IMDS}; "
+                             "a local one: `enclaver imds serve`)")
     parser.add_argument("app", nargs=argparse.REMAINDER, help="-- then the app's argv")
     args = parser.parse_args(argv)
     if args.app[:1] == ["--"]:
         args.app = args.app[1:]
     if not args.app:
         parser.error("give the app after --")
+    try:
+        ImdsCredentials(args.imds)  # checks the URL; fetches nothing
+    except ValueError as e:
+        parser.error(f"--imds: {e}")
     if not nsm.valid_spec(args.nsm):
         parser.error(f"--nsm {args.nsm!r}: use auto, none, device, device:PATH or unix:PATH")
     return args
@@ -83,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         supervisor = Supervisor(transport(args.transport, args.cid), args.log_ring_bytes, args.linger,
                                 flush=args.flush_timeout, confine=sandbox.confine_app,
                                 bring_up=no_bring_up if args.no_bootstrap else bring_up,
-                                set_hostname=not args.no_bootstrap, nsm=functools.partial(nsm.open_nsm, args.nsm))
+                                set_hostname=not args.no_bootstrap, nsm=functools.partial(nsm.open_nsm, args.nsm),
+                                imds=args.imds)
         return asyncio.run(supervisor.run(args.app, dict(os.environ), path if os.path.exists(path) else None))
     except OSError as e:
         print(f"odyn: {e}", file=sys.stderr)

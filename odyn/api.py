@@ -11,7 +11,8 @@ upstream HEAD gives it; the block must hold one DER SEQUENCE), or base64 of the 
 as they are. Each field holds at most 1024 bytes once decoded (the NSM's limit); a field given
 twice is refused. `parse_request` is the pure parser: any bytes give a request or an `ApiError`.
 
-The server speaks HTTP/1.1 on 127.0.0.1 only, one request per connection (`Connection: close`).
+The server (`local_http`, shared with the KMS proxy) speaks HTTP/1.1 on 127.0.0.1 only, one request
+per connection (`Connection: close`).
 The request head is read by `http_head` (strict RFC 9112; 431 for a head over 64 KiB or 100
 headers). A query string is ignored (upstream routes on the path alone). Another path gets 404,
 another method on the path 405 with `Allow: POST`, both with a one-line text body (upstream sends
@@ -35,8 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from odyn.connections import Gate, Log, Throttle
-from odyn.http_head import HeadError, HeadReader, Request, absolute_target, reason, request_framing
+from odyn.connections import Gate, Log
+from odyn.http_head import Request, absolute_target
+from odyn.local_http import HttpError, LocalServer, answer, listen, untracked
 from odyn.nsm import NsmError
 from odyn.transport import Handler
 
@@ -47,8 +49,6 @@ MAX_BODY = 16 << 10  # three full fields take under 5 KiB as JSON; the rest is r
 MAX_CONNECTIONS = 64  # each holds at most a 64 KiB head and a 16 KiB body
 REQUEST_TIMEOUT = 10.0  # absolute: from the accept to the last byte of the body (a local client)
 NSM_TIMEOUT = 30.0  # a request's wait for the NSM, its turn included; the driver gives up at 2 minutes
-ANSWER_TIMEOUT = 2.0  # after the answer: how long the client's leftovers are read and dropped
-ANSWER_DRAIN = 64 << 10  # and how many of them at most
 
 
 class Attester(Protocol):
@@ -59,13 +59,8 @@ class Attester(Protocol):
                     public_key: bytes | None = None) -> bytes: ...
 
 
-class ApiError(Exception):
+class ApiError(HttpError):
     """A request the API answers with `status` and `message` (one line of text) instead of a document."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,29 +225,40 @@ def route(request: Request) -> None:
         raise ApiError(405, f"{request.method} is not allowed: {PATH} takes POST")
 
 
-def body_length(request: Request, limit: int = MAX_BODY) -> int:
-    """The body's Content-Length: required, at most `limit`; framing errors as `http_head` finds them."""
-    framing = request_framing(request)
-    if framing.kind != "length":
-        raise ApiError(411, "send the JSON body with Content-Length" +
-                            (" (chunked bodies are not accepted)" if framing.kind == "chunked" else ""))
-    if framing.length > limit:
-        raise ApiError(413, f"the body is {framing.length} bytes; the attestation API takes at most {limit}")
-    return framing.length
+@dataclass
+class NsmTurns:
+    """Attestation documents from a blocking NSM, for asyncio callers: each call in a thread, one
+    at a time (the driver serialises them anyway, and a hung NSM then holds one thread, not the
+    default executor), a caller waiting at most `timeout` for it, its turn included. Errors as
+    `ApiError`: 502 the NSM failed, 504 no answer in time, 500 anything else (an attester's bug)."""
 
+    attester: Attester
+    timeout: float = NSM_TIMEOUT
+    calls: set[asyncio.Task[bytes]] = field(init=False, default_factory=set)
+    _turn: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
 
-def answer(status: int, body: bytes | str, content_type: str = "text/plain; charset=utf-8", *,
-           head_only: bool = False) -> bytes:
-    payload = f"{body}\n".encode("utf-8", "backslashreplace") if isinstance(body, str) else body
-    lines = [f"HTTP/1.1 {status} {reason(status)}", f"Content-Type: {content_type}",
-             f"Content-Length: {len(payload)}"]
-    if status == 405:
-        lines.append("Allow: POST")
-    lines += ["Connection: close", "", ""]
-    return "\r\n".join(lines).encode("ascii") + (b"" if head_only else payload)
+    async def attest(self, request: AttestationRequest) -> bytes:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._turn.acquire()
+                call = asyncio.ensure_future(asyncio.to_thread(
+                    self.attester.attestation, user_data=request.user_data, nonce=request.nonce,
+                    public_key=request.public_key))
+                self.calls.add(call)
+                call.add_done_callback(self._call_done)  # the turn passes on when the thread is done, not before
+                return await asyncio.shield(call)
+        except TimeoutError:
+            raise ApiError(504, f"the NSM did not answer within {self.timeout:g} s") from None
+        except NsmError as e:
+            raise ApiError(502, f"the NSM failed: {e!s:.300}") from None
+        except Exception as e:  # noqa: BLE001 - an attester's bug answers 500 and is logged, odyn stays up
+            raise ApiError(500, f"internal error asking the NSM: {type(e).__name__}: {e!s:.300}") from None
 
-
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+    def _call_done(self, call: asyncio.Task[bytes]) -> None:
+        self.calls.discard(call)
+        self._turn.release()
+        if not call.cancelled():
+            call.exception()  # retrieved: a call whose request timed out is not an unhandled error
 
 
 @dataclass
@@ -263,129 +269,47 @@ class AttestationApi:
     max_connections: int = MAX_CONNECTIONS
     max_body: int = MAX_BODY
     log: Log | None = None  # where lines go; default `odyn.connections.log`
-    gate: Gate = field(init=False)
-    _say: Throttle = field(init=False)
-    _turn: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)  # one NSM call at a time
-    _calls: set[asyncio.Task[bytes]] = field(init=False, default_factory=set)
+    server: LocalServer = field(init=False)
+    _nsm: NsmTurns = field(init=False)
 
     def __post_init__(self) -> None:
-        self.gate = Gate("attestation API", self.max_connections, self.log)
-        self._say = Throttle(self.log)
+        self.server = LocalServer("attestation API", self, self.request_timeout, self.max_connections,
+                                  self.max_body, self.log)
+        self._nsm = NsmTurns(self.attester, self.nsm_timeout)
+
+    @property
+    def gate(self) -> Gate:
+        return self.server.gate
+
+    @property
+    def _calls(self) -> set[asyncio.Task[bytes]]:
+        return self._nsm.calls
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.gate.enter():
-            writer.write(answer(503, f"the attestation API has {self.gate.limit} connections open, its limit"))
-            writer.close()
-            return
-        try:
-            response = await self._exchange(reader, writer)
-            if response is None:
-                writer.transport.abort()
-            else:
-                await _send(reader, writer, response)
-        except Exception as e:  # noqa: BLE001 - the last line: a bug costs one connection and a line, no traceback
-            self._say("internal", f"odyn: attestation API: internal error, connection closed: {type(e).__name__}: {e}")
-            writer.transport.abort()
-        finally:
-            self.gate.leave()
+        await self.server.handle(reader, writer)
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes | None:
-        """The answer to the connection's one request; None when the client left before sending it."""
-        head = HeadReader()
-        request: Request | None = None
-        try:
-            async with asyncio.timeout(self.request_timeout):
-                while request is None:
-                    chunk = await reader.read(8192)
-                    if not chunk:
-                        return None
-                    request = head.feed(chunk)
-                route(request)
-                length = body_length(request, self.max_body)
-                expect = request.header("expect")
-                if expect is not None and expect.lower() != "100-continue":
-                    raise ApiError(417, "the only expectation understood is 100-continue")
-                body = bytearray(head.rest[:length])
-                if expect is not None and len(body) < length and request.version == "HTTP/1.1":
-                    writer.write(CONTINUE)
-                while len(body) < length:
-                    chunk = await reader.read(min(65536, length - len(body)))
-                    if not chunk:
-                        raise ApiError(400, f"the body ended after {len(body)} of its {length} bytes")
-                    body += chunk
-            return await self._attest(parse_request(bytes(body), request.header("content-type")))
-        except TimeoutError:
-            return answer(408, f"the request did not arrive within {self.request_timeout:g} s")
-        except (HeadError, ApiError) as e:
-            return answer(e.status, e.message, head_only=request is not None and request.method == "HEAD")
+    def route(self, request: Request) -> None:
+        route(request)
 
-    async def _attest(self, request: AttestationRequest) -> bytes:
+    def error(self, status: int, message: str, *, head_only: bool = False) -> bytes:
+        return answer(status, message, head_only=head_only)
+
+    async def respond(self, request: Request, body: bytes) -> bytes:
         try:
-            document = await self.attest(request)
+            document = await self.attest(parse_request(body, request.header("content-type")))
         except ApiError as e:
-            self._say(str(e.status), f"odyn: attestation API: {e.message}")
+            if e.status >= 500:
+                self.server.say(str(e.status), f"odyn: attestation API: {e.message}")
             return answer(e.status, e.message)
         return answer(200, document, "application/cbor")
 
     async def attest(self, request: AttestationRequest) -> bytes:
         """The NSM's document for `request`, or ApiError 502 (the NSM failed), 504 (no answer within
         `nsm_timeout`, waiting for its turn included) or 500 (anything else)."""
-        try:
-            async with asyncio.timeout(self.nsm_timeout):
-                await self._turn.acquire()
-                call = asyncio.ensure_future(asyncio.to_thread(
-                    self.attester.attestation, user_data=request.user_data, nonce=request.nonce,
-                    public_key=request.public_key))
-                self._calls.add(call)
-                call.add_done_callback(self._call_done)  # the turn passes on when the thread is done, not before
-                return await asyncio.shield(call)
-        except TimeoutError:
-            raise ApiError(504, f"the NSM did not answer within {self.nsm_timeout:g} s") from None
-        except NsmError as e:
-            raise ApiError(502, f"the NSM failed: {e!s:.300}") from None
-        except Exception as e:  # noqa: BLE001 - an attester's bug answers 500 and is logged, odyn stays up
-            raise ApiError(500, f"internal error asking the NSM: {type(e).__name__}: {e!s:.300}") from None
-
-    def _call_done(self, call: asyncio.Task[bytes]) -> None:
-        self._calls.discard(call)
-        self._turn.release()
-        if not call.cancelled():
-            call.exception()  # retrieved: a call whose request timed out is not an unhandled error
+        return await self._nsm.attest(request)
 
 
-async def _send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> None:
-    """Answer and close cleanly: send, half-close, then read and drop what the client still sends
-    (bounded in time and bytes), so that closing with unread bytes does not turn into a reset that
-    destroys the answer before the client has read it."""
-    clean = False
-    try:
-        writer.write(data)
-        if writer.can_write_eof():
-            writer.write_eof()
-        async with asyncio.timeout(ANSWER_TIMEOUT):
-            await writer.drain()
-            dropped = 0
-            while dropped < ANSWER_DRAIN and (chunk := await reader.read(65536)):
-                dropped += len(chunk)
-            clean = dropped < ANSWER_DRAIN
-    except (TimeoutError, ConnectionError, OSError):
-        pass
-    finally:
-        if clean:
-            writer.close()
-        else:
-            writer.transport.abort()
-
-
-def _untracked(handler: Handler) -> Handler:
-    return handler
-
-
-async def serve(api: AttestationApi, port: int, track: Callable[[Handler], Handler] = _untracked, *,
+async def serve(api: AttestationApi, port: int, track: Callable[[Handler], Handler] = untracked, *,
                 host: str = "127.0.0.1") -> asyncio.AbstractServer:
     """Listen on `host:port` (127.0.0.1: only the enclave's own processes can reach it)."""
-    try:
-        return await asyncio.start_server(track(api.handle), host, port)
-    except OSError as e:
-        raise OSError(e.errno, f"the attestation API cannot listen on {host}:{port}: {e.strerror}") from None
-
+    return await listen(api.handle, "attestation API", port, track, host=host)

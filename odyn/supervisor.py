@@ -20,9 +20,10 @@ import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from enclaver_rules.errors import EnclaverError
-from enclaver_rules.ports import LOGS_PORT, STATUS_PORT
+from enclaver_rules.ports import IMDS_ADDRESS, LOGS_PORT, STATUS_PORT
 from odyn import api, connections, ingress, transparent
 from odyn.bringup import app_environment, set_hostname
 from odyn.connections import Connections
@@ -30,11 +31,15 @@ from odyn.dns import AddressBook
 from odyn.egress import EgressProxy
 from odyn.logring import DEFAULT_SIZE, LogRing
 from odyn.status import Status
-from odyn.transport import Transport
+from odyn.transport import Handler, Transport
+
+if TYPE_CHECKING:
+    from enclaver_rules.manifest import Manifest
 
 EXIT_SIGNALED = 107
 EXIT_FATAL = 108
 DEFAULT_LINGER = 5.0  # seconds readers get to collect the final status and the log's end
+DEFAULT_IMDS = f"http://{IMDS_ADDRESS}"
 DEFAULT_FLUSH = 5.0  # seconds open ingress/egress connections get to deliver what the app left
 
 
@@ -67,7 +72,8 @@ class Supervisor:
     confine: Callable[[], None] | None = None  # runs in the app's process just before exec (no bypass)
     set_hostname: bool = False  # to the manifest's name, when the kernel has none (bring-up)
     resolv_conf: str = transparent.RESOLV_CONF  # rewritten for transparent egress
-    nsm: Callable[[], api.Attester | None] | None = None  # opens the NSM; called once, only for `api:`
+    nsm: Callable[[], api.Attester | None] | None = None  # opens the NSM; called once, for `api:` or `kms_proxy:`
+    imds: str = DEFAULT_IMDS  # the instance metadata service the KMS proxy gets credentials from (via egress)
     status: Status = field(default_factory=lambda: Status("starting"))
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _ring: LogRing = field(init=False)
@@ -76,11 +82,13 @@ class Supervisor:
     _app_status: int | None = None
     _exited: asyncio.Event = field(default_factory=asyncio.Event)
     _servers: list[asyncio.AbstractServer] = field(default_factory=list)  # status and logs
-    _network: list[asyncio.AbstractServer] = field(default_factory=list)  # ingress, egress, attestation API
+    _network: list[asyncio.AbstractServer] = field(default_factory=list)  # ingress, egress, KMS proxy, attestation API
     _datagrams: list[asyncio.DatagramTransport] = field(default_factory=list)  # transparent DNS
-    _connections: Connections = field(default_factory=Connections)  # ingress, egress, attestation API
+    _connections: Connections = field(default_factory=Connections)  # ingress, egress, KMS proxy, attestation API
     _readers: Connections = field(default_factory=Connections)  # of status and logs
     _delivered: set[asyncio.Task[None]] = field(default_factory=set)
+    _nsm: api.Attester | None = None
+    _stops: list[Callable[[], None]] = field(default_factory=list)  # the KMS proxy's worker threads
 
     def __post_init__(self) -> None:
         self._ring = LogRing(self.ring_size)
@@ -179,7 +187,7 @@ class Supervisor:
                 os.killpg(self._app.pid, signum)
 
     async def start_network(self, config: str | None, env: dict[str, str]) -> dict[str, str]:
-        """Egress proxy, ingress listeners and the attestation API from the manifest at `config` (loaded
+        """Egress proxy, ingress listeners, the KMS proxy and the attestation API from the manifest at `config` (loaded
         only now, with the status service up, so a broken manifest is reported); returns the app's
         environment."""
         env = dict(env)
@@ -212,15 +220,45 @@ class Supervisor:
                         "no_proxy": "localhost,127.0.0.1", "NO_PROXY": "localhost,127.0.0.1"})
         for item in manifest.ingress:
             self._network.append(await ingress.serve(self.transport, item.listen_port, track))
+        if manifest.kms_proxy is not None:
+            env.update(await self._start_kms_proxy(manifest, track))
         if manifest.api is not None:
             port = manifest.api.listen_port
-            self._network.append(await api.serve(api.AttestationApi(self._attester(port)), port, track))
+            attester = self._attester(f"the attestation API (api.listen_port {port})")
+            self._network.append(await api.serve(api.AttestationApi(attester), port, track))
             await self.log(f"odyn: attestation API on 127.0.0.1:{port}\n".encode())
         return env
 
-    def _attester(self, port: int) -> api.Attester:
-        """The NSM for the attestation API. Without one odyn fails (fatal) rather than serve an API
-        that can only answer errors: an app that asked for attestation must not run unattested."""
+    async def _start_kms_proxy(self, manifest: Manifest, track: Callable[[Handler], Handler]) -> dict[str, str]:
+        """The KMS proxy on 127.0.0.1:kms_proxy.listen_port; returns the app's variables that point
+        AWS SDKs at it. It reaches IMDS and KMS only through the egress proxy, and attests with the
+        NSM: without either odyn fails (fatal), as upstream does without egress."""
+        assert manifest.kms_proxy is not None
+        port = manifest.kms_proxy.listen_port
+        if not manifest.egress.enabled:
+            raise EnclaverError("KMS proxy is configured but egress is not. Configure egress allow policy to access "
+                                f"the IMDS at {IMDS_ADDRESS} and the AWS KMS endpoint")  # upstream's words
+        attester = self._attester(f"the KMS proxy (kms_proxy.listen_port {port})")
+        from enclaver_rules.kms.credentials import ImdsCredentials
+        from odyn import kms_proxy  # botocore and cryptography load only for enclaves that use the proxy
+
+        egress = ("127.0.0.1", manifest.egress.proxy_port)
+        proxy = kms_proxy.KmsProxy(attester, ImdsCredentials(self.imds, proxy=egress), manifest.kms_proxy.endpoint,
+                                   egress)
+        proxy.start()  # the first recipient key is made in a thread while the app starts
+        self._network.append(await kms_proxy.serve(proxy, port, track))
+        self._stops.append(proxy.close)
+        url = f"http://127.0.0.1:{port}"
+        await self.log(f"odyn: KMS proxy on {url} (AWS_ENDPOINT_URL_KMS, AWS_KMS_ENDPOINT), credentials from "
+                       f"{self.imds} through egress\n".encode())
+        return {"AWS_KMS_ENDPOINT": url, "AWS_ENDPOINT_URL_KMS": url}
+
+    def _attester(self, what: str) -> api.Attester:
+        """The NSM, opened once, for the attestation API and the KMS proxy. Without one odyn fails
+        (fatal) rather than serve what can only answer errors: an app that asked for attestation
+        must not run unattested."""
+        if self._nsm is not None:
+            return self._nsm
         why = "odyn was started without an NSM client"
         if self.nsm is not None:
             try:
@@ -229,10 +267,10 @@ class Supervisor:
                 why = str(e)
             else:
                 if found is not None:
+                    self._nsm = found
                     return found
                 why = "there is no /dev/nsm (outside an enclave, point odyn at a simulated NSM: --nsm unix:PATH)"
-        raise EnclaverError(f"the manifest turns on the attestation API (api.listen_port {port}) but no NSM is "
-                            f"available: {why}")
+        raise EnclaverError(f"the manifest turns on {what} but no NSM is available: {why}")
 
     async def run(self, argv: list[str], env: dict[str, str], config: str | None = None) -> int:
         loop = asyncio.get_running_loop()
@@ -303,6 +341,8 @@ class Supervisor:
         await asyncio.sleep(self.linger)
         for server in self._servers + self._network:
             server.close()
+        for stop in self._stops:
+            stop()
         for datagram in self._datagrams:
             datagram.close()
         await self._readers.drain(self.flush)

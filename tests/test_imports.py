@@ -14,7 +14,7 @@ from conftest import REPO
 #: The KMS modules odyn's static binary stages (kms-recipient notes §2: CMS and the wire shapes shared by
 #: the proxy and the local KMS); the rest of `enclaver_rules/kms` (server, key store, SigV4) are adapters.
 KMS_PURE = ["enclaver_rules/kms/__init__.py", "enclaver_rules/kms/cms.py", "enclaver_rules/kms/wire.py",
-            "enclaver_rules/kms/credentials.py"]
+            "enclaver_rules/kms/credentials.py"]  # the IMDSv2 client odyn's KMS proxy signs with (stdlib only)
 PURE = ["enclaver_rules/policy", "enclaver_rules/manifest", "enclaver_rules/attestation", "enclaver_rules/errors.py", "enclaver_rules/ports.py",
         "enclaver_rules/redact.py", "odyn", *KMS_PURE,
         *(f"enclaver_rules/oci/{m}.py" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
@@ -26,10 +26,16 @@ ADAPTERS = {"docker": {"enclaver_rules/oci/engine.py", "enclaver_rules/eif/nitro
 ALLOWED_THIRD_PARTY = {"yaml", "jsonschema", "cbor2"}  # cbor2: NSM messages, attestation
 #: Third-party libraries allowed in some pure modules only: cryptography (no I/O, but big and native) is
 #: for the attestation package, which verifies signatures and certificates; odyn's binary does without it.
-ALLOWED_UNDER = {"cryptography": ("enclaver_rules/attestation/", "enclaver_rules/kms/cms.py"),
-                 "asn1crypto": ("enclaver_rules/kms/cms.py",)}  # BER CMS, which cryptography cannot read
+#: odyn's KMS proxy (one module) makes its RSA key (cryptography), signs with botocore's SigV4 (`auth` and
+#: `awsrequest` only: the binary's hook leaves botocore's service models out) and trusts certifi's CA bundle.
+ALLOWED_UNDER = {"cryptography": ("enclaver_rules/attestation/", "enclaver_rules/kms/cms.py", "odyn/kms_proxy.py"),
+                 "asn1crypto": ("enclaver_rules/kms/cms.py",),  # BER CMS, which cryptography cannot read
+                 "botocore": ("odyn/kms_proxy.py",), "certifi": ("odyn/kms_proxy.py",)}
+#: Of botocore, odyn may import only these (checked below): what else it imports may not be in the binary.
+ODYN_BOTOCORE = {"botocore.auth.SigV4Auth", "botocore.awsrequest.AWSRequest"}
 PURE_PREFIXES = ("odyn.", "enclaver_rules.policy", "enclaver_rules.manifest", "enclaver_rules.attestation",
-                 "enclaver_rules.errors", "enclaver_rules.kms.cms", "enclaver_rules.kms.wire", "enclaver_rules.kms.credentials",
+                 "enclaver_rules.errors", "enclaver_rules.kms.cms", "enclaver_rules.kms.wire",
+                 "enclaver_rules.kms.credentials",
                  "enclaver_rules.ports", "enclaver_rules.redact",
                  *(f"enclaver_rules.oci.{m}" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
                                                         "flatten", "store")))
@@ -82,6 +88,26 @@ def test_cryptography_is_allowed_in_attestation_only() -> None:
     assert not _allowed("enclaver_rules/kms/wire.py", "asn1crypto.cms")
     assert not _allowed("enclaver_rules/kms/cms.py", "botocore.auth")
     assert not _allowed("odyn/kms_proxy.py", "enclaver_rules.kms.server")
+
+
+def test_odyn_takes_only_the_signer_from_botocore_and_only_in_the_kms_proxy() -> None:
+    assert _allowed("odyn/kms_proxy.py", "botocore.auth.SigV4Auth")
+    assert not _allowed("odyn/api.py", "botocore.auth.SigV4Auth")
+    assert not _allowed("odyn/kms_rewrite.py", "cryptography.hazmat.primitives.asymmetric.rsa")
+    for path in sorted((REPO / "odyn").rglob("*.py")):
+        taken = {name for name in _imports(path) if name.split(".")[0] == "botocore"}
+        assert taken <= ODYN_BOTOCORE, f"{path.name} imports {sorted(taken - ODYN_BOTOCORE)}"
+
+
+def test_odyn_without_a_kms_proxy_loads_neither_botocore_nor_cryptography() -> None:
+    """odyn imports the KMS proxy only when the manifest asks for it: every other enclave starts
+    without paying for botocore and cryptography."""
+    import subprocess
+
+    code = ("import sys, odyn.__main__, odyn.supervisor, odyn.api; "
+            "print(sorted(m for m in ('botocore', 'cryptography', 'certifi') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_the_shared_kms_modules_load_no_aws_sdk() -> None:

@@ -112,6 +112,15 @@ CASES: dict[str, tuple[str, list[str]]] = {
                                  "egress:\n  allow: [169.254.169.254, kms.*.amazonaws.com]\n", [
         f"{F}:9:16: kms_proxy.endpoints.us-east-1: egress does not allow this endpoint (no allow rule matches "
         "(default deny)) — add 'vpce-1.kms.example.com' to `egress.allow`"]),
+    "KMS endpoint port out of range": (HEAD + "kms_proxy:\n  listen_port: 9999\n  endpoints:\n    us-east-1: kms.example.com:70000\n"
+                                       "egress:\n  allow: [169.254.169.254, kms.example.com]\n", [
+        f"{F}:9:16: kms_proxy.endpoints.us-east-1: KMS endpoint 'kms.example.com:70000': port 70000 is not in "
+        "1..65535 — give a port from 1 to 65535"]),
+    "KMS endpoint with another scheme": (HEAD + "kms_proxy:\n  listen_port: 9999\n  endpoints:\n    us-east-1: ftp://kms.example.com\n"
+                                         "egress:\n  allow: [169.254.169.254, kms.example.com]\n", [
+        f"{F}:9:16: kms_proxy.endpoints.us-east-1: 'ftp://kms.example.com' is not valid here — give "
+        "`host` or `host:port` (HTTPS), e.g. `kms-fips.us-east-1.amazonaws.com`; `http://host:port` only for a local "
+        "KMS in tests"]),
     "KMS endpoint keyed by a non-region": (HEAD + "kms_proxy:\n  listen_port: 9999\n  endpoints:\n    useast1: kms.example.com\n"
                                            "egress:\n  allow: [169.254.169.254, kms.example.com]\n", [
         f"{F}:9:5: kms_proxy.endpoints.useast1: 'useast1' is not a valid key here — use an AWS region name as the key, "

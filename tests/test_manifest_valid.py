@@ -10,7 +10,7 @@ from jsonschema import Draft202012Validator
 
 from conftest import EXAMPLES
 from conftest import HEAD_VALID as HEAD
-from enclaver_rules.manifest import Manifest, check_file, load_manifest
+from enclaver_rules.manifest import KmsEndpoint, Manifest, check_file, load_manifest
 from enclaver_rules.manifest.model import DEFAULT_CPU_COUNT, DEFAULT_MEMORY_MB
 from enclaver_rules.manifest.schema import fields, schema
 
@@ -155,6 +155,9 @@ WARNINGS = {
     "proxy port without allow": ("egress:\n  proxy_port: 9000\n", "egress.proxy_port", "no proxy runs"),
     "no KMS endpoint allowed": ("kms_proxy: {listen_port: 9999}\negress:\n  allow: [169.254.169.254]\n", "kms_proxy",
                                 "egress allows no KMS endpoint"),
+    "KMS over plain HTTP": ("kms_proxy:\n  listen_port: 9999\n  endpoints: {us-east-1: 'http://127.0.0.1:4599'}\n"
+                            "egress:\n  allow: [169.254.169.254, 127.0.0.1]\n", "kms_proxy.endpoints.us-east-1",
+                            "plain HTTP: the KMS proxy's signed requests and KMS's answers"),
 }
 
 
@@ -173,6 +176,28 @@ def test_regional_kms_endpoint_counts_as_allowed(tmp_path: Path) -> None:
     path = tmp_path / "enclaver.yaml"
     path.write_text(HEAD + "kms_proxy: {listen_port: 9999}\negress:\n  allow: [169.254.169.254, kms.eu-west-1.amazonaws.com]\n")
     assert check_file(str(path)).diagnostics == ()
+
+
+def test_kms_endpoints_parse_to_scheme_host_and_port(tmp_path: Path) -> None:
+    path = tmp_path / "enclaver.yaml"
+    path.write_text(HEAD + "kms_proxy:\n  listen_port: 9999\n  endpoints:\n    us-east-1: http://127.0.0.1:4599\n"
+                           "    eu-west-1: https://kms-fips.eu-west-1.amazonaws.com\n    us-west-2: vpce.example.com:8443\n"
+                           "egress:\n  allow: [169.254.169.254, 127.0.0.1, kms-fips.eu-west-1.amazonaws.com, vpce.example.com]\n")
+    manifest, _ = load_manifest(str(path))
+    assert manifest.kms_proxy is not None
+    local = manifest.kms_proxy.endpoint("us-east-1")
+    assert (local.host, local.port, local.tls, local.url, str(local)) == (
+        "127.0.0.1", 4599, False, "http://127.0.0.1:4599/", "http://127.0.0.1:4599")
+    fips = manifest.kms_proxy.endpoint("eu-west-1")
+    assert (fips.host, fips.port, fips.tls, fips.url) == ("kms-fips.eu-west-1.amazonaws.com", 443, True,
+                                                          "https://kms-fips.eu-west-1.amazonaws.com/")
+    assert manifest.kms_proxy.endpoint("us-west-2").authority == "vpce.example.com:8443"
+    assert manifest.kms_proxy.endpoint("ap-south-1").url == "https://kms.ap-south-1.amazonaws.com/"
+    assert manifest.kms_proxy.endpoint("cn-north-1").host == "kms.cn-north-1.amazonaws.com.cn"
+    assert KmsEndpoint.parse("http://kms.test").port == 80
+    for bad in ("ftp://kms.test", "kms.test:0", "kms.test:65536", "http://", "kms.test/path"):
+        with pytest.raises(ValueError, match="KMS endpoint"):
+            KmsEndpoint.parse(bad)
 
 
 def test_model_keeps_the_file_bytes_exactly(tmp_path: Path) -> None:

@@ -2,7 +2,18 @@
 
 from enclaver_rules.manifest.config import Config, Effective, Setting, overridable_settings, resolve, settings
 from enclaver_rules.manifest.load import DEFAULT_MANIFEST, CheckResult, check_file, load_manifest
-from enclaver_rules.manifest.model import Api, Defaults, Egress, Ingress, KmsProxy, Manifest, Signature, Sources, Tls
+from enclaver_rules.manifest.model import (
+    Api,
+    Defaults,
+    Egress,
+    Ingress,
+    KmsEndpoint,
+    KmsProxy,
+    Manifest,
+    Signature,
+    Sources,
+    Tls,
+)
 
 __all__ = [
     "DEFAULT_MANIFEST",
@@ -13,6 +24,7 @@ __all__ = [
     "Effective",
     "Egress",
     "Ingress",
+    "KmsEndpoint",
     "KmsProxy",
     "Manifest",
     "Setting",

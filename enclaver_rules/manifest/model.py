@@ -6,6 +6,7 @@ the file's bytes exactly: the build copies them into the enclave byte for byte.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +65,64 @@ class Defaults:
     memory_mb: int = DEFAULT_MEMORY_MB
 
 
+_AUTHORITY = re.compile(r"([A-Za-z0-9._-]+)(?::([0-9]{1,5}))?")
+
+
+@dataclass(frozen=True, slots=True)
+class KmsEndpoint:
+    """Where the KMS proxy sends one region's requests. `host` or `host:port` (upstream's forms, and
+    `https://` before either) is HTTPS, through the egress proxy with CONNECT; `http://host[:port]`
+    is plain HTTP, for a local KMS in tests only: everything the proxy sends and gets (signed
+    requests, answers) crosses the parent in the clear."""
+
+    host: str
+    port: int = 443
+    tls: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> KmsEndpoint:
+        """ValueError for anything but `[http://|https://]host[:port]` with a port of 1..65535."""
+        scheme, sep, rest = text.partition("://")
+        if not sep:
+            scheme, rest = "https", text
+        if scheme not in ("http", "https"):
+            raise ValueError(f"KMS endpoint {text!r}: the scheme must be http:// or https://, or none")
+        match = _AUTHORITY.fullmatch(rest)
+        if match is None:
+            raise ValueError(f"KMS endpoint {text!r}: give host or host:port (with http:// for a local KMS)")
+        tls = scheme == "https"
+        port = int(match.group(2)) if match.group(2) else (443 if tls else 80)
+        if not 0 < port < 65536:
+            raise ValueError(f"KMS endpoint {text!r}: port {port} is not in 1..65535")
+        return cls(match.group(1), port, tls)
+
+    @classmethod
+    def default(cls, region: str) -> KmsEndpoint:
+        """AWS's public endpoint: `kms.<region>.amazonaws.com` (`.amazonaws.com.cn` in China)."""
+        return cls(f"kms.{region}.amazonaws.com" + (".cn" if region.startswith("cn-") else ""))
+
+    @property
+    def authority(self) -> str:
+        """`host`, or `host:port` when the port is not the scheme's default (the Host header's value)."""
+        return self.host if self.port == (443 if self.tls else 80) else f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.authority}/"
+
+    def __str__(self) -> str:
+        return self.authority if self.tls else f"http://{self.authority}"
+
+
 @dataclass(frozen=True, slots=True)
 class KmsProxy:
     listen_port: int
     endpoints: tuple[tuple[str, str], ...] = ()
+
+    def endpoint(self, region: str) -> KmsEndpoint:
+        """`endpoints[region]` if the manifest names one, else AWS's default for the region."""
+        given = dict(self.endpoints).get(region)
+        return KmsEndpoint.parse(given) if given is not None else KmsEndpoint.default(region)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,14 +7,18 @@ them reported in one run.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from enclaver_rules.errors import Diagnostic
 from enclaver_rules.manifest._yaml import Path
+from enclaver_rules.manifest.model import KmsEndpoint
 from enclaver_rules.manifest.validate import Locator, diagnostic
 from enclaver_rules.policy import EgressPolicy, NameRule, review
 from enclaver_rules.policy.egress import PolicyError
 from enclaver_rules.ports import DEFAULT_EGRESS_PROXY_PORT, IMDS_ADDRESS, RESERVED_VSOCK_PORTS, TRANSPARENT_DNS_PORT
+
+_ENDPOINT = re.compile(r"(https?://)?[A-Za-z0-9._-]+(:[0-9]{1,5})?")  # the schema's pattern
 
 #: Old source names → new ones (upstream renamed them without aliases; we accept both).
 RENAMED_SOURCES = {"supervisor": "odyn", "wrapper": "sleeve"}
@@ -169,17 +173,30 @@ def _kms(data: dict[str, Any], loc: Locator) -> list[Diagnostic]:
             f"the KMS proxy gets its region and credentials from {IMDS_ADDRESS}, which egress does not allow",
             f"add {IMDS_ADDRESS!r} to `egress.allow`", key=True))
     endpoints: dict[str, Any] = kms["endpoints"] if isinstance(kms.get("endpoints"), dict) else {}
-    for region, endpoint in endpoints.items():
-        if not isinstance(endpoint, str):
+    for region, text in endpoints.items():
+        if not isinstance(text, str) or not _ENDPOINT.fullmatch(text):
+            continue  # the schema reports it
+        path: Path = ("kms_proxy", "endpoints", region)
+        try:
+            endpoint = KmsEndpoint.parse(text)
+        except ValueError as e:  # the pattern passed: the port is out of range
+            out.append(diagnostic(loc, path, str(e), "give a port from 1 to 65535"))
             continue
         try:
-            decision = policy.decide(endpoint)
-        except PolicyError:
-            continue  # the schema pattern reports malformed endpoints
+            decision = policy.decide(f"{endpoint.host}:{endpoint.port}")
+        except PolicyError as e:
+            out.append(diagnostic(loc, path, f"not a destination egress can judge: {e.message}",
+                                  "give a host name or an IP address"))
+            continue
+        if not endpoint.tls:
+            out.append(diagnostic(
+                loc, path, "plain HTTP: the KMS proxy's signed requests and KMS's answers (data keys sealed "
+                           "for the enclave, ciphertexts) cross the parent instance in the clear",
+                "use this only for a local KMS in tests (`enclaver kms serve`); give `host` or `host:port` "
+                "(HTTPS) for AWS KMS", severity="warning"))
         if not decision.allowed:
-            out.append(diagnostic(loc, ("kms_proxy", "endpoints", region),
-                                  f"egress does not allow this endpoint ({decision.reason})",
-                                  f"add {endpoint.rsplit(':', 1)[0]!r} to `egress.allow`"))
+            out.append(diagnostic(loc, path, f"egress does not allow this endpoint ({decision.reason})",
+                                  f"add {endpoint.host!r} to `egress.allow`"))
     if not endpoints and not _any_kms_endpoint_allowed(policy):
         out.append(diagnostic(
             loc, ("kms_proxy",), "egress allows no KMS endpoint (kms.<region>.amazonaws.com)",

@@ -2,9 +2,11 @@
 
 Why this shape:
 - *Staging* copies exactly odyn and the pure modules it may import (policy, ports, errors, redact,
-  manifest, the schema, and of attestation only the NSM messages and their CBOR reader,
-  `cbor_strict`) into a fresh tree, and PyInstaller sees only that tree: an import of an adapter or
-  the CLI cannot sneak into the binary, it fails the build.
+  manifest, the schema, of attestation only the NSM messages and their CBOR reader, `cbor_strict`,
+  and of kms the KMS proxy's `cms`, `wire` and `credentials`) into a fresh tree, and PyInstaller
+  sees only that tree: an import of an adapter or the CLI cannot sneak into the binary, it fails
+  the build. Third-party code comes from the hash-pinned build venv; our hooks (`hooks/`) keep
+  botocore's data files (its service models) out.
 - The venv is made by the *system* Python (`/usr/bin/python3`): staticx cannot bundle a Python
   built with DT_RUNPATH (pyenv's), and the binary's libpython and libc come from here.
 - Every enclave's PCRs depend on these bytes, so the build is reproducible: dependencies pinned by
@@ -36,9 +38,13 @@ BUILD_EPOCH = 1700000000  # fixed, not "now": the binary must not change with th
 STAGED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("odyn", (".",)),
     ("enclaver_rules", ("__init__.py", "errors.py", "redact.py", "ports.py", "policy", "manifest",
-                        "attestation/__init__.py", "attestation/nsm_messages.py",  # not the rest: cryptography
-                        "attestation/cbor_strict.py")),  # nsm_messages reads CBOR with it
+                        "attestation/__init__.py", "attestation/nsm_messages.py",  # not the rest: x509 verification
+                        "attestation/cbor_strict.py",  # nsm_messages reads CBOR with it
+                        # the KMS proxy: CMS, the wire names, the IMDSv2 client; not the local KMS or IMDS
+                        "kms/__init__.py", "kms/cms.py", "kms/wire.py", "kms/credentials.py")),
 )
+#: PyInstaller hooks of ours, which take priority over the contributed ones (see hooks/hook-botocore.py).
+HOOKS = "hooks"
 ENTRY = "from odyn.__main__ import main\nraise SystemExit(main())\n"
 
 Say = Callable[[str], None]
@@ -56,6 +62,15 @@ class Binary:
 
 def requirements_file() -> Path:
     return Path(str(resources.files("enclaver_rules.odyn_image").joinpath("requirements.txt")))
+
+
+def hooks_dir() -> Path:
+    return Path(str(resources.files("enclaver_rules.odyn_image").joinpath(HOOKS)))
+
+
+def hook_files() -> list[Path]:
+    """Our PyInstaller hooks, for doit's file_dep: a changed hook changes the binary."""
+    return sorted(hooks_dir().glob("hook-*.py"))
 
 
 def _package_dir(name: str) -> Path:
@@ -215,7 +230,8 @@ def build_binary(cache: Path, out: Path, python: str = SYSTEM_PYTHON, say: Say =
         schema = src / "enclaver_rules" / "schemas" / "enclaver.schema.json"
         _run([str(bin_dir / "pyinstaller"), "--onefile", "--name", "odyn", "--noconfirm", "--log-level", "WARN",
               "--paths", str(src), "--add-data", f"{schema}{os.pathsep}enclaver_rules/schemas",
-              "--hidden-import", "enclaver_rules.schemas", "--distpath", str(work / "dist"),
+              "--hidden-import", "enclaver_rules.schemas", "--additional-hooks-dir", str(hooks_dir()),
+              "--distpath", str(work / "dist"),
               "--workpath", str(work / "build"), "--specpath", str(work), str(src / "odyn_entry.py")],
              env, "PyInstaller")
         say("odyn: staticx (bundling the loader and libc; archive normalised)")

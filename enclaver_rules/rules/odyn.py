@@ -53,10 +53,11 @@ def image_present(cache_dir: str) -> bool:
 def odyn_tasks(cache_dir: str) -> Iterator[dict[str, Any]]:
     import platform
 
-    from enclaver_rules.odyn_image.build import SYSTEM_PYTHON, requirements_file, source_files
+    from enclaver_rules.odyn_image.build import SYSTEM_PYTHON, hook_files, requirements_file, source_files
 
     here = Path(__file__).resolve().parent.parent / "odyn_image"
     deps = [str(p) for p in source_files()] + [str(requirements_file())] + [str(p) for p in sorted(here.glob("*.py"))]
+    deps += [str(p) for p in hook_files()]
     yield {
         "basename": "odyn_image",
         "doc": "build the static odyn binary and the default odyn image (reproducible; size printed)",
