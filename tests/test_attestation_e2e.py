@@ -6,21 +6,17 @@ that document against the simulator's root and the EIF's measurements, and refus
 from __future__ import annotations
 
 import json
-import os
-import queue
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import Result
-from enclaver_rules.eif.blobs import write_dev_blobs
-from enclaver_rules.oci.layer import Entry
-from oci_helpers import make_layout
+from sim_helpers import built_measurements, sim_nsm
 
 Cli = Callable[..., Result]
 NONCE = bytes(range(32))
@@ -50,43 +46,13 @@ def _free_port() -> int:
 @pytest.fixture
 def measurements(cli: Cli, tmp_path: Path) -> Path:
     """The measurements file of an EIF really built here (the rule set writes the same shape)."""
-    make_layout(str(tmp_path / "layout"), "v", [[Entry.file("bin/app", b"attested app", 0o755)]], cmd=("/bin/app",))
-    write_dev_blobs(tmp_path / "blobs", "x86_64")
-    built = cli("eif", "build", "--image", f"oci:{tmp_path / 'layout'}:v", "--blobs", str(tmp_path / "blobs"),
-                "-o", str(tmp_path / "app.eif"), "--cache-dir", str(tmp_path / "cache"), "--json")
-    assert built.code == 0, built.stderr
-    path = tmp_path / "measurements.json"
-    path.write_text(json.dumps({"Measurements": built.json()["Measurements"]}))
-    return path
+    return built_measurements(cli, tmp_path / "eif")
 
 
 @pytest.fixture
-def sim_nsm(tmp_path: Path, measurements: Path) -> Iterator[dict[str, str]]:
-    """`enclaver attestation sim-nsm` as its own process, as `enclaver run --simulate` will start it."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "enclaver_rules.cli", "attestation", "sim-nsm", "--socket", str(tmp_path / "nsm.sock"),
-         "--measurements", str(measurements), "--state", str(tmp_path / "ca"), "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "NO_COLOR": "1"})
-    found: queue.Queue[dict[str, str]] = queue.Queue()
-
-    def read() -> None:  # the JSON document is printed once the socket listens
-        lines = []
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("}"):
-                found.put(json.loads("".join(lines)))
-                return
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        facts = found.get(timeout=60)
-    except queue.Empty:
-        process.kill()
-        raise AssertionError(f"sim-nsm did not start: {process.communicate()[1]}") from None
-    yield facts
-    process.terminate()
-    process.communicate(timeout=30)
+def sim_nsm_facts(tmp_path: Path, measurements: Path) -> Iterator[dict[str, Any]]:
+    with sim_nsm(tmp_path / "nsm.sock", measurements, tmp_path / "ca") as facts:
+        yield facts
 
 
 def _odyn_attests(tmp_path: Path, nsm_socket: str) -> Path:
@@ -108,9 +74,9 @@ def _odyn_attests(tmp_path: Path, nsm_socket: str) -> Path:
 
 
 def test_a_document_from_odyns_api_verifies_with_the_eifs_measurements(cli: Cli, tmp_path: Path, measurements: Path,
-                                                                       sim_nsm: dict[str, str]) -> None:
-    document = _odyn_attests(tmp_path, sim_nsm["socket"])
-    root = str(sim_nsm["root"])
+                                                                       sim_nsm_facts: dict[str, Any]) -> None:
+    document = _odyn_attests(tmp_path, sim_nsm_facts["socket"])
+    root = str(sim_nsm_facts["root"])
     checks = ["--nonce", NONCE.hex(), "--user-data", USER_DATA.hex()]
 
     good = cli("attestation", "verify", str(document), "--root", root, "--expect", str(measurements), *checks,
@@ -120,7 +86,7 @@ def test_a_document_from_odyns_api_verifies_with_the_eifs_measurements(cli: Cli,
     expected = json.loads(measurements.read_text())["Measurements"]
     pcrs = report["document"]["pcrs"]
     assert {k: pcrs[k[3:]] for k in ("PCR0", "PCR1", "PCR2")} == {k: expected[k] for k in ("PCR0", "PCR1", "PCR2")}
-    assert report["document"]["module_id"] == sim_nsm["module_id"]
+    assert report["document"]["module_id"] == sim_nsm_facts["module_id"]
 
     # the same document against AWS's root (the default): the simulator's CA is not AWS's
     aws = cli("attestation", "verify", str(document), "--expect", str(measurements), *checks)

@@ -24,17 +24,6 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives import serialization
-from kms_proxy_fakes import (
-    APP,
-    INSTANCE,
-    PLAINTEXTS,
-    ROTATED,
-    FakeCredentials,
-    FakeKms,
-    FakeNsm,
-    egress_stack,
-    tls_pair,
-)
 
 from enclaver_rules.attestation import verify
 from enclaver_rules.attestation.nsm_messages import NsmError
@@ -53,6 +42,17 @@ from enclaver_rules.runtime.egress_host import HostEgress
 from enclaver_rules.runtime.sim_nsm import CertificateAuthority, SimulatedNsm
 from enclaver_rules.runtime.sim_nsm import serve as serve_nsm
 from kms_helpers import ADMIN, IDENTITIES, PARENT, local_kms
+from kms_proxy_fakes import (
+    APP,
+    INSTANCE,
+    PLAINTEXTS,
+    ROTATED,
+    FakeCredentials,
+    FakeKms,
+    FakeNsm,
+    egress_stack,
+    tls_pair,
+)
 from odyn import kms_proxy, kms_rewrite
 from odyn.http_head import parse_head
 from odyn.kms_proxy import KeyRing, KmsProxy, RecipientKey, new_key
