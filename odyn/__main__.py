@@ -9,10 +9,10 @@ import os
 import sys
 
 from enclaver_rules.kms.credentials import ImdsCredentials
+from enclaver_rules.link.transport import Transport, UnixTransport, VsockTransport
 from odyn import bringup, nsm, sandbox
 from odyn.logring import DEFAULT_SIZE
 from odyn.supervisor import DEFAULT_FLUSH, DEFAULT_IMDS, DEFAULT_LINGER, EXIT_FATAL, Supervisor, no_bring_up
-from odyn.transport import Transport, UnixTransport, VsockTransport
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -36,11 +36,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from enclaver_rules.link.transport import Handler
 from odyn.connections import Gate, Log
 from odyn.http_head import Request, absolute_target
 from odyn.local_http import HttpError, LocalServer, answer, listen, untracked
 from odyn.nsm import NsmError
-from odyn.transport import Handler
 
 PATH = "/v1/attestation"
 FIELDS = ("nonce", "user_data", "public_key")

@@ -4,8 +4,9 @@ When the app exits, bytes it wrote may still be on their way: in odyn's relays, 
 buffers, on the host side. Upstream reports the exit at once and the host stops the enclave,
 cutting responses off. Each connection handler is tracked here; at shutdown odyn stops accepting
 and waits, up to a bound, until every tracked connection has either ended or *settled*: the relay
-has passed on everything the app sent and the peer's kernel has taken it (see `relay`). A settled
-connection whose other direction is idle (a keep-alive client) does not hold the enclave up.
+has passed on everything the app sent and the peer's kernel has taken it (`enclaver_rules.link.relay`
+sets the event this module puts in its `SETTLED`). A settled connection whose other direction is
+idle (a keep-alive client) does not hold the enclave up.
 
 Each listener also has a `Gate`: at most so many connections at once (a client that opens
 connections without end must not take every file descriptor odyn has); one over the limit is
@@ -16,22 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import functools
 import sys
 import time
 from collections.abc import Callable
 
-from odyn.transport import Handler
-
-_settled: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar("odyn_settled", default=None)
-
-
-def settled() -> None:
-    """Mark the current connection as settled (called by the relay of a tracked handler)."""
-    event = _settled.get()
-    if event is not None:
-        event.set()
+from enclaver_rules.link.relay import SETTLED
+from enclaver_rules.link.transport import Handler
 
 
 async def _ended_or_settled(task: asyncio.Task[None], event: asyncio.Event) -> None:
@@ -56,7 +48,7 @@ class Connections:
             assert task is not None
             event = asyncio.Event()
             self._open[task] = event
-            _settled.set(event)  # this task's own context: relays started here see it
+            SETTLED.set(event)  # this task's own context: relays started here see it
             try:
                 await handler(reader, writer)
             finally:

@@ -27,11 +27,13 @@ import ssl
 import struct
 from dataclasses import dataclass, field
 
+from enclaver_rules.link.frames import ConnectRequest, FrameDecoder, FrameError, decode_result, encode_request
+from enclaver_rules.link.relay import IDLE_TIMEOUT, splice
+from enclaver_rules.link.transport import Transport
 from enclaver_rules.policy import EgressPolicy, PolicyError
 from enclaver_rules.ports import EGRESS_PORT, HOST_CID
 from odyn import dns
 from odyn.connections import MAX_CONNECTIONS, Gate, Log, Throttle
-from odyn.egress_frame import ConnectRequest, FrameDecoder, FrameError, decode_result, encode_request
 from odyn.http_head import (
     HeadError,
     HeadReader,
@@ -43,8 +45,6 @@ from odyn.http_head import (
     request_framing,
     response,
 )
-from odyn.relay import IDLE_TIMEOUT, splice
-from odyn.transport import Transport
 
 HEAD_TIMEOUT = 30.0  # absolute: from the accept to the end of the request head
 HANDSHAKE_TIMEOUT = 60.0  # absolute: the host side's answer (it may try several addresses) and TLS
@@ -251,7 +251,7 @@ class EgressProxy:
 
 
 def _buffered(reader: asyncio.StreamReader) -> bool:
-    return bool(getattr(reader, "_buffer", b""))  # StreamReader keeps it private (see relay._take_over)
+    return bool(getattr(reader, "_buffer", b""))  # StreamReader keeps it private (see link.relay._take_over)
 
 
 def _abort(writers: list[asyncio.StreamWriter]) -> None:

@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+from enclaver_rules.link.relay import IDLE_TIMEOUT, splice
+from enclaver_rules.link.transport import Handler, Transport
 from odyn.connections import MAX_CONNECTIONS, Gate, Log
-from odyn.relay import IDLE_TIMEOUT, splice
-from odyn.transport import Handler, Transport
 
 CONNECT_TIMEOUT = 10.0
 

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from enclaver_rules.kms import cms, wire
+from enclaver_rules.link.transport import Handler
 from enclaver_rules.manifest.model import KmsEndpoint
 from odyn import kms_rewrite
 from odyn.api import ApiError, AttestationRequest, Attester, NsmTurns
@@ -53,7 +54,6 @@ from odyn.connections import Gate, Log
 from odyn.http_head import Request
 from odyn.kms_rewrite import AppCall, ProxyError
 from odyn.local_http import LocalServer, answer, listen, untracked
-from odyn.transport import Handler
 
 NAME = "KMS proxy"
 MAX_BODY = 1 << 20

@@ -20,9 +20,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from enclaver_rules.link.transport import Handler
 from odyn.connections import Gate, Log, Throttle
 from odyn.http_head import HeadError, HeadReader, Request, reason, request_framing
-from odyn.transport import Handler
 
 ANSWER_TIMEOUT = 2.0  # after the answer: how long the client's leftovers are read and dropped
 ANSWER_DRAIN = 64 << 10  # and how many of them at most

@@ -4,7 +4,7 @@ Each reader gets what is still in the ring, then live data; a reader that falls 
 ring's size behind skips ahead and is told how much it missed (the app is never blocked by a
 slow reader). After `close()` (the app exited and its pipes are drained) a reader that has read
 everything sees end-of-stream, which the I/O shell turns into a half-close (upstream issue:
-"Send an EOF on logs socket").
+"Send an EOF on logs socket"; the host reads it with `enclaver_rules.link.logs`).
 """
 
 from __future__ import annotations

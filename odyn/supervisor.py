@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from enclaver_rules.errors import EnclaverError
+from enclaver_rules.link.status import Status
+from enclaver_rules.link.transport import Handler, Transport
 from enclaver_rules.ports import IMDS_ADDRESS, LOGS_PORT, STATUS_PORT
 from odyn import api, connections, ingress, transparent
 from odyn.bringup import app_environment, set_hostname
@@ -30,8 +32,6 @@ from odyn.connections import Connections
 from odyn.dns import AddressBook
 from odyn.egress import EgressProxy
 from odyn.logring import DEFAULT_SIZE, LogRing
-from odyn.status import Status
-from odyn.transport import Handler, Transport
 
 if TYPE_CHECKING:
     from enclaver_rules.manifest import Manifest

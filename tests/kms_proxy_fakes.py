@@ -26,11 +26,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enclaver_rules.kms import cms, wire
+from enclaver_rules.link.transport import UnixTransport
 from enclaver_rules.policy import EgressPolicy
 from enclaver_rules.runtime.egress_host import HostEgress
 from odyn.egress import EgressProxy
 from odyn.http_head import HeadReader, request_framing
-from odyn.transport import UnixTransport
 
 FAKE_DOCUMENT = b"fake-attestation-document:"
 PLAINTEXTS = {"Decrypt": b"the decrypted secret", "GenerateDataKey": bytes(range(32)),

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from enclaver_rules.link.frames import ConnectRequest, ConnectResult, FrameDecoder, decode_result, encode_request
+from enclaver_rules.link.transport import UnixTransport
 from enclaver_rules.policy import EgressPolicy
 from enclaver_rules.ports import EGRESS_PORT
 from enclaver_rules.runtime.egress_host import HostEgress, Limits
-from odyn.egress_frame import ConnectRequest, ConnectResult, FrameDecoder, decode_result, encode_request
-from odyn.transport import UnixTransport
 
 GUARD = 20.0  # seconds: an attack that is not cut by then was not cut at all
 

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from enclaver_rules.link.transport import UnixTransport
 from enclaver_rules.policy import EgressPolicy
 from enclaver_rules.runtime.egress_host import HostEgress
 from odyn.egress import EgressProxy
 from odyn.http_head import HeadError, HeadReader, absolute_target, connect_target
-from odyn.transport import UnixTransport
 
 
 async def echo_upper(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

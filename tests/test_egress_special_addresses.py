@@ -22,12 +22,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import REPO
+from enclaver_rules.link.frames import ConnectRequest, ConnectResult, FrameDecoder, decode_result, encode_request
+from enclaver_rules.link.transport import UnixTransport
 from enclaver_rules.policy import EgressPolicy
 from enclaver_rules.policy.egress import special_range
 from enclaver_rules.ports import EGRESS_PORT
 from enclaver_rules.runtime.egress_host import HostEgress, Limits, is_own_address
-from odyn.egress_frame import ConnectRequest, ConnectResult, FrameDecoder, decode_result, encode_request
-from odyn.transport import UnixTransport
 
 ENCLAVE_CID = 16
 

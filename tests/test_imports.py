@@ -1,5 +1,7 @@
 """The import rule: pure packages (and odyn) import only the stdlib, allow-listed libraries and other
-pure modules — never adapters (docker, oras, boto3) or the CLI. Checked on the source's AST."""
+pure modules — never adapters (docker, oras, boto3) or the CLI — and nothing in `enclaver_rules` imports
+`odyn` (the host never reaches into the enclave's package; what both speak is `enclaver_rules.link`).
+Checked on the source's AST."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from conftest import REPO
 KMS_PURE = ["enclaver_rules/kms/__init__.py", "enclaver_rules/kms/cms.py", "enclaver_rules/kms/wire.py",
             "enclaver_rules/kms/credentials.py"]  # the IMDSv2 client odyn's KMS proxy signs with (stdlib only)
 PURE = ["enclaver_rules/policy", "enclaver_rules/manifest", "enclaver_rules/attestation", "enclaver_rules/errors.py", "enclaver_rules/ports.py",
-        "enclaver_rules/redact.py", "odyn", *KMS_PURE,
+        "enclaver_rules/redact.py", "enclaver_rules/link", "odyn", *KMS_PURE,
         *(f"enclaver_rules/oci/{m}.py" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
                                                   "flatten", "store"))]
 #: Third-party clients, each allowed in exactly one adapter module.
@@ -36,7 +38,7 @@ ODYN_BOTOCORE = {"botocore.auth.SigV4Auth", "botocore.awsrequest.AWSRequest"}
 PURE_PREFIXES = ("odyn.", "enclaver_rules.policy", "enclaver_rules.manifest", "enclaver_rules.attestation",
                  "enclaver_rules.errors", "enclaver_rules.kms.cms", "enclaver_rules.kms.wire",
                  "enclaver_rules.kms.credentials",
-                 "enclaver_rules.ports", "enclaver_rules.redact",
+                 "enclaver_rules.ports", "enclaver_rules.redact", "enclaver_rules.link",
                  *(f"enclaver_rules.oci.{m}" for m in ("digest", "reference", "mediatypes", "model", "layer", "mutate",
                                                         "flatten", "store")))
 
@@ -76,6 +78,26 @@ def test_the_rule_can_fail(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import docker\nfrom enclaver_rules.cli import main\n")
     assert _imports(bad) == {"docker", "enclaver_rules.cli.main"}
+
+
+def _into_odyn(path: Path) -> set[str]:
+    """What of `odyn` the module at `path` imports (`import odyn.x`, `from odyn.x import y`, `from odyn import x`)."""
+    return {name for name in _imports(path) if name.split(".")[0] == "odyn"}
+
+
+def test_nothing_in_enclaver_rules_imports_odyn() -> None:
+    """odyn is the enclave's package; the host side (`runtime`), the rule set and the CLI speak to it
+    through `enclaver_rules.link` and never import it, so what runs inside stays odyn's alone."""
+    for path in sorted((REPO / "enclaver_rules").rglob("*.py")):
+        taken = _into_odyn(path)
+        assert not taken, f"{path.relative_to(REPO)} imports {sorted(taken)}; move what both sides speak to link"
+
+
+def test_the_odyn_rule_can_fail(tmp_path: Path) -> None:
+    bad = tmp_path / "egress_host.py"
+    bad.write_text("import odyn.relay\nfrom odyn.transport import Transport\nfrom odyn import status\n"
+                   "from enclaver_rules.link.frames import FrameDecoder\nimport odyntool\n")
+    assert _into_odyn(bad) == {"odyn.relay", "odyn.transport.Transport", "odyn.status"}
 
 
 def test_cryptography_is_allowed_in_attestation_only() -> None:

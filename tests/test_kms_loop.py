@@ -25,12 +25,12 @@ from botocore.exceptions import ClientError
 
 from conftest import Result
 from enclaver_rules.cli.main import main
+from enclaver_rules.link.transport import UnixTransport
 from enclaver_rules.policy import EgressPolicy
 from enclaver_rules.ports import LOGS_PORT
 from enclaver_rules.runtime.egress_host import HostEgress
 from imds_helpers import running_imds
 from kms_helpers import ACCOUNT, ADMIN, IDENTITIES, PARENT, RunningKms, local_kms
-from odyn.transport import UnixTransport
 from services import free_port
 from sim_helpers import built_measurements, sim_nsm
 

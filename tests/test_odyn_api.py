@@ -21,11 +21,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
+from enclaver_rules.link.transport import UnixTransport
 from odyn import api
 from odyn.api import ApiError, AttestationApi, AttestationRequest, parse_request
 from odyn.nsm import NsmError
 from odyn.supervisor import EXIT_FATAL, Supervisor
-from odyn.transport import UnixTransport
 
 LIMIT = 20.0  # seconds any single wait may take before it counts as a hang
 DOCUMENT = bytes(range(256)) * 17 + b"\x84\x44\xa1\x01\x38\x22"  # stands in for a COSE_Sign1 document

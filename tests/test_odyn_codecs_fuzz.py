@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from odyn.egress_frame import FrameDecoder, FrameError, decode_request, decode_result
+from enclaver_rules.link.frames import FrameDecoder, FrameError, decode_request, decode_result
+from enclaver_rules.link.status import Status
 from odyn.http_head import (
     ChunkedBody,
     Framing,
@@ -28,7 +29,6 @@ from odyn.http_head import (
     parse_head,
     request_framing,
 )
-from odyn.status import Status
 
 # -- the request head ----------------------------------------------------------------------------
 
@@ -293,7 +293,7 @@ def test_any_bytes_give_a_status_or_a_value_error(line: bytes) -> None:
 def test_a_null_frame_is_an_error_not_an_incomplete_frame() -> None:
     """feed() returns None for "not yet": a JSON null frame used to look the same, and a reader
     waited for more bytes that never came."""
-    from odyn.egress_frame import FrameDecoder, FrameError
+    from enclaver_rules.link.frames import FrameDecoder, FrameError
 
     with pytest.raises(FrameError, match="null"):
         FrameDecoder().feed((4).to_bytes(2, "little") + b"null")

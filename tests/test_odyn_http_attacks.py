@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from enclaver_rules.link.frames import ConnectResult, FrameDecoder, decode_request, encode_result
+from enclaver_rules.link.relay import splice
+from enclaver_rules.link.transport import UnixTransport
 from enclaver_rules.policy import EgressPolicy
 from enclaver_rules.ports import EGRESS_PORT
 from odyn import ingress
 from odyn.egress import EgressProxy
-from odyn.egress_frame import ConnectResult, FrameDecoder, decode_request, encode_result
-from odyn.relay import splice
-from odyn.transport import UnixTransport
 
 LIMIT = 20.0  # seconds any single wait in these tests may take before it counts as a hang
 

@@ -31,6 +31,7 @@ from enclaver_rules.kms import cms
 from enclaver_rules.kms.credentials import ImdsCredentials
 from enclaver_rules.kms.imds import Identity, LocalImds
 from enclaver_rules.kms.imds import serve as serve_imds
+from enclaver_rules.link.transport import UnixTransport
 from enclaver_rules.manifest import KmsEndpoint
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.store import Store
@@ -59,7 +60,6 @@ from odyn.kms_proxy import KeyRing, KmsProxy, RecipientKey, new_key
 from odyn.kms_rewrite import ProxyError
 from odyn.nsm import NsmClient
 from odyn.supervisor import EXIT_FATAL, Supervisor
-from odyn.transport import UnixTransport
 from services import free_port
 
 LIMIT = 30.0

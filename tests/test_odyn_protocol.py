@@ -1,7 +1,8 @@
-"""odyn's sans-IO pieces: the egress handshake, status lines, the log ring."""
+"""The sans-IO pieces odyn and the host side share (egress handshake, status lines, log stream), and the log ring."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import struct
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from odyn.egress_frame import (
+from enclaver_rules.link.frames import (
     ConnectRequest,
     ConnectResult,
     FrameDecoder,
@@ -20,8 +21,9 @@ from odyn.egress_frame import (
     encode_request,
     encode_result,
 )
+from enclaver_rules.link.logs import follow
+from enclaver_rules.link.status import MAX_LINE, Status
 from odyn.logring import LogRing
-from odyn.status import MAX_LINE, Status
 
 
 def test_handshake_bytes_are_upstreams() -> None:
@@ -121,3 +123,25 @@ def test_a_reader_that_keeps_up_sees_every_byte_in_order(chunks: list[bytes], si
         data, position, _ = ring.read(position, limit=1 << 20)
         seen += data
     assert seen == b"".join(chunks)
+
+
+def test_the_log_stream_is_followed_to_its_half_close() -> None:
+    """What odyn's log server sends (the ring's bytes, then end-of-stream) reaches the host's sink
+    unchanged, in chunks of at most `chunk`, and `follow` returns at the end."""
+    ring = LogRing(size=64)
+    ring.append(b"line one\nhalf a li")
+    ring.append(b"ne\n")
+    ring.close()
+
+    async def host_side() -> list[bytes]:
+        reader = asyncio.StreamReader()
+        data, _, end = ring.read(ring.reader())
+        reader.feed_data(data)
+        assert end
+        reader.feed_eof()  # odyn's write_eof
+        chunks: list[bytes] = []
+        await asyncio.wait_for(follow(reader, chunks.append, chunk=8), 5)
+        return chunks
+
+    chunks = asyncio.run(host_side())
+    assert b"".join(chunks) == b"line one\nhalf a line\n" and max(map(len, chunks)) <= 8

@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import os
 
-from odyn.relay import splice
+from enclaver_rules.link.relay import splice
 
 
 async def _pair_through_relay(idle: float, early: bytes = b"") -> tuple[

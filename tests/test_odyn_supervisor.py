@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from enclaver_rules.link.transport import UnixTransport
 from enclaver_rules.ports import LOGS_PORT, STATUS_PORT
-from odyn.transport import UnixTransport
 
 ENCLAVE_CID = 16
 

@@ -86,8 +86,8 @@ print("\n".join(out), flush=True)
 def test_an_app_without_proxy_support_reaches_allowed_names_only(tmp_path: Path) -> None:
     from test_odyn_supervisor import ENCLAVE_CID, collect
 
+    from enclaver_rules.link.transport import UnixTransport
     from enclaver_rules.runtime.egress_host import HostEgress
-    from odyn.transport import UnixTransport
 
     config = tmp_path / "cfg"
     config.mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from odyn.transport import UnixTransport, VsockTransport
+from enclaver_rules.link.transport import UnixTransport, VsockTransport
 
 
 def test_unix_transport_round_trip_with_half_close(tmp_path: Path) -> None:

@@ -2,11 +2,11 @@
 
 Why this shape:
 - *Staging* copies exactly odyn and the pure modules it may import (policy, ports, errors, redact,
-  manifest, the schema, of attestation only the NSM messages and their CBOR reader, `cbor_strict`,
-  and of kms the KMS proxy's `cms`, `wire` and `credentials`) into a fresh tree, and PyInstaller
-  sees only that tree: an import of an adapter or the CLI cannot sneak into the binary, it fails
-  the build. Third-party code comes from the hash-pinned build venv; our hooks (`hooks/`) keep
-  botocore's data files (its service models) out.
+  manifest, the schema, `link` (what odyn and the host side both speak), of attestation only the
+  NSM messages and their CBOR reader, `cbor_strict`, and of kms the KMS proxy's `cms`, `wire` and
+  `credentials`) into a fresh tree, and PyInstaller sees only that tree: an import of an adapter
+  or the CLI cannot sneak into the binary, it fails the build. Third-party code comes from the
+  hash-pinned build venv; our hooks (`hooks/`) keep botocore's data files (its service models) out.
 - The venv is made by the *system* Python (`/usr/bin/python3`): staticx cannot bundle a Python
   built with DT_RUNPATH (pyenv's), and the binary's libpython and libc come from here.
 - Every enclave's PCRs depend on these bytes, so the build is reproducible: dependencies pinned by
@@ -38,6 +38,7 @@ BUILD_EPOCH = 1700000000  # fixed, not "now": the binary must not change with th
 STAGED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("odyn", (".",)),
     ("enclaver_rules", ("__init__.py", "errors.py", "redact.py", "ports.py", "policy", "manifest",
+                        "link",  # transport, tunnel frames, relay, status and log streams
                         "attestation/__init__.py", "attestation/nsm_messages.py",  # not the rest: x509 verification
                         "attestation/cbor_strict.py",  # nsm_messages reads CBOR with it
                         # the KMS proxy: CMS, the wire names, the IMDSv2 client; not the local KMS or IMDS

@@ -30,12 +30,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from enclaver_rules.link.frames import ConnectResult, FrameDecoder, FrameError, decode_request, encode_result
+from enclaver_rules.link.relay import IDLE_TIMEOUT, splice
+from enclaver_rules.link.transport import Transport
 from enclaver_rules.policy import EgressPolicy, PolicyError, parse_destination
 from enclaver_rules.policy.egress import PARENT_ADDRESS, PARENT_NAME, IPAddress
 from enclaver_rules.ports import EGRESS_PORT
-from odyn.egress_frame import ConnectResult, FrameDecoder, FrameError, decode_request, encode_result
-from odyn.relay import IDLE_TIMEOUT, splice
-from odyn.transport import Transport
 
 log = logging.getLogger("enclaver.egress-host")
 

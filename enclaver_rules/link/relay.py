@@ -4,9 +4,11 @@ When one side ends its writing (EOF), the other side's write end is shut too, an
 other way goes on until it ends as well: TLS close_notify, HTTP/1.0 and raw protocols all see
 exactly what their peer sent. An idle timeout ends connections on which nothing moved, either way.
 
-The direction *out of the app* is marked: once it has ended, odyn waits until the peer's kernel
-has taken every byte (SIOCOUTQ reaches 0 where the socket family reports it) and then marks the
-connection settled, which is what shutdown waits for (see `connections`).
+The direction *out of the app* is marked: once it has ended, the relay waits until the peer's
+kernel has taken every byte (SIOCOUTQ reaches 0 where the socket family reports it) and then marks
+the connection settled: it sets the event in `SETTLED`, if the task that runs the relay has one
+(odyn's `connections` gives each tracked connection one: shutdown waits for it; elsewhere nothing
+is set and nothing waits).
 
 A direction can be given a *filter* (the egress proxy's body framer: it passes on a request body
 exactly as framed and nothing after it); it sees every chunk, the bytes taken over from the stream
@@ -25,14 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import socket
 import struct
 import time
 from collections.abc import Callable
 from typing import Literal
-
-from odyn.connections import settled
 
 IDLE_TIMEOUT = 300.0
 CLOSE_TIMEOUT = 10.0
@@ -41,6 +42,16 @@ UNIX_SNDBUF = 1 << 20  # more than one read (asyncio reads up to 256 KiB), so a 
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Filter = Callable[[bytes], bytes]  # what of a chunk to pass on; raises ValueError on a protocol error
+
+#: The current connection's "settled" event, set by whoever tracks connections (odyn's `connections`).
+SETTLED: contextvars.ContextVar[asyncio.Event | None] = contextvars.ContextVar("odyn_settled", default=None)
+
+
+def settled() -> None:
+    """Mark the current connection as settled (called by the relay of a tracked handler)."""
+    event = SETTLED.get()
+    if event is not None:
+        event.set()
 
 
 def unsent(transport: asyncio.BaseTransport) -> int | None:
