@@ -29,6 +29,7 @@ from enclaver_rules.ports import IMDS_ADDRESS, LOGS_PORT, STATUS_PORT
 from odyn import api, connections, ingress, transparent
 from odyn.bringup import app_environment, set_hostname
 from odyn.connections import Connections
+from odyn.console import Console
 from odyn.dns import AddressBook
 from odyn.egress import EgressProxy
 from odyn.logring import DEFAULT_SIZE, LogRing
@@ -74,6 +75,7 @@ class Supervisor:
     resolv_conf: str = transparent.RESOLV_CONF  # rewritten for transparent egress
     nsm: Callable[[], api.Attester | None] | None = None  # opens the NSM; called once, for `api:` or `kms_proxy:`
     imds: str = DEFAULT_IMDS  # the instance metadata service the KMS proxy gets credentials from (via egress)
+    console: Console | None = None  # a copy of the log on odyn's stdout (off with --no-console)
     status: Status = field(default_factory=lambda: Status("starting"))
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _ring: LogRing = field(init=False)
@@ -122,6 +124,8 @@ class Supervisor:
     # -- logs -----------------------------------------------------------------------------------
 
     async def log(self, data: bytes) -> None:
+        if self.console is not None:
+            self.console.write(data)  # bounded: drops (with a marker) rather than wait for stdout
         async with self._log_changed:
             self._ring.append(data)
             self._log_changed.notify_all()
@@ -337,6 +341,8 @@ class Supervisor:
         async with self._log_changed:
             self._ring.close()
             self._log_changed.notify_all()
+        if self.console is not None:
+            await asyncio.to_thread(self.console.close, self.flush)
         await self.set_status(final)
         await asyncio.sleep(self.linger)
         for server in self._servers + self._network:
