@@ -90,13 +90,19 @@ class FilesDecoder:
         self.buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Frame]:
-        self.buffer += data
+        """Every frame `data` completes (FilesFrameError at the first bad one: use `push`/`next`
+        to act on the good frames before it)."""
+        self.push(data)
         frames = []
-        while (frame := self._next()) is not None:
+        while (frame := self.next()) is not None:
             frames.append(frame)
         return frames
 
-    def _next(self) -> Frame | None:
+    def push(self, data: bytes) -> None:
+        self.buffer += data
+
+    def next(self) -> Frame | None:
+        """The next complete frame, None until one is, or FilesFrameError."""
         if len(self.buffer) < HEADER.size:
             return None
         kind, name_len, offset, size = HEADER.unpack_from(self.buffer)
