@@ -11,8 +11,10 @@ STATUS_PORT = 17000
 LOGS_PORT = 17001
 #: vsock port the host side listens on for egress tunnels out of the enclave.
 EGRESS_PORT = 17002
+#: vsock port on which odyn streams the files of the manifest's `outputs:` (ours; enclaver_rules.link.files).
+FILES_OUT_PORT = 17003
 #: Ports an ingress may not use: an ingress listens on the vsock port equal to its TCP port.
-RESERVED_VSOCK_PORTS = {STATUS_PORT: "status", LOGS_PORT: "logs", EGRESS_PORT: "egress"}
+RESERVED_VSOCK_PORTS = {STATUS_PORT: "status", LOGS_PORT: "logs", EGRESS_PORT: "egress", FILES_OUT_PORT: "files-out"}
 
 #: CID of the parent instance, as seen from the enclave.
 HOST_CID = 2

@@ -11,6 +11,7 @@ import sys
 from enclaver_rules.kms.credentials import ImdsCredentials
 from enclaver_rules.link.transport import Transport, UnixTransport, VsockTransport
 from odyn import bringup, nsm, sandbox
+from odyn.console import Console
 from odyn.logring import DEFAULT_SIZE
 from odyn.supervisor import DEFAULT_FLUSH, DEFAULT_IMDS, DEFAULT_LINGER, EXIT_FATAL, Supervisor, no_bring_up
 
@@ -30,7 +31,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="seconds open ingress/egress connections get to deliver data after the app exits")
     parser.add_argument("--no-bootstrap", action="store_true",
                         help="skip bring-up (mounts, loopback, hostname, NSM entropy), as upstream's flag")
-    parser.add_argument("--no-console", action="store_true", help="accepted for upstream compatibility")
+    parser.add_argument("--no-console", action="store_true",
+                        help="do not copy the log (the app's output, odyn's lines) to odyn's stdout; the log "
+                             "stream on vsock 17001 is unaffected")
     parser.add_argument("--nsm", default="auto", metavar="auto|none|device[:PATH]|unix:PATH",
                         help="the NSM the attestation API asks (when the manifest has api:): auto (/dev/nsm when "
                              "present), the device, or a simulated NSM on a Unix socket")
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                 flush=args.flush_timeout, confine=sandbox.confine_app,
                                 bring_up=no_bring_up if args.no_bootstrap else bring_up,
                                 set_hostname=not args.no_bootstrap, nsm=functools.partial(nsm.open_nsm, args.nsm),
-                                imds=args.imds)
+                                imds=args.imds, console=None if args.no_console else Console())
         return asyncio.run(supervisor.run(args.app, dict(os.environ), path if os.path.exists(path) else None))
     except OSError as e:
         print(f"odyn: {e}", file=sys.stderr)

@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING
 from enclaver_rules.errors import EnclaverError
 from enclaver_rules.link.status import Status
 from enclaver_rules.link.transport import Handler, Transport
-from enclaver_rules.ports import IMDS_ADDRESS, LOGS_PORT, STATUS_PORT
+from enclaver_rules.ports import FILES_OUT_PORT, IMDS_ADDRESS, LOGS_PORT, STATUS_PORT
 from odyn import api, connections, ingress, transparent
 from odyn.bringup import app_environment, set_hostname
 from odyn.connections import Connections
+from odyn.console import Console
 from odyn.dns import AddressBook
 from odyn.egress import EgressProxy
+from odyn.files_out import FilesOut
 from odyn.logring import DEFAULT_SIZE, LogRing
 
 if TYPE_CHECKING:
@@ -74,6 +76,7 @@ class Supervisor:
     resolv_conf: str = transparent.RESOLV_CONF  # rewritten for transparent egress
     nsm: Callable[[], api.Attester | None] | None = None  # opens the NSM; called once, for `api:` or `kms_proxy:`
     imds: str = DEFAULT_IMDS  # the instance metadata service the KMS proxy gets credentials from (via egress)
+    console: Console | None = None  # a copy of the log on odyn's stdout (off with --no-console)
     status: Status = field(default_factory=lambda: Status("starting"))
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _ring: LogRing = field(init=False)
@@ -89,6 +92,7 @@ class Supervisor:
     _delivered: set[asyncio.Task[None]] = field(default_factory=set)
     _nsm: api.Attester | None = None
     _stops: list[Callable[[], None]] = field(default_factory=list)  # the KMS proxy's worker threads
+    _files_out: FilesOut | None = None  # the manifest's `outputs:`, on FILES_OUT_PORT
 
     def __post_init__(self) -> None:
         self._ring = LogRing(self.ring_size)
@@ -122,6 +126,8 @@ class Supervisor:
     # -- logs -----------------------------------------------------------------------------------
 
     async def log(self, data: bytes) -> None:
+        if self.console is not None:
+            self.console.write(data)  # bounded: drops (with a marker) rather than wait for stdout
         async with self._log_changed:
             self._ring.append(data)
             self._log_changed.notify_all()
@@ -202,6 +208,10 @@ class Supervisor:
         manifest, _ = load_manifest(config)
         if self.set_hostname and set_hostname(manifest.name):
             await self.log(f"odyn: hostname set to {manifest.name}\n".encode())
+        if manifest.outputs:
+            self._files_out = FilesOut(manifest.outputs)
+            self._servers.append(await self.transport.listen(FILES_OUT_PORT, self._readers.track(self._files_out.serve)))
+            await self.log(f"odyn: files out on vsock {FILES_OUT_PORT}: {', '.join(manifest.outputs)}\n".encode())
         track = self._connections.track
         if manifest.egress.enabled:
             policy = manifest.egress.policy()
@@ -337,6 +347,10 @@ class Supervisor:
         async with self._log_changed:
             self._ring.close()
             self._log_changed.notify_all()
+        if self.console is not None:
+            await asyncio.to_thread(self.console.close, self.flush)
+        if self._files_out is not None:
+            self._files_out.close()  # readers get a last scan, then end-of-stream
         await self.set_status(final)
         await asyncio.sleep(self.linger)
         for server in self._servers + self._network:

@@ -61,7 +61,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
         f"{F}:9:16: api.listen_port: port 9000 is already used by ingress[0].listen_port (line 7) — "
         "give every listener in the enclave its own port"]),
     "ingress on an internal vsock port": (HEAD + "ingress:\n  - listen_port: 17000\n", [
-        f"{F}:7:18: ingress[0].listen_port: port 17000 is enclaver's internal status vsock port — use a port outside 17000–17002"]),
+        f"{F}:7:18: ingress[0].listen_port: port 17000 is enclaver's internal status vsock port — use a port outside 17000–17003"]),
     "ingress on the egress proxy's default port": (HEAD + "ingress:\n  - listen_port: 10000\negress:\n  allow: [example.com]\n", [
         f"{F}:7:18: ingress[0].listen_port: port 10000 is also the egress proxy's default port — "
         "set `egress.proxy_port` to another port, or move this listener"]),
@@ -143,7 +143,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "boolean key": (HEAD + "yes: 1\n", [
         f"{F}:6:1: key 'yes' is read as bool, not text — quote it: \"yes\"",
         f"{F}:6:1: yes: unknown key 'yes' — remove it; allowed at the top level: api, build, defaults, egress, ingress, "
-        "kms_proxy, name, signature, sources, spire, target, version"]),
+        "kms_proxy, name, outputs, signature, sources, spire, target, version"]),
     "python tag": (HEAD + 'api: !!python/object/apply:os.system ["true"]\n', [
         f"{F}:6:1: api: has no value — give a map, or remove the key",
         f"{F}:6:6: api: YAML tag 'tag:yaml.org,2002:python/object/apply:os.system' is not allowed in a manifest — "

@@ -142,6 +142,7 @@ class Manifest:
     defaults: Defaults = Defaults()
     kms_proxy: KmsProxy | None = None
     api: Api | None = None
+    outputs: tuple[str, ...] = ()  # ours: directories odyn copies out on FILES_OUT_PORT
     path: str = ""
     raw: bytes = b""
 
@@ -171,6 +172,7 @@ class Manifest:
             defaults=Defaults(dflt.get("cpu_count", DEFAULT_CPU_COUNT), dflt.get("memory_mb", DEFAULT_MEMORY_MB)),
             kms_proxy=KmsProxy(kms["listen_port"], tuple(sorted((kms.get("endpoints") or {}).items()))) if kms else None,
             api=Api(api["listen_port"]) if api else None,
+            outputs=tuple(data.get("outputs") or ()),
             path=path,
             raw=raw,
         )

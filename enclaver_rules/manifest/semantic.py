@@ -43,6 +43,31 @@ def semantic_diagnostics(data: Any, loc: Locator) -> list[Diagnostic]:
     out += _resources(data, loc)
     out += _egress(data, loc)
     out += _kms(data, loc)
+    out += _outputs(data, loc)
+    return out
+
+
+def _outputs(data: dict[str, Any], loc: Locator) -> list[Diagnostic]:
+    """`outputs:` (ours): the schema checked the form; refuse `.`/`..` components and nesting (one
+    file would leave twice, under two names)."""
+    outputs = data.get("outputs")
+    if not isinstance(outputs, list):
+        return []
+    out = []
+    seen: list[tuple[int, str]] = []
+    for index, path in enumerate(outputs):
+        if not isinstance(path, str) or not path.startswith("/"):
+            continue
+        parts = path.split("/")[1:]
+        if any(part in (".", "..") for part in parts):
+            out.append(diagnostic(loc, ("outputs", index), f"output {path!r} has a `.` or `..` component",
+                                  "write the directory's plain absolute path"))
+            continue
+        for other_index, other in seen:
+            if path.startswith(other + "/") or other.startswith(path + "/"):
+                out.append(diagnostic(loc, ("outputs", index), f"output {path!r} overlaps outputs[{other_index}] {other!r}",
+                                      "list each directory once: the outer one already includes the inner"))
+        seen.append((index, path))
     return out
 
 
@@ -96,7 +121,7 @@ def _ports(data: dict[str, Any], loc: Locator) -> list[Diagnostic]:
         if path[0] == "ingress" and port in RESERVED_VSOCK_PORTS:
             out.append(diagnostic(
                 loc, path, f"port {port} is enclaver's internal {RESERVED_VSOCK_PORTS[port]} vsock port",
-                "use a port outside 17000–17002"))
+                "use a port outside 17000–17003"))
         if port in first:
             other_path, other = first[port]
             where = loc.locate(other_path)
