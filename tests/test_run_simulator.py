@@ -153,3 +153,56 @@ def test_a_bare_host_without_nitro_suggests_simulate(cli, tmp_path: Path) -> Non
         pytest.skip("a Nitro host")
     result = cli("run", str(tmp_path / "x.eif"))
     assert result.code == 2 and "--simulate" in result.stderr
+
+
+def test_verify_before_run_names_the_pcrs_and_starts_nothing(built: Path, cli, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")  # nothing may start
+    good = json.loads((built / "cache" / "out" / "hello" / "latest" / "measurements.json").read_text())
+    wrong = tmp_path / "m.json"
+    wrong.write_text(json.dumps({"Measurements": {**good["Measurements"], "PCR2": "ab" * 48}}))
+    result = cli("run", "--simulate", str(built / "cache" / "out" / "hello" / "latest"),
+                 "--cache-dir", str(built / "cache"), "--verify-before-run", str(wrong))
+    assert result.code == 1 and f"PCR2 expected {'ab' * 48} got {good['Measurements']['PCR2']}" in result.stderr
+    assert "PCR0" not in result.stderr.split("match")[-1].split("expected")[0]
+    result = cli("run", "--simulate", str(built / "cache" / "out" / "hello" / "latest"), "--cache-dir",
+                 str(built / "cache"), "-p", "9999:9090")
+    assert result.code == 2 and "does not list 9090" in result.stderr
+
+
+def test_an_image_not_built_by_enclaver_is_refused(built: Path, cli) -> None:  # type: ignore[no-untyped-def]
+    result = cli("run", "--simulate", "enclaver/odyn:default", "--cache-dir", str(built / "cache"))
+    assert result.code == 2 and "not built by enclaver" in result.stderr
+
+
+def test_the_nitro_path_drives_nitro_cli_stand_in(built: Path, cli, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Argument and flow level only: run-enclave's arguments, the CID printed, terminate at the end. The
+    vsock host side cannot be tested here (no vsock loopback): the stand-in's enclave never answers."""
+    import json
+
+    from enclaver_rules.cli import run as run_cli
+
+    standin = Path(__file__).resolve().parent / "data" / "nitro-cli-standin"
+    bindir, state = tmp_path / "bin", tmp_path / "state"
+    bindir.mkdir()
+    state.mkdir()
+    (bindir / "nitro-cli").symlink_to(standin)
+    enclave_id = "i-0123456789abcdef0-enc18d6f0a1b2c3d4e5"
+    run_json = json.dumps({"EnclaveName": "hello", "EnclaveID": enclave_id, "ProcessID": 4242, "EnclaveCID": 23,
+                           "NumberOfCPUs": 2, "CPUIDs": [1, 3], "MemoryMiB": 512})
+    (state / "replies.json").write_text(json.dumps([
+        {"stdout": run_json}, {"stdout": "[]"},
+        {"stdout": json.dumps({"EnclaveName": "hello", "EnclaveID": enclave_id, "Terminated": True})}]))
+    monkeypatch.setenv("NITRO_CLI_STANDIN_DIR", str(state))
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setattr(run_cli, "NITRO_DEVICE", str(standin))  # any existing path: "a Nitro host"
+    result = cli("run", str(built / "cache" / "out" / "hello" / "latest"), "--cache-dir", str(built / "cache"))
+    calls = [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+    assert calls[0][:5] == ["run-enclave", "--cpu-count", "2", "--memory", "512"]
+    assert calls[0][calls[0].index("--enclave-name") + 1] == "hello"
+    assert calls[-1] == ["terminate-enclave", "--enclave-id", enclave_id]
+    assert f"started enclave {enclave_id}, CID 23" in result.stderr
+    assert result.code == 1  # the stand-in's enclave ended without a status
