@@ -23,13 +23,14 @@ from enclaver_rules.cli import kms as kms_cmd
 from enclaver_rules.cli import lock as lock_cmd
 from enclaver_rules.cli import manifest as manifest_cmd
 from enclaver_rules.cli import reproduce as reproduce_cmd
+from enclaver_rules.cli import run as run_cmd
 from enclaver_rules.cli import trust as trust_cmd
 from enclaver_rules.cli.exit_codes import ExitCode, code_for
 from enclaver_rules.cli.options import add_common
 from enclaver_rules.cli.output import Output, setup_logging
 from enclaver_rules.errors import EnclaverError
 
-COMMAND_GROUPS = (init_cmd, manifest_cmd, config_cmd, egress_cmd, image_cmd, eif_cmd, build_cmd, lock_cmd, trust_cmd, reproduce_cmd, attestation_cmd,
+COMMAND_GROUPS = (init_cmd, manifest_cmd, config_cmd, egress_cmd, image_cmd, eif_cmd, build_cmd, lock_cmd, trust_cmd, reproduce_cmd, run_cmd, attestation_cmd,
                   kms_cmd, imds_cmd)
 log = logging.getLogger("enclaver")
 

@@ -109,3 +109,69 @@ class Engine:
                                           fix="check the name, and the engine's access to the registry")
         except docker.errors.APIError as e:
             raise OperationFailed(f"{self.host}: pull {repository}:{tag}: {e}", fix="check the name") from None
+
+
+class Container:
+    """One container the simulator started: kill, ask whether it runs, remove. Errors of an engine
+    that went away are reported, never raised from `running` (a gone engine means a gone container)."""
+
+    def __init__(self, engine: Engine, container_id: str) -> None:
+        self.engine, self.id = engine, container_id
+
+    def kill(self, signal: str = "SIGTERM") -> None:
+        import docker.errors
+
+        try:
+            self.engine.client.api.kill(self.id, signal=signal)
+        except docker.errors.APIError as e:  # already stopped: nothing to do
+            if e.status_code not in (404, 409):
+                raise OperationFailed(f"{self.engine.host}: kill {self.id[:12]}: {e}", fix="check the engine") from None
+
+    def running(self) -> bool:
+        import docker.errors
+
+        try:
+            return bool(self.engine.client.api.inspect_container(self.id)["State"]["Running"])
+        except docker.errors.APIError:
+            return False
+
+    def exit_code(self) -> int | None:
+        import docker.errors
+
+        try:
+            state = self.engine.client.api.inspect_container(self.id)["State"]
+        except docker.errors.APIError:
+            return None
+        return None if state["Running"] else int(state["ExitCode"])
+
+    def remove(self) -> None:
+        import docker.errors
+
+        try:
+            self.engine.client.api.remove_container(self.id, force=True)
+        except docker.errors.APIError as e:
+            if e.status_code != 404:
+                raise OperationFailed(f"{self.engine.host}: remove {self.id[:12]}: {e}",
+                                      fix=f"remove it by hand: docker rm -f {self.id[:12]}") from None
+
+
+def run_container(engine: Engine, image: str, entrypoint: list[str], *, binds: dict[str, str],
+                  memory_mb: int, cpus: float, labels: dict[str, str], user: str | None = None) -> Container:
+    """`docker run -d --network none --memory M --cpus C -v HOST:CONTAINER… --entrypoint …`, no command."""
+    import docker.errors
+
+    api = engine.client.api
+    host_config = api.create_host_config(network_mode="none", mem_limit=f"{memory_mb}m",
+                                         nano_cpus=int(cpus * 1e9), binds={h: {"bind": c, "mode": "rw"} for h, c in binds.items()})
+    try:
+        created = api.create_container(image, entrypoint=entrypoint, command=[], host_config=host_config,
+                                       labels=labels, user=user)
+        container = Container(engine, str(created["Id"]))
+        try:
+            api.start(container.id)
+        except BaseException:
+            container.remove()
+            raise
+    except docker.errors.APIError as e:
+        raise OperationFailed(f"{engine.host}: cannot start {image}: {e}", fix="check the engine's log") from None
+    return container

@@ -27,7 +27,7 @@ import logging
 import resource
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from enclaver_rules.link.frames import ConnectResult, FrameDecoder, FrameError, decode_request, encode_result
@@ -94,6 +94,9 @@ class HostEgress:
     resolver: Resolver = system_resolver
     limits: Limits = field(default_factory=Limits)
     own_address: Callable[[IPAddress], bool] = is_own_address
+    #: `--sim-host NAME=IP:PORT` (the simulator): an allowed NAME goes to IP:PORT, with no DNS and no
+    #: after-DNS check (the user named the stand-in); the name itself must still pass the policy.
+    static_hosts: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)  # the latest REFUSALS_KEPT reasons, for logs and tests
     open_connections: int = field(default=0, init=False)  # being handled now: handshakes and tunnels
     turned_away: int = field(default=0, init=False)  # refused over the limit since the limit was last reached
@@ -117,6 +120,8 @@ class HostEgress:
         decision = self.policy.decide(dest)
         if not decision.allowed:
             return [], decision.reason
+        if dest.host in self.static_hosts:
+            return [self.static_hosts[dest.host][0]], ""
         if dest.host == PARENT_NAME:
             candidates = [str(PARENT_ADDRESS)]
         else:
@@ -203,7 +208,8 @@ class HostEgress:
         if not addresses:
             await self._refuse(writer, errno.EACCES, f"denied by the egress policy on the host: {why}")
             return
-        upstream = await self._connect(addresses, request.port)
+        mapped = self.static_hosts.get(request.host.lower().rstrip("."))
+        upstream = await self._connect(addresses, mapped[1] if mapped else request.port)
         if isinstance(upstream, OSError):
             await self._refuse(writer, upstream.errno or 0, str(upstream))
             return

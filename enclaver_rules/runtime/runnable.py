@@ -1,0 +1,149 @@
+"""What `enclaver run` was asked to run: a release image in the store, an EIF, or a build's output directory.
+
+Everything is brought to one `Runnable`: the EIF (a file), its PCRs recomputed from it, the manifest,
+and the enclave image the EIF was made from. The link from a release image or an EIF to its enclave
+image is the EIF's own metadata: enclaver writes the enclave image's digest into it
+(`Metadata.enclaver.image`, also `ImageVersion`), and that image is in the store beside the build.
+The simulator runs that image; its manifest is the one odyn reads inside (/etc/enclaver/enclaver.yaml).
+
+Refused: a release image without enclaver's labels, an EIF whose metadata does not say enclaver built it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from enclaver_rules.errors import InvalidInput, OperationFailed
+from enclaver_rules.manifest.model import Manifest
+from enclaver_rules.oci import enclave
+from enclaver_rules.oci.digest import Digest
+from enclaver_rules.oci.model import ImageConfig
+from enclaver_rules.oci.model import Manifest as ImageManifest
+from enclaver_rules.oci.store import Store
+
+RELEASE_EIF = "/enclave/application.eif"
+RELEASE_MANIFEST = "/enclave/enclaver.yaml"
+BUILD_EIF = "application.eif"
+
+
+@dataclass(frozen=True, slots=True)
+class Runnable:
+    source: str  # what the user named
+    eif: Path
+    measurements: dict[str, str]  # recomputed from the EIF: {"PCR0": hex, …}
+    manifest: Manifest
+    enclave_image: Digest | None  # the image the EIF was made from, when the store has it
+    labels: dict[str, str]
+
+
+def _manifest_from(raw: bytes, where: str) -> Manifest:
+    from enclaver_rules.manifest.load import load_manifest
+
+    with tempfile.TemporaryDirectory(prefix="enclaver-run-") as tmp:
+        path = os.path.join(tmp, "enclaver.yaml")
+        Path(path).write_bytes(raw)
+        try:
+            manifest, _ = load_manifest(path)
+        except InvalidInput as e:
+            raise InvalidInput(f"{where}: its enclaver.yaml is not valid: {e}",
+                               fix="rebuild it with this enclaver") from None
+    return manifest
+
+
+def _image(store: Store, digest: Digest) -> tuple[ImageManifest, ImageConfig]:
+    found = store.manifest(digest)
+    if not isinstance(found, ImageManifest):
+        raise InvalidInput(f"{digest} is an index, not one image", fix="name one platform's image")
+    return found, ImageConfig.parse(store.read(found.config.digest), f"{digest.short} config")
+
+
+def _file(store: Store, image: ImageManifest, path: str) -> bytes | None:
+    out = io.BytesIO()
+    return out.getvalue() if store.copy_file(image, path, out) else None
+
+
+def eif_facts(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """(the PCRs recomputed from the EIF, its describe metadata)."""
+    from enclaver_rules.eif.describe import measure
+    from enclaver_rules.eif.format import SECTION_METADATA, read_eif
+    from enclaver_rules.eif.metadata import read_metadata
+
+    eif = read_eif(str(path))
+    measurements, _ = measure(eif)
+    pcrs = {k: v for k, v in measurements.to_json().items() if k.startswith("PCR")}
+    meta: dict[str, Any] = {}
+    sections = eif.of(SECTION_METADATA)
+    if sections:
+        with contextlib.suppress(ValueError):
+            meta = read_metadata(eif.read(sections[0], 1 << 20))
+    return pcrs, meta
+
+
+def resolve(source: str, store: Store, workdir: Path) -> Runnable:
+    """`source`: an EIF file, a directory holding application.eif (cache/out/NAME/latest), or the name
+    of a release image in the store (`enclaver image pull` brings one from a registry)."""
+    labels: dict[str, str] = {}
+    path = Path(source)
+    release_manifest: bytes | None = None
+    if path.is_dir() and (path / BUILD_EIF).is_file():
+        eif = path / BUILD_EIF
+    elif path.is_file():
+        eif = path
+    else:
+        descriptor = store.resolve(source)
+        if descriptor is None:
+            raise InvalidInput(f"{source}: no such file, build directory or image in the store {store.root}",
+                               fix="give an EIF, a build's output directory (cache/out/NAME/latest) or a release "
+                                   "image's name; `enclaver image pull` brings one from a registry")
+        image, config = _image(store, descriptor.digest)
+        labels = config.labels
+        if f"{enclave.LABEL}.version" not in labels:
+            raise InvalidInput(f"{source}: not built by enclaver (no {enclave.LABEL}.* labels)",
+                               fix="run a release image that `enclaver build` or `doit build:NAME` made")
+        eif = workdir / BUILD_EIF
+        with open(eif, "wb") as out:
+            if not store.copy_file(image, RELEASE_EIF, out):
+                raise InvalidInput(f"{source}: no {RELEASE_EIF} in it: not a release image",
+                                   fix="run a release image, not an enclave or app image")
+        release_manifest = _file(store, image, RELEASE_MANIFEST)
+    pcrs, meta = eif_facts(eif)
+    details = meta.get("Metadata") or {}
+    ours = details.get("enclaver") if isinstance(details, dict) else None
+    if details.get("BuildTool") != "enclaver" or not isinstance(ours, dict):
+        raise InvalidInput(f"{source}: the EIF was not built by enclaver (its metadata names "
+                           f"{details.get('BuildTool') or 'no build tool'})",
+                           fix="build it with `enclaver build`; nitro-cli's EIFs lack the enclave image and manifest")
+    enclave_image: Digest | None = None
+    raw = release_manifest
+    try:
+        digest = Digest.parse(str(ours.get("image")))
+        if store.has(digest):
+            enclave_image = digest
+            image, _ = _image(store, digest)
+            raw = _file(store, image, enclave.MANIFEST_PATH) or raw
+    except (ValueError, InvalidInput):
+        pass
+    if raw is None:
+        raise OperationFailed(f"{source}: its enclave image ({ours.get('image')}) is not in the store {store.root}, "
+                              "so its manifest is unknown",
+                              fix="run it from the repository that built it (or set ENC_CACHE_DIR), or run the "
+                                  "release image")
+    return Runnable(source, eif, pcrs, _manifest_from(raw, source), enclave_image, labels)
+
+
+def verify_measurements(runnable: Runnable, expected: dict[int, bytes], where: str) -> None:
+    """`--verify-before-run`: every PCR in the file must equal the EIF's; a mismatch names each one."""
+    wrong = []
+    for index, value in sorted(expected.items()):
+        got = runnable.measurements.get(f"PCR{index}")
+        if got is None or got.lower() != value.hex():
+            wrong.append(f"PCR{index} expected {value.hex()} got {got or 'none'}")
+    if wrong:
+        raise OperationFailed(f"{runnable.source}: the EIF's measurements do not match {where}: " + "; ".join(wrong),
+                              fix="this is not the enclave those measurements describe: do not run it")
