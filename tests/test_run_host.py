@@ -56,7 +56,7 @@ def manifest(directory: Path, body: str = "") -> Path:
 
 
 def host_run(tmp_path: Path, config: Path, app: str, *, publish: tuple[Publish, ...] = (),
-             sim_hosts: dict[str, tuple[str, int]] | None = None,
+             sim_hosts: dict[str, tuple[str, int]] | None = None, outputs_dir: Path | None = None,
              during: object = None) -> tuple[int, bytes, list[Status], list[Odyn]]:
     sockets = tmp_path / "vsock"
     sockets.mkdir()
@@ -67,7 +67,8 @@ def host_run(tmp_path: Path, config: Path, app: str, *, publish: tuple[Publish, 
     egress = HostEgress(loaded.egress.policy(), transport, static_hosts=sim_hosts or {}) \
         if loaded.egress.enabled else None
     side = HostSide(transport, loaded, publish, on_log=out.append, on_status=statuses.append, egress=egress,
-                    drain_timeout=20, connect_timeout=30)
+                    drain_timeout=20, connect_timeout=30,
+                    outputs_dir=str(outputs_dir) if outputs_dir else None)
     started: list[Odyn] = []
 
     def start() -> Odyn:
@@ -195,3 +196,15 @@ def test_log_lines_can_be_prefixed() -> None:
     prefix(b"o\nthree")
     prefix.flush()
     assert b"".join(out) == b"hello| one\nhello| two\nhello| three\n"
+
+
+def test_the_manifests_outputs_are_mirrored_by_the_run(tmp_path: Path) -> None:
+    """`enclaver run --outputs-dir`: what the app leaves in an `outputs:` directory is on the host
+    when the run ends (odyn's last scan comes before the end of the stream)."""
+    inside = tmp_path / "inside" / "results"
+    inside.mkdir(parents=True)
+    config = manifest(tmp_path, f"outputs:\n  - {inside}\n")
+    app = f"open({str(inside / 'answer.txt')!r}, 'w').write('42\\n')"
+    code, _, _, _ = host_run(tmp_path, config, app, outputs_dir=tmp_path / "mirror")
+    assert code == 0
+    assert (tmp_path / "mirror" / str(inside).lstrip("/") / "answer.txt").read_text() == "42\n"

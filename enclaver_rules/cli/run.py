@@ -65,6 +65,9 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
                    help="--simulate: the simulator's CA (default: as `enclaver attestation ca`)")
     p.add_argument("--imds", metavar="URL", help="odyn's --imds for the KMS proxy (e.g. `enclaver imds serve`'s)")
     p.add_argument("--log-prefix", action="store_true", help="prefix each line of the enclave's output with `NAME| `")
+    p.add_argument("--outputs-dir", metavar="DIR",
+                   help="mirror the directories the manifest's outputs: lists under DIR (created if missing); "
+                        "without it they stay in the enclave")
     p.add_argument("--configure-allocator", action="store_true",
                    help="Nitro: raise the allocator's reservation when the enclave does not fit (never silently)")
     p.add_argument("--cache-dir", metavar="DIR", help="the store (default: $ENC_CACHE_DIR, else the repository's)")
@@ -157,9 +160,11 @@ def run_cmd(args: argparse.Namespace, out: Output) -> int:
             out.note(f"ingress {', '.join(map(str, unpublished))} not published (-p HOST_PORT:PORT to publish)")
         sink = _stdout_writer(out)
         prefixer = LinePrefixer(f"{manifest.name}| ".encode(), sink) if args.log_prefix else None
+        if manifest.outputs and not args.outputs_dir:
+            out.note(f"outputs {', '.join(manifest.outputs)} not collected (--outputs-dir DIR to mirror them)")
         side_options: dict[str, Any] = {
             "publish": publish, "on_log": prefixer or sink, "on_status": _status_note(out),
-            "notifier": Notifier.from_env(unset=True)}
+            "notifier": Notifier.from_env(unset=True), "outputs_dir": args.outputs_dir}
         memory = args.memory_mb or manifest.defaults.memory_mb
         cpus = args.cpu_count or manifest.defaults.cpu_count
         try:

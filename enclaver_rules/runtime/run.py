@@ -40,6 +40,7 @@ from enclaver_rules.link.transport import Transport
 from enclaver_rules.manifest.model import Manifest
 from enclaver_rules.ports import LOGS_PORT, STATUS_PORT
 from enclaver_rules.runtime.egress_host import HostEgress
+from enclaver_rules.runtime.files_out import FilesOut
 from enclaver_rules.runtime.systemd import Notifier
 
 log = logging.getLogger("enclaver.run")
@@ -104,6 +105,7 @@ class HostSide:
     on_status: Callable[[Status], object] = lambda status: None
     notifier: Notifier = field(default_factory=lambda: Notifier(None))
     egress: HostEgress | None = None
+    outputs_dir: str | None = None  # where the manifest's outputs: are mirrored (files_out); None: not collected
     drain_timeout: float = 30.0
     connect_timeout: float = 120.0
     cid: int | None = field(default=None, init=False)
@@ -152,6 +154,7 @@ class HostSide:
         status = asyncio.ensure_future(self._follow_status(enclave))
         logs_done = asyncio.ensure_future(self._follow_logs(enclave))
         stopping = asyncio.ensure_future(self._stop.wait())
+        files = asyncio.ensure_future(self._follow_files(enclave))
         try:
             await asyncio.wait({status, stopping}, return_when=asyncio.FIRST_COMPLETED)
             self.notifier.stopping("stopping" if not status.done() else "the app ended")
@@ -162,10 +165,12 @@ class HostSide:
                     await asyncio.wait_for(asyncio.shield(status), self.drain_timeout)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(logs_done), self.drain_timeout)
+            with contextlib.suppress(TimeoutError):  # odyn sends a last scan of the outputs, then ends them
+                await asyncio.wait_for(asyncio.shield(files), self.drain_timeout)
         finally:
-            for task in (status, logs_done, stopping):
+            for task in (status, logs_done, stopping, files):
                 task.cancel()
-            await asyncio.gather(status, logs_done, stopping, return_exceptions=True)
+            await asyncio.gather(status, logs_done, stopping, files, return_exceptions=True)
         if self.interrupted:
             return EXIT_INTERRUPTED
         if self.final is None:
@@ -224,6 +229,13 @@ class HostSide:
             if await asyncio.to_thread(enclave.gone):
                 return
             await asyncio.sleep(RETRY)
+
+    async def _follow_files(self, enclave: Enclave) -> None:
+        """Mirror the manifest's `outputs:` under `outputs_dir` until odyn ends the stream."""
+        if not self.manifest.outputs or self.outputs_dir is None:
+            return
+        prefixes = tuple(p.strip("/") for p in self.manifest.outputs)
+        await FilesOut(self.transport, enclave.cid, self.outputs_dir, prefixes=prefixes).serve()
 
     async def _follow_logs(self, enclave: Enclave) -> None:
         connected = await self._connect(enclave, LOGS_PORT)
