@@ -241,7 +241,7 @@ def serve_host_egress(directory: str) -> int:
 
     from enclaver_rules.policy import EgressPolicy
     from enclaver_rules.runtime.egress_host import HostEgress
-    from odyn.transport import UnixTransport
+    from enclaver_rules.link.transport import UnixTransport
 
     async def main() -> None:
         server = await HostEgress(EgressPolicy.from_lists(["127.0.0.1"]), UnixTransport(directory, 2)).serve()

@@ -219,6 +219,7 @@ def _path(target: str) -> str:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "EC2ws"
+    disable_nagle_algorithm = True  # answers are written in pieces: no delayed-ACK stall per call
     sys_version = ""
     timeout = IDLE_TIMEOUT
     server: _Server

@@ -72,6 +72,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: KmsHttpServer
     protocol_version = "HTTP/1.1"
     timeout = IO_TIMEOUT
+    disable_nagle_algorithm = True  # answers are written in pieces: no delayed-ACK stall per call
 
     def version_string(self) -> str:
         return "enclaver-local-kms"
