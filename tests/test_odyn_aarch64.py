@@ -1,6 +1,6 @@
 """odyn for aarch64: the default odyn image is picked by the app's architecture, and a missing or
 mismatched one is refused with what to do. With ENC_TEST_AARCH64=1 (root, qemu-user-static with
-binfmt; about 6 minutes): the build in an arm64 root under qemu, twice to the same bytes, and the
+binfmt; about 8 minutes): the build in an arm64 root under qemu, twice to the same bytes, and the
 binary running in an arm64 root with no libc."""
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def test_the_host_check_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -
 # --- the real build, under qemu ---------------------------------------------------------------------
 
 BUILD = os.environ.get("ENC_TEST_AARCH64") == "1"
-needs_build = pytest.mark.skipif(not BUILD, reason="set ENC_TEST_AARCH64=1 (root, qemu-user + binfmt; ~6 min)")
+needs_build = pytest.mark.skipif(not BUILD, reason="set ENC_TEST_AARCH64=1 (root, qemu-user + binfmt; ~8 min)")
 
 
 @pytest.fixture(scope="module")

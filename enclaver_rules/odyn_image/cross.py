@@ -14,7 +14,7 @@ Why this shape:
 - Paths inside the root are fixed (the venv at `/opt/enclaver-odyn-venv`, sources in `/build`), so
   PyInstaller's output does not depend on where the root sits on the host.
 - The root is kept and reused while the package list and the pins stay the same (making it takes
-  about 3 minutes, a build in it about 1.5). Debian's mirror moves with point releases and no
+  about 3.5 minutes, a build in it about 2). Debian's mirror moves with point releases and no
   snapshot service is reachable from every build machine, so the root's package versions are
   recorded (`packages()`), compared with the ones this file's pins were measured with
   (`debian-arm64.txt`), and each difference is reported: same packages, same sources, same binary.

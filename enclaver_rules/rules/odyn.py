@@ -2,7 +2,7 @@
 odyn image of that architecture in the store.
 
 `odyn_image_aarch64` runs the same build in an arm64 Debian root under qemu-user
-(`enclaver_rules.odyn_image.cross`: about 6 minutes the first time, 1.5 with the root kept), so it is
+(`enclaver_rules.odyn_image.cross`: about 5 minutes the first time, 2 with the root kept), so it is
 never a dependency of another task: `resolve` of an aarch64 enclave names it when its image is
 missing. Its record is `out/odyn/aarch64/image.json`, next to the root's package list.
 
@@ -100,7 +100,7 @@ def odyn_tasks(cache_dir: str) -> Iterator[dict[str, Any]]:
     }
     yield {
         "basename": "odyn_image_aarch64",
-        "doc": "the same for aarch64, built in an arm64 Debian root under qemu-user (root; ~6 min first, then ~1.5)",
+        "doc": "the same for aarch64, built in an arm64 Debian root under qemu-user (root; ~5 min first, then ~2)",
         "actions": [(build_odyn_image_aarch64, [cache_dir])],
         "file_dep": shared + code + [str(p) for p in requirement_files()] + [str(here / "debian-arm64.txt")],
         "targets": [str(record_path(cache_dir, "aarch64"))],

@@ -137,7 +137,7 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
             record = json.loads(record_path(cache_dir, arch).read_text())
         except OSError:
             raise OperationFailed(f"the default {arch} odyn image has not been built (the app is {arch})",
-                                  fix=f"run `doit {task}`" + (" (as root, with qemu-user-static and binfmt: about 6 "
+                                  fix=f"run `doit {task}`" + (" (as root, with qemu-user-static and binfmt: about 5 "
                                                               "minutes the first time)" if arch != "x86_64" else "")
                                   ) from None
         odyn = load_stored(store, DEFAULT_TAGS[arch], Digest.parse(record["digest"]))
