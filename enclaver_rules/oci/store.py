@@ -335,7 +335,7 @@ STAGING: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("out/*/*", re.compile(_ATOMIC)),
     ("out/*/*", re.compile(r"\..+\.json\.[a-z0-9_]{8}")),  # atomic_file(), legacy
     ("odyn-build", re.compile(r"odyn-build-[a-z0-9_]{8}")),  # the odyn build tree (odyn_image/build.py)
-    ("odyn-build", re.compile(r"odyn\.partial")),
+    ("odyn-build", re.compile(r"odyn(?:-aarch64)?\.partial")),
 )
 
 

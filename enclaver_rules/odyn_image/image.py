@@ -24,6 +24,8 @@ from enclaver_rules.odyn_image.build import BUILD_EPOCH, Binary, requirements_fi
 ODYN_PATH = "/usr/local/bin/odyn"
 UNPACK_DIR = "/var/lib/odyn"
 DEFAULT_TAG = "enclaver/odyn:default"
+#: The default odyn image of each architecture (x86_64 keeps upstream-style `default`).
+DEFAULT_TAGS = {"x86_64": DEFAULT_TAG, "aarch64": "enclaver/odyn:default-aarch64"}
 LABEL = "dev.enclaver.odyn"
 
 
@@ -39,26 +41,31 @@ class OdynImage:
                                                                           "sha256": self.binary_sha256}}
 
 
-def put_image(store: Store, binary: Binary, tag: str = DEFAULT_TAG) -> OdynImage:
+def put_image(store: Store, binary: Binary, tag: str = DEFAULT_TAG, arch: str = "x86_64",
+              requirements: tuple[Path, ...] = (), labels: tuple[tuple[str, str], ...] = ()) -> OdynImage:
+    """The odyn image for `arch` (the binary's architecture), labelled with what it was built from:
+    `requirements` are the pin files (default: requirements.txt), `labels` any more."""
     data = binary.path.read_bytes()
     if hashlib.sha256(data).hexdigest() != binary.sha256:
         raise ValueError(f"{binary.path} changed while the odyn image was being made")
     buf = io.BytesIO()
     layer = write_layer([Entry.file(ODYN_PATH, data, 0o755), Entry.dir(UNPACK_DIR, 0o700)], buf, mtime=BUILD_EPOCH)
     store.put_bytes(buf.getvalue(), layer.digest, source="odyn layer")
-    manifest, config = empty_image("x86_64")  # the build is pinned for x86_64 (build.check_platform)
-    labels = {
+    manifest, config = empty_image(arch)
+    pins = b"".join(p.read_bytes() for p in requirements) if requirements else requirements_file().read_bytes()
+    all_labels = {
         "org.opencontainers.image.title": "odyn",
         "org.opencontainers.image.description": "enclaver's in-enclave supervisor (static binary)",
         f"{LABEL}.binary.sha256": binary.sha256,
         f"{LABEL}.source.sha256": binary.source_sha256,
-        f"{LABEL}.requirements.sha256": hashlib.sha256(requirements_file().read_bytes()).hexdigest(),
+        f"{LABEL}.requirements.sha256": hashlib.sha256(pins).hexdigest(),
         f"{LABEL}.python": binary.python,
         f"{LABEL}.libc": binary.libc,
+        **dict(labels),
     }
     edited = edit_image(manifest, config, layers=[layer], created=BUILD_EPOCH, created_by="enclaver odyn image",
                         edit=ConfigEdit(entrypoint=(ODYN_PATH,), env=(("TMPDIR", UNPACK_DIR), ("ODYN_APP_TMPDIR", "")),
-                                        labels=tuple(sorted(labels.items()))))
+                                        labels=tuple(sorted(all_labels.items()))))
     store.keep_image(tag, edited)
     return OdynImage(edited.manifest_digest, tag, binary.size, binary.sha256)
 

@@ -79,11 +79,21 @@ def clean_odyn(cache_dir: str) -> None:
     _report("odyn_image", "", removed)
 
 
+def clean_odyn_aarch64(cache_dir: str) -> None:
+    """The aarch64 odyn image's record and binary; the arm64 root stays (minutes to make again)."""
+    removed: list[str] = []
+    _remove(Path(cache_dir) / "out" / "odyn" / "aarch64", removed)
+    _remove(Path(cache_dir) / "odyn-build" / "odyn-aarch64", removed)
+    _report("odyn_image_aarch64", "", removed)
+
+
 def add_clean(task: dict[str, Any], cache_dir: str) -> dict[str, Any]:
     """`task` with its `clean` actions, for the steps that write outputs."""
     step, name = task.get("basename"), task.get("name")
     if step == "odyn_image":
         return {**task, "clean": [(clean_odyn, [cache_dir])]}
+    if step == "odyn_image_aarch64":
+        return {**task, "clean": [(clean_odyn_aarch64, [cache_dir])]}
     if step in CLEANED and name:
         return {**task, "clean": [(clean_outputs, [step, cache_dir, name])]}
     return task

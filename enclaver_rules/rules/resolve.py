@@ -105,7 +105,7 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
     from enclaver_rules.eif.build import image_arch
     from enclaver_rules.oci.resolve import Sources, resolve
     from enclaver_rules.oci.transfer import load_stored
-    from enclaver_rules.odyn_image.image import DEFAULT_TAG
+    from enclaver_rules.odyn_image.image import DEFAULT_TAGS
     from enclaver_rules.rules.odyn import record_path
 
     manifest, values = build_settings(manifest_path)
@@ -124,15 +124,23 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
     if locked and locked.get("app", {}).get("ref") == app_ref:
         app_ref = _pinned(app_ref, locked["app"]["digest"])
     app = resolve(_relative_to(manifest_path, app_ref), sources, file=manifest_path, field="sources.app")
+    arch = image_arch(app)
     if manifest.sources.odyn:
         odyn = resolve(_relative_to(manifest_path, manifest.sources.odyn), sources, file=manifest_path,
                        field="sources.odyn")
-    else:
+        if image_arch(odyn) != arch:
+            raise InvalidInput(f"the odyn image is {image_arch(odyn)} but the app is {arch}: odyn runs on the same "
+                               "CPU as the app", field="sources.odyn", fix=f"name the {arch} build of the odyn image")
+    else:  # the default odyn image of the app's architecture
+        task = "odyn_image" if arch == "x86_64" else f"odyn_image_{arch}"
         try:
-            record = json.loads(record_path(cache_dir).read_text())
+            record = json.loads(record_path(cache_dir, arch).read_text())
         except OSError:
-            raise OperationFailed("the default odyn image has not been built", fix="run `doit odyn_image`") from None
-        odyn = load_stored(store, DEFAULT_TAG, Digest.parse(record["digest"]))
+            raise OperationFailed(f"the default {arch} odyn image has not been built (the app is {arch})",
+                                  fix=f"run `doit {task}`" + (" (as root, with qemu-user-static and binfmt: about 5 "
+                                                              "minutes the first time)" if arch != "x86_64" else "")
+                                  ) from None
+        odyn = load_stored(store, DEFAULT_TAGS[arch], Digest.parse(record["digest"]))
     sleeve = None
     if manifest.sources.sleeve:  # the release image's base (upstream's name; `wrapper` before)
         sleeve_ref = manifest.sources.sleeve
@@ -140,7 +148,6 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
             sleeve_ref = _pinned(sleeve_ref, locked["sleeve"]["digest"])
         sleeve = resolve(_relative_to(manifest_path, sleeve_ref), sources, file=manifest_path,
                          field="sources.sleeve")
-    arch = image_arch(app)
     if sleeve is not None and image_arch(sleeve) != arch:
         raise InvalidInput(f"the sleeve image is {image_arch(sleeve)} but the app is {arch}", field="sources.sleeve",
                            fix=f"name the {arch} build of the runtime image: it runs on the same instance")
@@ -148,7 +155,7 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
     doc = {
         "manifest": {"path": manifest_path, "sha256": hashlib.sha256(raw).hexdigest()},
         "app": {"ref": manifest.sources.app, "name": app.name, "digest": str(app.digest)},
-        "odyn": {"ref": manifest.sources.odyn or DEFAULT_TAG, "name": odyn.name, "digest": str(odyn.digest)},
+        "odyn": {"ref": manifest.sources.odyn or DEFAULT_TAGS[arch], "name": odyn.name, "digest": str(odyn.digest)},
         "blobs": {"path": str(blobs.root), "digest": str(blobs.digest), "arch": arch,
                   "development": blobs.development},
         "sleeve": None if sleeve is None else {"ref": manifest.sources.sleeve, "name": sleeve.name,
