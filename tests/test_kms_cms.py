@@ -390,3 +390,21 @@ def test_recipient_actions_are_botocores() -> None:
     assert model.shape_for("KeyEncryptionMechanism").enum == [wire.KEY_ENCRYPTION_ALGORITHM]
     assert model.metadata["targetPrefix"] + "." == wire.TARGET_PREFIX
     assert model.metadata["jsonVersion"] == "1.1"
+
+
+def test_the_recipient_set_is_what_asn1crypto_writes_for_the_same_values() -> None:
+    """build_enveloped joins the recipient SET itself (asn1crypto's dump of the nested structure
+    costs milliseconds a call); the bytes must equal asn1crypto's own encoding of the same values."""
+    spki = KEY.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    envelope = cms.ContentInfo.load(build_enveloped(b"k" * 32, spki))["content"]
+    ktri = envelope["recipient_infos"][0].chosen
+    sha256 = {"algorithm": "sha256", "parameters": core.Null()}
+    oaep = algos.RSAESOAEPParams({"hash_algorithm": sha256,
+                                  "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": sha256}})
+    rebuilt = cms.RecipientInfos([cms.RecipientInfo(name="ktri", value=cms.KeyTransRecipientInfo({
+        "version": "v2",
+        "rid": cms.RecipientIdentifier(name="subject_key_identifier", value=hashlib.sha256(spki).digest()),
+        "key_encryption_algorithm": {"algorithm": "rsaes_oaep", "parameters": oaep},
+        "encrypted_key": ktri["encrypted_key"].native,
+    }))]).dump()
+    assert envelope["recipient_infos"].dump() == rebuilt
