@@ -63,6 +63,14 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
                    help="--simulate: egress to NAME (still subject to the policy) goes to IP:PORT; repeat")
     p.add_argument("--sim-state", metavar="DIR",
                    help="--simulate: the simulator's CA (default: as `enclaver attestation ca`)")
+    p.add_argument("--sim-kms", metavar="STATE_DIR",
+                   help="--simulate: start a local KMS (`enclaver kms serve --state STATE_DIR`, trusting the "
+                        "simulator CA's root) and a local IMDS for the KMS proxy; the manifest's "
+                        "kms_proxy.endpoints must name an http:// endpoint, whose host is mapped to it; the "
+                        "admin credentials are written to STATE_DIR/credentials (0600)")
+    p.add_argument("--sim-imds", action="store_true",
+                   help="--simulate: start a local IMDS (role enclaver-sim-parent, random keys) and map "
+                        "169.254.169.254 to it (implied by --sim-kms)")
     p.add_argument("--imds", metavar="URL", help="odyn's --imds for the KMS proxy (e.g. `enclaver imds serve`'s)")
     p.add_argument("--log-prefix", action="store_true", help="prefix each line of the enclave's output with `NAME| `")
     p.add_argument("--outputs-dir", metavar="DIR",
@@ -122,6 +130,13 @@ def run_cmd(args: argparse.Namespace, out: Output) -> int:
 
     publish = tuple(Publish.parse(p) for p in args.publish)
     sim_hosts = parse_sim_hosts(args.sim_host)
+    if (args.sim_kms or args.sim_imds) and not args.simulate:
+        raise InvalidInput("--sim-kms and --sim-imds are for --simulate only", field="--sim-kms",
+                           fix="on a Nitro host the KMS proxy uses AWS KMS and the instance's IMDS")
+    if (args.sim_kms or args.sim_imds) and args.imds:
+        raise InvalidInput("--imds and --sim-kms/--sim-imds both say where IMDS is", field="--imds",
+                           fix="drop --imds (the simulator passes odyn --imds http://169.254.169.254, mapped to "
+                               "its local IMDS)")
     if sim_hosts and not args.simulate:
         raise InvalidInput("--sim-host is for --simulate only", field="--sim-host",
                            fix="on a Nitro host names resolve through the parent's DNS")
@@ -184,12 +199,53 @@ def _simulate(args: argparse.Namespace, out: Output, runnable: Any, store: Any, 
     from enclaver_rules.oci.engine import Engine
     from enclaver_rules.runtime.simulator import SimOptions, simulate
 
-    options = SimOptions(memory, cpus, args.debug_mode, sim_hosts, args.imds,
-                         Path(args.sim_state) if args.sim_state else None)
-    out.note(f"simulating {runnable.manifest.name} ({runnable.source}): PCR0 {runnable.measurements['PCR0'][:16]}…"
-             f"{' (debug mode: PCRs zero)' if args.debug_mode else ''}, {cpus} CPUs, {memory} MiB, no network")
-    sys.stdout.flush()
-    return asyncio.run(simulate(runnable, store, Engine(), options, side_options))
+    ca_state = Path(args.sim_state) if args.sim_state else None
+    services = _start_sim_services(args, out, runnable.manifest, ca_state) if args.sim_kms or args.sim_imds else None
+    try:
+        hosts = {**sim_hosts, **(services.static_hosts if services else {})}
+        options = SimOptions(memory, cpus, args.debug_mode, hosts, services.imds if services else args.imds, ca_state)
+        out.note(f"simulating {runnable.manifest.name} ({runnable.source}): PCR0 "
+                 f"{runnable.measurements['PCR0'][:16]}…{' (debug mode: PCRs zero)' if args.debug_mode else ''}, "
+                 f"{cpus} CPUs, {memory} MiB, no network")
+        sys.stdout.flush()
+        return asyncio.run(simulate(runnable, store, Engine(), options, side_options))
+    finally:
+        if services is not None:
+            services.stop()
+
+
+def check_sim_service_egress(manifest: Any, static_hosts: dict[str, tuple[str, int]],
+                             ports: dict[str, int]) -> None:
+    """InvalidInput unless egress allows each mapped destination at the port odyn will ask for."""
+    from enclaver_rules.policy import parse_destination
+
+    if not manifest.egress.enabled:
+        raise InvalidInput("--sim-kms/--sim-imds: the manifest's egress is off, so the KMS proxy reaches neither",
+                           field="egress", fix="enable egress and allow the KMS endpoint's host and 169.254.169.254")
+    for name in static_hosts:
+        port = ports[name]
+        if not manifest.egress.policy().decide(parse_destination(f"{name}:{port}")).allowed:
+            raise InvalidInput(f"--sim-kms/--sim-imds: the manifest's egress policy does not allow {name}:{port}",
+                               field="egress.allow", fix=f"add {name!r} to egress.allow")
+
+
+def _start_sim_services(args: argparse.Namespace, out: Output, manifest: Any, ca_state: Path | None) -> Any:
+    from enclaver_rules.runtime.sim_nsm import CertificateAuthority
+    from enclaver_rules.runtime.simulator import IMDS_ADDRESS, sim_kms_target, start_sim_services
+
+    kms_state = Path(args.sim_kms) if args.sim_kms else None
+    ports = {IMDS_ADDRESS: 80}
+    if kms_state is not None:
+        target = sim_kms_target(manifest)
+        ports[target.host] = target.port
+    check_sim_service_egress(manifest, dict.fromkeys(ports, ("", 0)), ports)
+    ca_root = CertificateAuthority.open(ca_state).root_path if kms_state is not None else None
+    log_dir = kms_state if kms_state is not None else Path(tempfile.mkdtemp(prefix="enclaver-sim-imds-"))
+    services = start_sim_services(kms_state=kms_state, imds=True, ca_root=ca_root, manifest=manifest,
+                                  log_dir=log_dir)
+    for line in services.notes():
+        out.note(line)
+    return services
 
 
 class NitroEnclave:

@@ -95,7 +95,8 @@ class HostEgress:
     limits: Limits = field(default_factory=Limits)
     own_address: Callable[[IPAddress], bool] = is_own_address
     #: `--sim-host NAME=IP:PORT` (the simulator): an allowed NAME goes to IP:PORT, with no DNS and no
-    #: after-DNS check (the user named the stand-in); the name itself must still pass the policy.
+    #: after-DNS check (the user named the stand-in); the name itself must still pass the policy. An IP
+    #: literal may be mapped too (`--sim-imds` maps 169.254.169.254), after it passed the IP rules.
     static_hosts: Mapping[str, tuple[str, int]] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)  # the latest REFUSALS_KEPT reasons, for logs and tests
     open_connections: int = field(default=0, init=False)  # being handled now: handshakes and tunnels
@@ -116,6 +117,8 @@ class HostEgress:
             return [], e.message
         if dest.address is not None:
             decision = self.policy.decide(dest, own=self._own(dest.address))
+            if decision.allowed and str(dest.address) in self.static_hosts:  # --sim-imds: 169.254.169.254
+                return [self.static_hosts[str(dest.address)][0]], ""
             return ([str(dest.address)], "") if decision.allowed else ([], decision.reason)
         decision = self.policy.decide(dest)
         if not decision.allowed:
