@@ -32,7 +32,7 @@ from enclaver_rules.link.relay import IDLE_TIMEOUT, splice
 from enclaver_rules.link.transport import Transport
 from enclaver_rules.policy import EgressPolicy, PolicyError
 from enclaver_rules.ports import EGRESS_PORT, HOST_CID
-from odyn import dns
+from odyn import dns, local_http
 from odyn.connections import MAX_CONNECTIONS, Gate, Log, Throttle
 from odyn.http_head import (
     HeadError,
@@ -270,24 +270,6 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, reason: str,
                   body: str) -> None:
-    """Answer and close cleanly: send, half-close, then read and drop what the client still sends
-    (bounded in time and bytes), so that closing with unread bytes does not turn into a reset that
-    destroys the answer before the client has read it."""
-    clean = False
-    try:
-        writer.write(response(status, reason, body))
-        if writer.can_write_eof():
-            writer.write_eof()
-        async with asyncio.timeout(ANSWER_TIMEOUT):
-            await writer.drain()
-            dropped = 0
-            while dropped < ANSWER_DRAIN and (chunk := await reader.read(65536)):
-                dropped += len(chunk)
-            clean = dropped < ANSWER_DRAIN
-    except (TimeoutError, ConnectionError, OSError):
-        pass
-    finally:
-        if clean:
-            writer.close()
-        else:
-            writer.transport.abort()
+    """An error answer, sent and closed cleanly (`local_http.send`); a client may still be sending a
+    large body, so up to ANSWER_DRAIN of it is read and dropped."""
+    await local_http.send(reader, writer, response(status, reason, body), timeout=ANSWER_TIMEOUT, drain=ANSWER_DRAIN)

@@ -138,21 +138,23 @@ class LocalServer:
         return await self.service.respond(request, bytes(body))
 
 
-async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> None:
+async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes, *,
+               timeout: float = ANSWER_TIMEOUT, drain: int = ANSWER_DRAIN) -> None:
     """Answer and close cleanly: send, half-close, then read and drop what the client still sends
-    (bounded in time and bytes), so that closing with unread bytes does not turn into a reset that
-    destroys the answer before the client has read it."""
+    (at most `drain` bytes for `timeout` seconds), so that closing with unread bytes does not turn
+    into a reset that destroys the answer before the client has read it. The egress proxy's error
+    answers use it too."""
     clean = False
     try:
         writer.write(data)
         if writer.can_write_eof():
             writer.write_eof()
-        async with asyncio.timeout(ANSWER_TIMEOUT):
+        async with asyncio.timeout(timeout):
             await writer.drain()
             dropped = 0
-            while dropped < ANSWER_DRAIN and (chunk := await reader.read(65536)):
+            while dropped < drain and (chunk := await reader.read(65536)):
                 dropped += len(chunk)
-            clean = dropped < ANSWER_DRAIN
+            clean = dropped < drain
     except (TimeoutError, ConnectionError, OSError):
         pass
     finally:
