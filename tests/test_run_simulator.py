@@ -38,6 +38,17 @@ exit 7
 """
 
 
+#: An app that asks odyn's attestation API for a document over a nonce (busybox nc; the request
+#: written by hand) and leaves the answer in /out, which the manifest's outputs: sends to the host.
+NONCE_BODY = '{"nonce":"AAECAwQ="}'  # the nonce 00 01 02 03 04
+ATTESTER = (r"""
+printf 'POST /v1/attestation HTTP/1.1\r\nHost: api\r\nContent-Type: application/json\r\n"""
+            f"Content-Length: {len(NONCE_BODY)}" r"""\r\n\r\n""" + NONCE_BODY + r"""' \
+  | nc -w 20 127.0.0.1 9000 > /out/answer.http
+echo attested
+""")
+
+
 @pytest.fixture(scope="module")
 def built(template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with the hello example and a probe enclave (busybox running PROBE), both built."""
@@ -56,7 +67,17 @@ def built(template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "version: v1\nname: probe\ntarget: example.test/probe:release\nsources:\n  app: oci:app:latest\n"
         "egress:\n  allow:\n    - allowed.test\n    - denied.test\n  deny:\n    - denied.test\n"
         "defaults:\n  cpu_count: 1\n  memory_mb: 256\nbuild:\n  blobs: ../../blobs\n")
-    result = doit(root, "build:hello", "build:probe")
+    attester = root / "services" / "attester"
+    attester.mkdir(parents=True)
+    make_layout(str(attester / "app"), "latest", [[
+        Entry.file("bin/busybox", BUSYBOX.read_bytes(), 0o755), Entry.symlink("bin/sh", "busybox"),
+        Entry.dir("tmp", 0o1777), Entry.dir("out", 0o755), Entry.file("attest.sh", ATTESTER.encode(), 0o755)]],
+        cmd=("/bin/sh", "/attest.sh"))
+    (attester / "enclaver.yaml").write_text(
+        "version: v1\nname: attester\ntarget: example.test/attester:release\nsources:\n  app: oci:app:latest\n"
+        "api:\n  listen_port: 9000\noutputs:\n  - /out\n"
+        "defaults:\n  cpu_count: 1\n  memory_mb: 256\nbuild:\n  blobs: ../../blobs\n")
+    result = doit(root, "build:hello", "build:probe", "build:attester")
     assert result.returncode == 0, result.stdout + result.stderr
     return root
 
@@ -119,6 +140,29 @@ def test_the_boundary_holds_and_a_failing_apps_code_comes_through(built: Path, d
                  "other: HTTP/1.1 403", "stand-in says hi"):
         assert line in text, text
     assert "OPEN" not in text, text
+    assert not containers(dockerd)
+
+
+def test_attestation_in_the_simulator_carries_the_eifs_pcrs(built: Path, dockerd,  # type: ignore[no-untyped-def]
+                                                             cli, tmp_path: Path) -> None:
+    """The app in the container asks odyn's API; the simulated NSM (on the host) answers with the
+    PCRs of the EIF that was built; the document comes out through outputs: and verifies against
+    the simulator's root and the build's measurements, and not against AWS's root."""
+    mirror = tmp_path / "mirror"
+    proc = enclaver_run(built, dockerd, "cache/out/attester/latest", "--outputs-dir", str(mirror))
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out.decode() + err.decode()
+    assert "attested" in out.decode()
+    answer = (mirror / "out" / "answer.http").read_bytes()
+    head, _, document = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"application/cbor" in head, answer[:300]
+    (tmp_path / "doc.cbor").write_bytes(document)
+    measurements = built / "cache" / "out" / "attester" / "latest" / "measurements.json"
+    root = built / "sim-state" / "root.pem"
+    good = cli("attestation", "verify", str(tmp_path / "doc.cbor"), "--root", str(root), "--expect",
+               str(measurements), "--nonce", "0001020304")
+    assert good.code == 0, good.stdout + good.stderr
+    assert cli("attestation", "verify", str(tmp_path / "doc.cbor"), "--expect", str(measurements)).code == 1
     assert not containers(dockerd)
 
 
