@@ -15,15 +15,15 @@ import fcntl
 import json
 import os
 import re
-import stat
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from enclaver_rules.errors import InvalidInput, OperationFailed
+from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci.store import atomic_file
+from enclaver_rules.private_state import prepare_dir, read_private
 
 FORMAT = "enclaver-local-kms-key"
 VERSION = 1
@@ -161,21 +161,8 @@ class KeyStore:
 
 
 def _prepare(directory: Path) -> None:
-    """Make `directory` 0700 if missing; refuse one that is not ours or that others may write."""
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = os.lstat(directory)
-    except OSError as e:
-        raise OperationFailed(f"{directory}: cannot create the local KMS's state directory: {e.strerror}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise InvalidInput(f"{directory} is not a directory", field="--state",
-                           fix="give --state a directory of its own")
-    if info.st_uid != os.geteuid():
-        raise InvalidInput(f"{directory} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()})",
-                           field="--state", fix="use a state directory of your own")
-    if info.st_mode & 0o077:
-        raise InvalidInput(f"{directory} is open to others (mode {stat.S_IMODE(info.st_mode):o}): they could read or "
-                           f"replace the keys", field="--state", fix=f"chmod 700 {directory}")
+    prepare_dir(directory, what="the local KMS's state directory", field="--state",
+                fix_other="use a state directory of your own", private=True)
 
 
 def _load_all(directory: Path) -> Iterator[Key]:
@@ -186,18 +173,7 @@ def _load_all(directory: Path) -> Iterator[Key]:
 
 
 def _read_private(path: Path) -> Any:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-            raise InvalidInput(f"{path} is not a regular file of yours", field="--state",
-                               fix="remove it, or use a state directory of your own")
-        if info.st_mode & 0o077:
-            raise InvalidInput(f"{path} can be read by others (mode {stat.S_IMODE(info.st_mode):o}): it holds key "
-                               f"material", field="--state", fix=f"chmod 600 {path} (and treat the key as exposed)")
-        raw = os.read(fd, MAX_KEY_FILE + 1)
-    finally:
-        os.close(fd)
+    raw = read_private(path, MAX_KEY_FILE, field="--state", fix_exposed="and treat the key as exposed")
     if len(raw) > MAX_KEY_FILE:
         raise OperationFailed(f"{path} is larger than {MAX_KEY_FILE} bytes: not a key file")
     try:

@@ -50,6 +50,7 @@ from enclaver_rules.attestation.chain import Authority
 from enclaver_rules.attestation.nsm_messages import ErrorCode, NsmError
 from enclaver_rules.errors import InvalidInput, OperationFailed
 from enclaver_rules.oci.store import atomic_file
+from enclaver_rules.private_state import prepare_dir, read_private
 
 log = logging.getLogger("enclaver.sim-nsm")
 
@@ -156,21 +157,8 @@ def _issue(directory: Path, root: Authority, now: datetime) -> Authority:
 
 
 def _prepare(directory: Path) -> None:
-    """Make the directory 0700 if missing; refuse one that is not ours or that others may write."""
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = os.lstat(directory)
-    except OSError as e:
-        raise OperationFailed(f"{directory}: cannot create the simulator's state directory: {e.strerror}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise InvalidInput(f"{directory} is not a directory", fix="pass --state DIR (or set ENC_SIM_STATE) to a "
-                                                                  "directory of its own")
-    if info.st_uid != os.geteuid():
-        raise InvalidInput(f"{directory} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()})",
-                           fix=f"use a state directory of your own, or `chown -R {os.geteuid()} {directory}`")
-    if info.st_mode & 0o022:
-        raise InvalidInput(f"{directory} is writable by others (mode {stat.S_IMODE(info.st_mode):o}): they could "
-                           f"replace the simulator's keys", fix=f"chmod 700 {directory}")
+    prepare_dir(directory, what="the simulator's state directory", field="--state", private=False,
+                fix_other="pass --state DIR (or set ENC_SIM_STATE) to a directory of its own")
 
 
 @contextlib.contextmanager
@@ -186,21 +174,9 @@ def _locked(directory: Path) -> Iterator[None]:
 
 def _read_private(path: Path) -> bytes:
     """A key file, refused unless it is a regular file of ours that nobody else can read."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidInput(f"{path} is not a regular file", fix="remove it: the simulator makes a new CA")
-        if info.st_uid != os.geteuid():
-            raise InvalidInput(f"{path} belongs to uid {info.st_uid}, not to you (uid {os.geteuid()})",
-                               fix=f"chown {os.geteuid()} {path}, or use a state directory of your own")
-        if info.st_mode & 0o077:
-            raise InvalidInput(f"{path} can be read by others (mode {stat.S_IMODE(info.st_mode):o}): a private key",
-                               fix=f"chmod 600 {path} (and treat the key as exposed: remove the directory to "
-                                   f"make a new CA)")
-        return os.read(fd, MAX_STATE_FILE)
-    finally:
-        os.close(fd)
+    data = read_private(path, MAX_STATE_FILE, field="--state",
+                        fix_exposed="and treat the key as exposed: remove the directory to make a new CA")
+    return data[:MAX_STATE_FILE]
 
 
 def _load(directory: Path, which: str, issuer: Authority | None = None) -> Authority | None:
