@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,32 +183,9 @@ def error_code(body: bytes) -> str | None:
 # -- JSON ------------------------------------------------------------------------------------------
 
 
-def _pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    document: dict[str, object] = {}
-    for key, value in pairs:
-        if key in document:
-            raise ValueError(f"the key {key[:60]!r} is given twice")
-        document[key] = value
-    return document
-
-
-def _number(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text[:40]} is out of range")
-    return value
-
-
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _object(body: bytes, what: str, status: int = 400) -> dict[str, object]:
     try:
-        document = json.loads(body.decode("utf-8"), object_pairs_hook=_pairs, parse_float=_number,
-                              parse_constant=_no_constant)
-    except RecursionError:
-        raise ProxyError(status, f"{what} is not usable JSON: nested too deeply") from None
+        document = wire.loads(body.decode("utf-8"))
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a key given twice
         raise ProxyError(status, f"{what} is not usable JSON: {e!s:.200}") from None
     if not isinstance(document, dict):

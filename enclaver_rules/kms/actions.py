@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from enclaver_rules.kms import ciphertext, recipient, shapes
 from enclaver_rules.kms.keystore import GrantRecord, Key, KeyStore
 from enclaver_rules.kms.recipient import Attested
-from enclaver_rules.kms.wire import ServiceError
+from enclaver_rules.kms.wire import ServiceError, loads
 from enclaver_rules.policy import kms as policy
 
 SYMMETRIC = "SYMMETRIC_DEFAULT"
@@ -56,24 +56,6 @@ DATA_KEY_PAIRS: Mapping[str, Callable[[], Any]] = {
     "ECC_SECG_P256K1": lambda: ec.generate_private_key(ec.SECP256K1()),
 }
 DATA_KEY_SIZES = {"AES_256": 32, "AES_128": 16}
-
-
-class _Duplicate(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _Duplicate(f"the key {k!r} appears twice in one object")
-        out[k] = v
-    return out
-
-
-def loads(text: str | bytes) -> Any:
-    """JSON with duplicate keys refused (a second `Condition` must not silently replace the first)."""
-    return json.loads(text, object_pairs_hook=_no_duplicates)
 
 
 @dataclass(frozen=True, slots=True)

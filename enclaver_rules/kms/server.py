@@ -22,9 +22,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from enclaver_rules.kms import shapes, sigv4
-from enclaver_rules.kms.actions import Caller, LocalKms, loads
+from enclaver_rules.kms.actions import Caller, LocalKms
 from enclaver_rules.kms.sigv4 import Identity
-from enclaver_rules.kms.wire import CONTENT_TYPE, TARGET_HEADER, ServiceError, action_of, error_body
+from enclaver_rules.kms.wire import CONTENT_TYPE, TARGET_HEADER, ServiceError, action_of, error_body, loads
 
 log = logging.getLogger("enclaver.kms")
 

@@ -9,9 +9,11 @@ which `botocore/parsers.py` reads (kms-recipient notes §1.3).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import Any
 
 TARGET_PREFIX = "TrentService."
 CONTENT_TYPE = "application/x-amz-json-1.1"
@@ -64,3 +66,33 @@ class ServiceError(Exception):
 def error_body(code: str, message: str) -> bytes:
     """The JSON error body: `{"__type": code, "message": message}`."""
     return json.dumps({"__type": code, "message": message}, separators=(",", ":")).encode()
+
+
+def loads(data: str | bytes) -> Any:
+    """JSON read strictly, by both the KMS proxy and the local KMS: a key given twice (two readers
+    must never see different values: a second `Condition` would replace the first), NaN, Infinity,
+    a number out of range or nesting too deep is a ValueError."""
+    try:
+        return json.loads(data, object_pairs_hook=_unique, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"the key {key[:60]!r} is given twice")
+        document[key] = value
+    return document
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
