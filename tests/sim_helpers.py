@@ -4,6 +4,7 @@ measurements file, and `enclaver attestation sim-nsm` running as its own process
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import queue
@@ -66,3 +67,26 @@ def sim_nsm(socket: Path, measurements: Path, state: Path, *extra: str) -> Itera
         if process.poll() is None:
             process.terminate()
         process.communicate(timeout=30)
+
+
+@contextlib.contextmanager
+def http_page(body: bytes, host: str = "127.0.0.1") -> Iterator[int]:
+    """A stand-in HTTP server answering every GET with `body` (what `--sim-host` maps a name to);
+    yields its port."""
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((host, 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -4,12 +4,10 @@ transport: status, logs, exit codes, a stop that drains, ingress, and egress thr
 from __future__ import annotations
 
 import asyncio
-import http.server
 import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from enclaver_rules.link.transport import UnixTransport
 from enclaver_rules.manifest.load import load_manifest
 from enclaver_rules.runtime.egress_host import HostEgress
 from enclaver_rules.runtime.run import EXIT_INTERRUPTED, HostSide, LinePrefixer, Publish, check_publish, run
+from sim_helpers import http_page
 
 ENCLAVE_CID = 16
 
@@ -145,21 +144,8 @@ def test_ingress_reaches_the_app_through_the_enclaves_port(tmp_path: Path) -> No
 
 @pytest.fixture
 def stand_in() -> Iterator[int]:
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"from the stand-in"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield int(server.server_address[1])
-    server.shutdown()
+    with http_page(b"from the stand-in") as port:
+        yield port
 
 
 def test_egress_reaches_a_sim_host_stand_in_and_the_policy_still_refuses(tmp_path: Path, stand_in: int) -> None:

@@ -3,13 +3,11 @@ code, SIGTERM draining, and the boundary (no direct TCP, UDP or DNS; the proxy's
 
 from __future__ import annotations
 
-import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ import pytest
 from enclaver_rules.oci.layer import Entry
 from oci_helpers import make_layout
 from pipeline import doit
+from sim_helpers import http_page
 
 BUSYBOX = Path("/bin/busybox")
 ENCLAVER = [sys.executable, "-m", "enclaver_rules.cli"]
@@ -105,21 +104,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def stand_in() -> Iterator[int]:
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"stand-in says hi"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield int(server.server_address[1])
-    server.shutdown()
+    with http_page(b"stand-in says hi", "0.0.0.0") as port:
+        yield port
 
 
 def test_the_boundary_holds_and_a_failing_apps_code_comes_through(built: Path, dockerd,  # type: ignore[no-untyped-def]
