@@ -69,8 +69,10 @@ def test_a_late_reader_gets_the_ring_and_the_end(tmp_path: Path) -> None:
 
 
 def test_sigterm_is_forwarded_for_a_graceful_stop(tmp_path: Path) -> None:
-    app = ("import signal, sys, time\n"
-           "def stop(*_):\n print('graceful', flush=True); sys.exit(0)\n"
+    # the handler writes with os.write: a print from a handler that lands inside print('ready') is
+    # a reentrant call into the same buffered stdout (RuntimeError), which made this test flaky
+    app = ("import os, signal, sys, time\n"
+           "def stop(*_):\n os.write(1, b'graceful\\n'); sys.exit(0)\n"
            "signal.signal(signal.SIGTERM, stop)\nprint('ready', flush=True)\ntime.sleep(60)\n")
     odyn = start_odyn(tmp_path, sys.executable, "-c", app)
 

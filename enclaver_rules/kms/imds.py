@@ -219,7 +219,10 @@ def _path(target: str) -> str:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "EC2ws"
-    disable_nagle_algorithm = True  # answers are written in pieces: no delayed-ACK stall per call
+    # an answer leaves in one write (head and body buffered, flushed after each request), with no
+    # delayed-ACK stall between its pieces and no separate segment a reset could cut off
+    disable_nagle_algorithm = True
+    wbufsize = 64 << 10
     sys_version = ""
     timeout = IDLE_TIMEOUT
     server: _Server

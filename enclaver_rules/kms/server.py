@@ -72,7 +72,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: KmsHttpServer
     protocol_version = "HTTP/1.1"
     timeout = IO_TIMEOUT
-    disable_nagle_algorithm = True  # answers are written in pieces: no delayed-ACK stall per call
+    # an answer leaves in one write (head and body buffered, flushed after each request), with no
+    # delayed-ACK stall between its pieces and no separate segment a reset could cut off
+    disable_nagle_algorithm = True
+    wbufsize = 64 << 10
 
     def version_string(self) -> str:
         return "enclaver-local-kms"
