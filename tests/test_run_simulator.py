@@ -236,3 +236,15 @@ def test_the_nitro_path_drives_nitro_cli_stand_in(built: Path, cli, tmp_path: Pa
     assert calls[-1] == ["terminate-enclave", "--enclave-id", enclave_id]
     assert f"started enclave {enclave_id}, CID 23" in result.stderr
     assert result.code == 1  # the stand-in's enclave ended without a status
+
+
+def test_the_doit_task_runs_the_latest_build(built: Path, dockerd, stand_in: int) -> None:  # type: ignore[no-untyped-def]
+    """`doit run_enclave:NAME ARGS…`: enclaver run of the latest build, --simulate added off Nitro hardware, the
+    arguments passed through, and the app's failing exit code failing the task."""
+    result = doit(built, "run_enclave:probe", "--sim-host", f"allowed.test=127.0.0.1:{stand_in}",
+                  env={"DOCKER_HOST": dockerd.host, "ENC_SIM_STATE": str(built / "sim-state")})
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "probe-start" in result.stdout and "stand-in says hi" in result.stdout, result.stdout + result.stderr
+    assert "run_enclave:probe: enclaver run exited 7" in result.stderr, result.stderr
+    assert "sim-host: allowed.test → 127.0.0.1:" in result.stderr
+    assert not containers(dockerd)

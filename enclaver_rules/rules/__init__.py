@@ -4,7 +4,7 @@ Each step of the pipeline is a generator in its own module, yielding tasks named
 `check`, `explain`, `odyn_image` (once), `resolve` (inputs → digests), `layer` (enclave image),
 `eif` (EIF + measurements; the remote cache lives here), `release` (release image; `build:<name>`
 names resolve → release), `trust` (KMS key policy), `show` (PCRs and output paths, always),
-`push`, `verify` (CI). Each step's key covers
+`push`, `verify` (CI), `run_enclave` (enclaver run of the latest build; never a default). Each step's key covers
 its inputs' digests and enclaver's version; see `common` for where outputs go.
 """
 
@@ -25,6 +25,7 @@ from enclaver_rules.rules.odyn import odyn_tasks
 from enclaver_rules.rules.push import push_tasks
 from enclaver_rules.rules.release import build_tasks, release_tasks
 from enclaver_rules.rules.resolve import resolve_tasks
+from enclaver_rules.rules.run import run_tasks
 from enclaver_rules.rules.show import show_tasks
 from enclaver_rules.rules.trust import trust_tasks
 from enclaver_rules.rules.verify import verify_tasks
@@ -118,6 +119,10 @@ def tasks(root: str, extra_deps: dict[str, list[str]] | None = None, enclaves: l
         """prove every enclave's build reproduces bit for bit (CI)"""
         yield from verify_tasks(absolute, cache)
 
+    def task_run_enclave() -> Iterator[dict[str, Any]]:
+        """enclaver run of an enclave's latest build: doit run_enclave:NAME [enclaver run flags]"""
+        yield from run_tasks(absolute, cache)
+
     def cleaned(creator: Callable[[], Iterator[dict[str, Any]]]) -> Callable[[], Iterator[dict[str, Any]]]:
         @functools.wraps(creator)  # doit reads the docstring, and the source line to order creators
         def create() -> Iterator[dict[str, Any]]:
@@ -129,7 +134,7 @@ def tasks(root: str, extra_deps: dict[str, list[str]] | None = None, enclaves: l
     creators = {"task_check": task_check, "task_explain": task_explain, "task_odyn_image": task_odyn_image,
             "task_resolve": task_resolve, "task_layer": task_layer, "task_eif": task_eif,
             "task_release": task_release, "task_build": task_build, "task_trust": task_trust, "task_show": task_show,
-            "task_push": task_push, "task_verify": task_verify}
+            "task_push": task_push, "task_verify": task_verify, "task_run_enclave": task_run_enclave}
     return {"DOIT_CONFIG": doit_config(cache), **{k: cleaned(v) for k, v in creators.items()}}
 
 
