@@ -239,9 +239,9 @@ def serve_host_egress(directory: str) -> int:
     """The host side of egress on DIR (CID 2), as `enclaver run` starts it (child process)."""
     import asyncio
 
+    from enclaver_rules.link.transport import UnixTransport
     from enclaver_rules.policy import EgressPolicy
     from enclaver_rules.runtime.egress_host import HostEgress
-    from enclaver_rules.link.transport import UnixTransport
 
     async def main() -> None:
         server = await HostEgress(EgressPolicy.from_lists(["127.0.0.1"]), UnixTransport(directory, 2)).serve()

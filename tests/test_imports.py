@@ -206,3 +206,56 @@ def test_the_cose_rule_can_fail() -> None:
     assert _cose_and_cbor_uses(ast.parse(old)) == ({"loads"}, {"decode_dss_signature"}, True)
     assert _cose_and_cbor_uses(ast.parse("from cbor2 import CBORDecoder\nimport json\njson.load\n"))[0] == \
         {"CBORDecoder"}
+
+
+#: Modules `enclaver run` reaches only on --simulate (and rich's Output, a type hint there): the runtime
+#: image's binary has no Docker client, rich or simulator, and its parser has no --simulate.
+RUNTIME_LEFT_OUT = {"enclaver_rules.oci.engine", "enclaver_rules.runtime.simulator", "enclaver_rules.runtime.sim_nsm",
+                    "enclaver_rules.cli.output"}
+
+
+def _closure(start: str, left_out: set[str]) -> tuple[set[str], set[str], set[str]]:
+    """(enclaver_rules modules reached from `start` by any import, even inside a function; third-party
+    top-level names they import; the left-out modules that were referenced)."""
+    seen: set[str] = set()
+    third: set[str] = set()
+    skipped: set[str] = set()
+
+    def source(name: str) -> Path | None:
+        for candidate in (REPO / (name.replace(".", "/") + ".py"), REPO / name.replace(".", "/") / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def visit(name: str) -> None:
+        if name in left_out:
+            skipped.add(name)
+            return
+        path = source(name)
+        if name in seen or path is None:
+            return
+        seen.add(name)
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            visit(".".join(parts[:i]))
+        for imported in _imports(path):
+            if imported.startswith("enclaver_rules"):
+                visit(imported)
+                visit(imported.rsplit(".", 1)[0])  # `from pkg import member`: the package itself
+            else:
+                third.add(imported.split(".")[0])
+
+    visit(start)
+    return seen, third, skipped
+
+
+def test_the_runtime_binary_stages_everything_the_host_side_imports() -> None:
+    from enclaver_rules.odyn_image.build import source_files
+    from enclaver_rules.odyn_image.runtime_image import RECIPE
+
+    staged = {str(p.relative_to(REPO).with_suffix("")).replace("/", ".").removesuffix(".__init__")
+              for p in source_files(RECIPE) if p.suffix == ".py"}
+    reached, third, skipped = _closure("enclaver_rules.runtime.main", RUNTIME_LEFT_OUT)
+    assert reached - staged == set(), "imported by the host side but not staged into enclaver-run"
+    assert skipped == RUNTIME_LEFT_OUT  # the simulator's modules are referenced, and are left out on purpose
+    assert third - set(sys.stdlib_module_names) - {"__future__"} == {"yaml", "jsonschema", "cbor2", "cryptography"}

@@ -62,18 +62,43 @@ def test_an_aarch64_app_gets_the_aarch64_default_odyn_image(tmp_path: Path) -> N
     doc = resolve_enclave(str(manifest), "app", str(tmp_path / "cache"))
     assert isinstance(doc, dict), doc
     assert doc["odyn"]["ref"] == "enclaver/odyn:default-aarch64" and doc["odyn"]["digest"] == digest
+    assert doc["sleeve"] is None  # no aarch64 runtime image: the release keeps an empty base
     image = load_stored(Store(tmp_path / "cache"), DEFAULT_TAGS["aarch64"], Digest.parse(digest))
     assert image.config.platform.architecture == "arm64"
     assert image.config.entrypoint == [ODYN_PATH]
+
+
+def _fake_runtime(cache: Path) -> str:
+    """enclaver's runtime image in the store and its record, as the runtime_image task leaves them."""
+    from enclaver_rules.odyn_image import runtime_image
+
+    binary = cache / "enclaver-run"
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    binary.write_bytes(b"\x7fELF stand-in for enclaver-run")
+    data = binary.read_bytes()
+    image = runtime_image.put_image(Store(cache).init(), Binary(binary, len(data), hashlib.sha256(data).hexdigest(),
+                                                                "3.11.2", "glibc 2.36", "0" * 64))
+    runtime_image.write_record(record_path(str(cache), kind="runtime"), image)
+    return str(image.digest)
 
 
 def test_an_x86_64_app_still_gets_the_x86_64_one(tmp_path: Path) -> None:
     manifest = _enclave(tmp_path, "amd64")
     digest = _fake_default(tmp_path / "cache", "x86_64")
     _fake_default(tmp_path / "cache", "aarch64")
+    runtime = _fake_runtime(tmp_path / "cache")
     doc = resolve_enclave(str(manifest), "app", str(tmp_path / "cache"))
     assert isinstance(doc, dict), doc
     assert doc["odyn"] == {"ref": "enclaver/odyn:default", "name": doc["odyn"]["name"], "digest": digest}
+    # the release image's default base is enclaver's runtime image (x86_64 only, for now)
+    assert doc["sleeve"]["ref"] == "enclaver/runtime:default" and doc["sleeve"]["digest"] == runtime
+
+
+def test_without_the_runtime_image_resolve_names_the_task(tmp_path: Path) -> None:
+    manifest = _enclave(tmp_path, "amd64")
+    _fake_default(tmp_path / "cache", "x86_64")
+    failed = resolve_enclave(str(manifest), "app", str(tmp_path / "cache"))
+    assert not isinstance(failed, dict) and "doit runtime_image" in str(failed)
 
 
 def test_without_an_aarch64_odyn_image_resolve_names_the_task(tmp_path: Path) -> None:

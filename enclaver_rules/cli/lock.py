@@ -44,9 +44,10 @@ def run(args: argparse.Namespace, out: Output) -> int:
         raise InvalidInput(f"{args.file}: no such file", file=args.file, fix="pass the manifest with -f FILE")
     manifest, _ = load_manifest(str(path))
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir(str(path.resolve().parent))
-    code = run_rule_set(path, manifest.name, cache, "odyn_image", out)  # the default odyn image, if used
-    if code != ExitCode.OK:
-        return code
+    for task in ("odyn_image", "runtime_image"):  # the default odyn and runtime images, if used
+        code = run_rule_set(path, manifest.name, cache, task, out)
+        if code != ExitCode.OK:
+            return code
     # the undecorated action: errors are raised (with their exit codes), not turned into doit failures
     resolved = resolve_enclave.__wrapped__(  # type: ignore[attr-defined]
         str(path.resolve()), manifest.name, str(cache), False)

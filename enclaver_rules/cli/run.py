@@ -12,12 +12,14 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, command
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import InvalidInput
+
+if TYPE_CHECKING:  # not at run time: the runtime image's binary (runtime/main.py) has no rich
+    from enclaver_rules.cli.output import Output
 
 NITRO_DEVICE = "/dev/nitro_enclaves"
 CODES: dict[int, str] = {
@@ -48,9 +50,21 @@ _SIM_HOST = re.compile(r"^(?P<name>[^=\s]+)=(?P<ip>\[[0-9A-Fa-f:.]+\]|[0-9.]+):(
 def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     p = command(commands, common, "run", help="run an enclave (nitro-cli, or --simulate in Docker) and its host side",
                 codes=CODES, run=run_cmd, description=DESCRIPTION)  # type: ignore[arg-type]  # 107–109 are run's own
-    p.add_argument("image", metavar="IMAGE|EIF", help="a release image in the store, an EIF, or a build directory")
-    p.add_argument("--simulate", action="store_true",
-                   help="run the enclave image in Docker (no network; simulated NSM) instead of nitro-cli")
+    add_arguments(p)
+
+
+def add_arguments(p: argparse.ArgumentParser, *, runtime: bool = False) -> None:
+    """`enclaver run`'s flags; `runtime`: the runtime image's `enclaver-run` (runtime/main.py), which runs
+    its release image's /enclave by default, publishes every ingress port unless -p says otherwise, and
+    has no simulator (no Docker in there) and no store."""
+    if runtime:
+        p.add_argument("image", metavar="EIF|DIR", nargs="?", default="/enclave",
+                       help="the EIF, or the directory holding application.eif (default: /enclave, the release "
+                            "image's)")
+    else:
+        p.add_argument("image", metavar="IMAGE|EIF", help="a release image in the store, an EIF, or a build directory")
+        p.add_argument("--simulate", action="store_true",
+                       help="run the enclave image in Docker (no network; simulated NSM) instead of nitro-cli")
     p.add_argument("--cpu-count", type=int, metavar="N", help="CPUs (default: the manifest's defaults.cpu_count)")
     p.add_argument("--memory-mb", type=int, metavar="N", help="memory in MiB (default: defaults.memory_mb)")
     p.add_argument("-p", "--publish", action="append", default=[], metavar="[IP:]HOST_PORT:PORT",
@@ -59,6 +73,16 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
                    help="fail before anything starts unless the EIF's PCRs equal this file's")
     p.add_argument("--debug-mode", action="store_true",
                    help="a debug-mode enclave: console available, attestation PCRs all zero")
+    p.add_argument("--log-prefix", action="store_true", help="prefix each line of the enclave's output with `NAME| `")
+    p.add_argument("--outputs-dir", metavar="DIR",
+                   help="mirror the directories the manifest's outputs: lists under DIR (created if missing); "
+                        "without it they stay in the enclave")
+    p.add_argument("--configure-allocator", action="store_true",
+                   help="Nitro: raise the allocator's reservation when the enclave does not fit (never silently)")
+    if runtime:
+        p.set_defaults(simulate=False, sim_host=[], sim_state=None, sim_kms=None, sim_imds=False, imds=None,
+                       cache_dir=None, runtime=True)
+        return
     p.add_argument("--sim-host", action="append", default=[], metavar="NAME=IP:PORT",
                    help="--simulate: egress to NAME (still subject to the policy) goes to IP:PORT; repeat")
     p.add_argument("--sim-state", metavar="DIR",
@@ -72,12 +96,6 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
                    help="--simulate: start a local IMDS (role enclaver-sim-parent, random keys) and map "
                         "169.254.169.254 to it (implied by --sim-kms)")
     p.add_argument("--imds", metavar="URL", help="odyn's --imds for the KMS proxy (e.g. `enclaver imds serve`'s)")
-    p.add_argument("--log-prefix", action="store_true", help="prefix each line of the enclave's output with `NAME| `")
-    p.add_argument("--outputs-dir", metavar="DIR",
-                   help="mirror the directories the manifest's outputs: lists under DIR (created if missing); "
-                        "without it they stay in the enclave")
-    p.add_argument("--configure-allocator", action="store_true",
-                   help="Nitro: raise the allocator's reservation when the enclave does not fit (never silently)")
     p.add_argument("--cache-dir", metavar="DIR", help="the store (default: $ENC_CACHE_DIR, else the repository's)")
 
 
@@ -146,8 +164,11 @@ def run_cmd(args: argparse.Namespace, out: Output) -> int:
             raise InvalidInput(f"--{flag.replace('_', '-')} {value}: must be 1 or more", field=f"--{flag}")
     if not args.simulate and not os.path.exists(NITRO_DEVICE):
         raise InvalidInput(f"no {NITRO_DEVICE}: this is not a Nitro Enclaves host (or its driver is not loaded)",
-                           fix="add --simulate to run the enclave image in Docker with the simulated NSM")
-    store = Store(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+                           fix="run the container with --device /dev/nitro_enclaves on a Nitro host; elsewhere, "
+                               "`enclaver run --simulate IMAGE`" if getattr(args, "runtime", False) else
+                               "add --simulate to run the enclave image in Docker with the simulated NSM")
+    runtime = getattr(args, "runtime", False)  # the runtime image's enclaver-run: no store, publish all
+    store = None if runtime else Store(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
     with tempfile.TemporaryDirectory(prefix="enclaver-run-") as tmp:
         runnable = resolve(args.image, store, Path(tmp))
         if args.verify_before_run:
@@ -161,6 +182,10 @@ def run_cmd(args: argparse.Namespace, out: Output) -> int:
             out.note(f"measurements match {args.verify_before_run}: "
                      + ", ".join(f"PCR{i}" for i in sorted(expected)))
         manifest = runnable.manifest
+        if runtime and not publish:  # as upstream's enclaver-run: every ingress port, on the same port
+            publish = tuple(Publish(i.listen_port, i.listen_port) for i in manifest.ingress)
+            if publish:
+                out.note("publishing ingress " + ", ".join(str(p) for p in publish))
         check_publish(manifest, publish)
         for name, (ip, port) in sim_hosts.items():
             from enclaver_rules.policy import parse_destination

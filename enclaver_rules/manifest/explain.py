@@ -48,8 +48,8 @@ def explain(m: Manifest) -> list[Row]:
         Row("app", m.sources.app, _pinned(m.sources.app)),
         Row("release image", m.target),
         Row("odyn", _image(m.sources.odyn, "odyn")),
-        Row("release base", m.sources.sleeve or "none: the release image holds the EIF but does not run on its own "
-            "(no runtime image yet; name one in sources.sleeve)"),
+        Row("release base", m.sources.sleeve or "enclaver's runtime image (enclaver/runtime:default): `docker run "
+            "--device /dev/nitro_enclaves` of the release starts the enclave (an aarch64 app: none)"),
         Row("resources", f"{m.defaults.cpu_count} vCPUs, {m.defaults.memory_mb} MiB (the manifest's defaults; a run may ask for others)"),
     ]
     if m.ingress:

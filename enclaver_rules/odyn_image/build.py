@@ -48,6 +48,20 @@ STAGED: tuple[tuple[str, tuple[str, ...]], ...] = (
 HOOKS = "hooks"
 ENTRY = "from odyn.__main__ import main\nraise SystemExit(main())\n"
 
+
+@dataclass(frozen=True)
+class Recipe:
+    """One static binary made with the same build venv, PyInstaller and staticx: what it may contain
+    (`staged`) and the code that starts it (`entry`). Two of them: odyn (inside the enclave) and
+    enclaver-run (the runtime image's host side: `enclaver_rules.odyn_image.runtime_image`)."""
+
+    name: str
+    staged: tuple[tuple[str, tuple[str, ...]], ...]
+    entry: str
+
+
+ODYN = Recipe("odyn", STAGED, ENTRY)
+
 Say = Callable[[str], None]
 
 
@@ -80,10 +94,10 @@ def _package_dir(name: str) -> Path:
     return Path(module.__file__).parent
 
 
-def source_files() -> list[Path]:
+def source_files(recipe: Recipe = ODYN) -> list[Path]:
     """Every file staged into the binary, for doit's file_dep and the source digest."""
     files: list[Path] = []
-    for package, parts in STAGED:
+    for package, parts in recipe.staged:
         base = _package_dir(package)
         for part in parts:
             path = (base / part).resolve()
@@ -92,10 +106,10 @@ def source_files() -> list[Path]:
     return [f for f in files if "__pycache__" not in f.parts]
 
 
-def stage(dest: Path) -> str:
+def stage(dest: Path, recipe: Recipe = ODYN) -> str:
     """Copy the sources into `dest`; returns a digest over names and contents (not mtimes)."""
     digest = hashlib.sha256()
-    for package, parts in STAGED:
+    for package, parts in recipe.staged:
         base = _package_dir(package)
         for part in parts:
             src = (base / part).resolve()
@@ -113,7 +127,7 @@ def stage(dest: Path) -> str:
     schema = resources.files("enclaver_rules.schemas").joinpath("enclaver.schema.json").read_bytes()
     (schemas / "enclaver.schema.json").write_bytes(schema)
     digest.update(b"schema\0" + schema)
-    (dest / "odyn_entry.py").write_text(ENTRY)
+    (dest / f"{recipe.name.replace('-', '_')}_entry.py").write_text(recipe.entry)
     return digest.hexdigest()
 
 
@@ -214,8 +228,10 @@ def build_environment(bin_dir: Path) -> dict[str, str]:
             "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
 
 
-def build_binary(cache: Path, out: Path, python: str = SYSTEM_PYTHON, say: Say = print) -> Binary:
-    """Build `out` (the static odyn binary); `cache` holds the temporary build directory."""
+def build_binary(cache: Path, out: Path, python: str = SYSTEM_PYTHON, say: Say = print,
+                 recipe: Recipe = ODYN) -> Binary:
+    """Build `out` (the static binary of `recipe`, odyn by default); `cache` holds the temporary build
+    directory."""
     check_platform(python)
     cache, out = cache.resolve(), out.resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -223,22 +239,24 @@ def build_binary(cache: Path, out: Path, python: str = SYSTEM_PYTHON, say: Say =
     venv = build_venv(python, say)
     bin_dir = venv / "bin"
     env = build_environment(bin_dir)
-    with tempfile.TemporaryDirectory(prefix="odyn-build-", dir=cache) as tmp:
+    name = recipe.name
+    with tempfile.TemporaryDirectory(prefix=f"{name}-build-", dir=cache) as tmp:
         work = Path(tmp)
         src = work / "src"
-        source = stage(src)
-        say("odyn: PyInstaller (one file, the system Python's libpython)")
+        source = stage(src, recipe)
+        say(f"{name}: PyInstaller (one file, the system Python's libpython)")
         schema = src / "enclaver_rules" / "schemas" / "enclaver.schema.json"
-        _run([str(bin_dir / "pyinstaller"), "--onefile", "--name", "odyn", "--noconfirm", "--log-level", "WARN",
+        _run([str(bin_dir / "pyinstaller"), "--onefile", "--name", name, "--noconfirm", "--log-level", "WARN",
               "--paths", str(src), "--add-data", f"{schema}{os.pathsep}enclaver_rules/schemas",
               "--hidden-import", "enclaver_rules.schemas", "--additional-hooks-dir", str(hooks_dir()),
               "--distpath", str(work / "dist"),
-              "--workpath", str(work / "build"), "--specpath", str(work), str(src / "odyn_entry.py")],
+              "--workpath", str(work / "build"), "--specpath", str(work),
+              str(src / f"{name.replace('-', '_')}_entry.py")],
              env, "PyInstaller")
-        say("odyn: staticx (bundling the loader and libc; archive normalised)")
-        static = work / "odyn-static"
+        say(f"{name}: staticx (bundling the loader and libc; archive normalised)")
+        static = work / f"{name}-static"
         repro = Path(str(resources.files("enclaver_rules.odyn_image").joinpath("staticx_repro.py")))
-        _run([str(bin_dir / "python"), str(repro), "--strip", str(work / "dist" / "odyn"), str(static)], env,
+        _run([str(bin_dir / "python"), str(repro), "--strip", str(work / "dist" / name), str(static)], env,
              "staticx")
         data = static.read_bytes()
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,14 @@ def clean_odyn_aarch64(cache_dir: str) -> None:
     _report("odyn_image_aarch64", "", removed)
 
 
+def clean_runtime(cache_dir: str) -> None:
+    """The runtime image's record and the enclaver-run binary."""
+    removed: list[str] = []
+    _remove(Path(cache_dir) / "out" / "runtime", removed)
+    _remove(Path(cache_dir) / "odyn-build" / "enclaver-run", removed)
+    _report("runtime_image", "", removed)
+
+
 def add_clean(task: dict[str, Any], cache_dir: str) -> dict[str, Any]:
     """`task` with its `clean` actions, for the steps that write outputs."""
     step, name = task.get("basename"), task.get("name")
@@ -94,6 +102,8 @@ def add_clean(task: dict[str, Any], cache_dir: str) -> dict[str, Any]:
         return {**task, "clean": [(clean_odyn, [cache_dir])]}
     if step == "odyn_image_aarch64":
         return {**task, "clean": [(clean_odyn_aarch64, [cache_dir])]}
+    if step == "runtime_image":
+        return {**task, "clean": [(clean_runtime, [cache_dir])]}
     if step in CLEANED and name:
         return {**task, "clean": [(clean_outputs, [step, cache_dir, name])]}
     return task

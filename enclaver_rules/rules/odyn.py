@@ -29,9 +29,12 @@ from enclaver_rules.rules.common import reported
 
 RECORD = Path("out") / "odyn" / "image.json"
 AARCH64_RECORD = Path("out") / "odyn" / "aarch64" / "image.json"
+RUNTIME_RECORD = Path("out") / "runtime" / "image.json"
 
 
-def record_path(cache_dir: str, arch: str = "x86_64") -> Path:
+def record_path(cache_dir: str, arch: str = "x86_64", kind: str = "odyn") -> Path:
+    if kind == "runtime":
+        return Path(cache_dir) / RUNTIME_RECORD
     return Path(cache_dir) / (AARCH64_RECORD if arch == "aarch64" else RECORD)
 
 
@@ -69,10 +72,25 @@ def build_odyn_image_aarch64(cache_dir: str) -> dict[str, Any]:
     return image.to_json()
 
 
-def image_present(cache_dir: str, arch: str = "x86_64") -> bool:
+@reported
+def build_runtime_image(cache_dir: str) -> dict[str, Any]:
+    from enclaver_rules.odyn_image.build import build_binary
+    from enclaver_rules.odyn_image.runtime_image import RECIPE, put_image, write_record
+
+    cache = Path(cache_dir)
+    binary = build_binary(cache / "odyn-build", cache / "odyn-build" / "enclaver-run", recipe=RECIPE)
+    image = put_image(Store(cache).init(), binary)
+    write_record(record_path(cache_dir, kind="runtime"), image)
+    print(f"runtime: enclaver-run static binary {binary.size:,} bytes ({binary.size / 2**20:.1f} MiB), "
+          f"sha256 {binary.sha256}")
+    print(f"runtime: image {image.digest} tagged {image.tag}")
+    return image.to_json()
+
+
+def image_present(cache_dir: str, arch: str = "x86_64", kind: str = "odyn") -> bool:
     """The record exists and the store still has the image it names."""
     try:
-        record = json.loads(record_path(cache_dir, arch).read_text())
+        record = json.loads(record_path(cache_dir, arch, kind).read_text())
         return Store(cache_dir).has(Digest.parse(record["digest"]))
     except (OSError, ValueError, KeyError):
         return False
@@ -83,6 +101,7 @@ def odyn_tasks(cache_dir: str) -> Iterator[dict[str, Any]]:
 
     from enclaver_rules.odyn_image.build import SYSTEM_PYTHON, hook_files, requirements_file, source_files
     from enclaver_rules.odyn_image.cross import requirement_files
+    from enclaver_rules.odyn_image.runtime_image import RECIPE as RUNTIME
 
     here = Path(__file__).resolve().parent.parent / "odyn_image"
     code = [str(p) for p in sorted(here.glob("*.py"))]
@@ -105,5 +124,16 @@ def odyn_tasks(cache_dir: str) -> Iterator[dict[str, Any]]:
         "file_dep": shared + code + [str(p) for p in requirement_files()] + [str(here / "debian-arm64.txt")],
         "targets": [str(record_path(cache_dir, "aarch64"))],
         "uptodate": [(image_present, [cache_dir, "aarch64"])],
+        "verbosity": 2,
+    }
+    yield {
+        "basename": "runtime_image",
+        "doc": "build enclaver-run (the host side, static) and the runtime image, the default base of release images",
+        "actions": [(build_runtime_image, [cache_dir])],
+        "file_dep": [str(p) for p in source_files(RUNTIME)] + [str(p) for p in hook_files()]
+                    + [str(requirements_file())] + [c for c in code if not c.endswith("cross.py")],
+        "targets": [str(record_path(cache_dir, kind="runtime"))],
+        "uptodate": [config_changed({"python": SYSTEM_PYTHON, "machine": platform.machine()}),
+                     (image_present, [cache_dir, "x86_64", "runtime"])],
         "verbosity": 2,
     }

@@ -106,6 +106,7 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
     from enclaver_rules.oci.resolve import Sources, resolve
     from enclaver_rules.oci.transfer import load_stored
     from enclaver_rules.odyn_image.image import DEFAULT_TAGS
+    from enclaver_rules.odyn_image.runtime_image import DEFAULT_TAG as RUNTIME_TAG
     from enclaver_rules.rules.odyn import record_path
 
     manifest, values = build_settings(manifest_path)
@@ -148,6 +149,13 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
             sleeve_ref = _pinned(sleeve_ref, locked["sleeve"]["digest"])
         sleeve = resolve(_relative_to(manifest_path, sleeve_ref), sources, file=manifest_path,
                          field="sources.sleeve")
+    elif arch == "x86_64":  # the default: enclaver's runtime image, so the release runs with no arguments
+        try:
+            record = json.loads(record_path(cache_dir, kind="runtime").read_text())
+        except OSError:
+            raise OperationFailed("enclaver's runtime image (the default sources.sleeve) has not been built",
+                                  fix="run `doit runtime_image`") from None
+        sleeve = load_stored(store, RUNTIME_TAG, Digest.parse(record["digest"]))
     if sleeve is not None and image_arch(sleeve) != arch:
         raise InvalidInput(f"the sleeve image is {image_arch(sleeve)} but the app is {arch}", field="sources.sleeve",
                            fix=f"name the {arch} build of the runtime image: it runs on the same instance")
@@ -158,7 +166,7 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
         "odyn": {"ref": manifest.sources.odyn or DEFAULT_TAGS[arch], "name": odyn.name, "digest": str(odyn.digest)},
         "blobs": {"path": str(blobs.root), "digest": str(blobs.digest), "arch": arch,
                   "development": blobs.development},
-        "sleeve": None if sleeve is None else {"ref": manifest.sources.sleeve, "name": sleeve.name,
+        "sleeve": None if sleeve is None else {"ref": manifest.sources.sleeve or RUNTIME_TAG, "name": sleeve.name,
                                                "digest": str(sleeve.digest)},
         "settings": _settings(manifest_path, manifest, values),
     }
@@ -179,7 +187,7 @@ def resolve_tasks(enclaves: list[Any], cache_dir: str, extra_deps: dict[str, lis
             "basename": "resolve", "name": e.name, "doc": f"resolve the images and blob set of {e.path}",
             "actions": [(resolve_enclave, [e.path, e.name, cache_dir])],
             "file_dep": [e.path],
-            "task_dep": [f"check:{e.name}", "odyn_image", *(extra_deps or {}).get(e.name, [])],
+            "task_dep": [f"check:{e.name}", "odyn_image", "runtime_image", *(extra_deps or {}).get(e.name, [])],
             "targets": [str(out_dir(cache_dir, e.name) / RESOLVED)],
             "uptodate": [False],  # a tag may have moved: always ask (a pinned input is a store lookup)
             "verbosity": 1,

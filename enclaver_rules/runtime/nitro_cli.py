@@ -94,8 +94,8 @@ def subprocess_runner(argv: Sequence[str], timeout: float) -> Completed:
     return Completed(tuple(argv), done.returncode, done.stdout[:MAX_OUTPUT], done.stderr[:MAX_OUTPUT])
 
 
-_MISSING_FIX = ("install AWS's nitro-cli on the Nitro host (Amazon Linux: `dnf install aws-nitro-enclaves-cli`), "
-                "or run enclaver's runtime image, which carries it")
+_MISSING_FIX = ("install AWS's nitro-cli on the Nitro host (Amazon Linux: `dnf install aws-nitro-enclaves-cli`); "
+                "in a container, build the release on a runtime image that carries it (README: the runtime image)")
 
 
 # ---- arguments ------------------------------------------------------------------------------------

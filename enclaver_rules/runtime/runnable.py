@@ -1,10 +1,12 @@
 """What `enclaver run` was asked to run: a release image in the store, an EIF, or a build's output directory.
 
 Everything is brought to one `Runnable`: the EIF (a file), its PCRs recomputed from it, the manifest,
-and the enclave image the EIF was made from. The link from a release image or an EIF to its enclave
-image is the EIF's own metadata: enclaver writes the enclave image's digest into it
-(`Metadata.enclaver.image`, also `ImageVersion`), and that image is in the store beside the build.
-The simulator runs that image; its manifest is the one odyn reads inside (/etc/enclaver/enclaver.yaml).
+and the enclave image the EIF was made from. The manifest is always the EIF's own copy, the one odyn
+reads inside (/etc/enclaver/enclaver.yaml in the customer ramdisk, under PCR2): the host side then
+enforces what the measurements vouch for, never the unmeasured copy a release image carries beside
+the EIF. The link from a release image or an EIF to its enclave image is the EIF's metadata:
+enclaver writes the enclave image's digest into it (`Metadata.enclaver.image`, also
+`ImageVersion`), and that image is in the store beside the build. The simulator runs that image.
 
 Refused: a release image without enclaver's labels, an EIF whose metadata does not say enclaver built it.
 """
@@ -12,7 +14,6 @@ Refused: a release image without enclaver's labels, an EIF whose metadata does n
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from enclaver_rules.oci.model import Manifest as ImageManifest
 from enclaver_rules.oci.store import Store
 
 RELEASE_EIF = "/enclave/application.eif"
-RELEASE_MANIFEST = "/enclave/enclaver.yaml"
 BUILD_EIF = "application.eif"
 
 
@@ -63,14 +63,15 @@ def _image(store: Store, digest: Digest) -> tuple[ImageManifest, ImageConfig]:
     return found, ImageConfig.parse(store.read(found.config.digest), f"{digest.short} config")
 
 
-def _file(store: Store, image: ImageManifest, path: str) -> bytes | None:
-    out = io.BytesIO()
-    return out.getvalue() if store.copy_file(image, path, out) else None
+#: The manifest's path in the customer ramdisk (linuxkit puts the image's root under rootfs/).
+EIF_MANIFEST = "rootfs" + enclave.MANIFEST_PATH
+MAX_MANIFEST = 1 << 20
 
 
-def eif_facts(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    """(the PCRs recomputed from the EIF, its describe metadata)."""
+def eif_facts(path: Path) -> tuple[dict[str, str], dict[str, Any], bytes | None]:
+    """(the PCRs recomputed from the EIF, its describe metadata, the manifest it carries)."""
     from enclaver_rules.eif.describe import measure
+    from enclaver_rules.eif.files import find_file
     from enclaver_rules.eif.format import SECTION_METADATA, read_eif
     from enclaver_rules.eif.metadata import read_metadata
 
@@ -82,19 +83,22 @@ def eif_facts(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     if sections:
         with contextlib.suppress(ValueError):
             meta = read_metadata(eif.read(sections[0], 1 << 20))
-    return pcrs, meta
+    return pcrs, meta, find_file(eif, EIF_MANIFEST, MAX_MANIFEST)
 
 
-def resolve(source: str, store: Store, workdir: Path) -> Runnable:
-    """`source`: an EIF file, a directory holding application.eif (cache/out/NAME/latest), or the name
-    of a release image in the store (`enclaver image pull` brings one from a registry)."""
+def resolve(source: str, store: Store | None, workdir: Path) -> Runnable:
+    """`source`: an EIF file, a directory holding application.eif (cache/out/NAME/latest, or a
+    release image's /enclave), or the name of a release image in `store` (`enclaver image pull`
+    brings one from a registry). No store (the runtime image): files and directories only."""
     labels: dict[str, str] = {}
     path = Path(source)
-    release_manifest: bytes | None = None
     if path.is_dir() and (path / BUILD_EIF).is_file():
         eif = path / BUILD_EIF
     elif path.is_file():
         eif = path
+    elif store is None:
+        raise InvalidInput(f"{source}: no such file or directory holding {BUILD_EIF}",
+                           fix="give an EIF or the directory it is in (a release image has /enclave)")
     else:
         descriptor = store.resolve(source)
         if descriptor is None:
@@ -111,29 +115,21 @@ def resolve(source: str, store: Store, workdir: Path) -> Runnable:
             if not store.copy_file(image, RELEASE_EIF, out):
                 raise InvalidInput(f"{source}: no {RELEASE_EIF} in it: not a release image",
                                    fix="run a release image, not an enclave or app image")
-        release_manifest = _file(store, image, RELEASE_MANIFEST)
-    pcrs, meta = eif_facts(eif)
+    pcrs, meta, raw = eif_facts(eif)
     details = meta.get("Metadata") or {}
     ours = details.get("enclaver") if isinstance(details, dict) else None
     if details.get("BuildTool") != "enclaver" or not isinstance(ours, dict):
         raise InvalidInput(f"{source}: the EIF was not built by enclaver (its metadata names "
                            f"{details.get('BuildTool') or 'no build tool'})",
                            fix="build it with `enclaver build`; nitro-cli's EIFs lack the enclave image and manifest")
-    enclave_image: Digest | None = None
-    raw = release_manifest
-    try:
-        digest = Digest.parse(str(ours.get("image")))
-        if store.has(digest):
-            enclave_image = digest
-            image, _ = _image(store, digest)
-            raw = _file(store, image, enclave.MANIFEST_PATH) or raw
-    except (ValueError, InvalidInput):
-        pass
     if raw is None:
-        raise OperationFailed(f"{source}: its enclave image ({ours.get('image')}) is not in the store {store.root}, "
-                              "so its manifest is unknown",
-                              fix="run it from the repository that built it (or set ENC_CACHE_DIR), or run the "
-                                  "release image")
+        raise InvalidInput(f"{source}: the EIF carries no {enclave.MANIFEST_PATH}, so its manifest is unknown",
+                           fix="build it with `enclaver build` (odyn reads the manifest from there)")
+    enclave_image: Digest | None = None
+    with contextlib.suppress(ValueError):
+        digest = Digest.parse(str(ours.get("image")))
+        if store is not None and store.has(digest):
+            enclave_image = digest
     return Runnable(source, eif, pcrs, _manifest_from(raw, source), enclave_image, labels)
 
 
