@@ -183,18 +183,15 @@ def deployment(manifest: Manifest, eif_size: int, options: Options,
     enclave = {DEVICE_RESOURCE: "1", size.resource: size.quantity,
                **({CPU_RESOURCE: str(size.cpu_count)} if options.enclave_cpus else {})}
     volume = f"hugepages-{options.hugepage_size.lower()}"
-    container: dict[str, Any] = {
-        "name": CONTAINER,
-        "image": options.image,
-        "resources": {
-            "requests": {"cpu": HOST_CPU_REQUEST, "memory": HOST_MEMORY_REQUEST, **enclave},
-            "limits": {"memory": HOST_MEMORY_LIMIT, **enclave},
-        },
-        "volumeMounts": [{"name": volume, "mountPath": f"/hugepages-{options.hugepage_size}"}],
-    }
+    container: dict[str, Any] = {"name": CONTAINER, "image": options.image}  # no command: the entrypoint's
     if manifest.ingress:
         container["ports"] = [{"name": f"ingress-{i.listen_port}", "containerPort": i.listen_port, "protocol": "TCP"}
                               for i in manifest.ingress]
+    container["resources"] = {
+        "requests": {"cpu": HOST_CPU_REQUEST, "memory": HOST_MEMORY_REQUEST, **enclave},
+        "limits": {"memory": HOST_MEMORY_LIMIT, **enclave},
+    }
+    container["volumeMounts"] = [{"name": volume, "mountPath": f"/hugepages-{options.hugepage_size}"}]
     metadata: dict[str, Any] = {"name": name, **({"namespace": options.namespace} if options.namespace else {}),
                                 "labels": labels}
     return {
@@ -206,7 +203,7 @@ def deployment(manifest: Manifest, eif_size: int, options: Options,
             "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
             "template": {
-                "metadata": {"labels": labels, "annotations": annotations},
+                "metadata": {"labels": dict(labels), "annotations": annotations},
                 "spec": {
                     **({"nodeSelector": dict(options.node_selector)} if options.node_selector else {}),
                     "containers": [container],
@@ -221,7 +218,7 @@ def parse_node_selector(text: str) -> tuple[str, str]:
     """`KEY=VALUE` (a Kubernetes label; the value may be empty) or InvalidInput naming --node-selector."""
     key, equals, value = text.partition("=")
     if not equals:
-        raise InvalidInput(f"--node-selector {text!r}: not KEY=VALUE", field="--node-selector",
+        raise InvalidInput(f"{text!r} is not KEY=VALUE", field="--node-selector",
                            fix=f"e.g. --node-selector {PLUGIN_LABEL}=enabled")
     problems = _label_problems(key, value)
     if problems:
@@ -232,9 +229,16 @@ def parse_node_selector(text: str) -> tuple[str, str]:
 def render(documents: Sequence[Mapping[str, Any]], comments: Sequence[str] = ()) -> str:
     """YAML, one document per object (`---` between them), the comments on top; key order kept."""
     head = "".join(f"# {line}\n" for line in comments)
-    body = "---\n".join(yaml.safe_dump(dict(d), sort_keys=False, default_flow_style=False, width=120)
+    body = "---\n".join(yaml.dump(dict(d), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
                         for d in documents)
     return head + body
+
+
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML that spells every value out: no `&id001` anchors where one dict appears twice."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _is_dns_label(text: str) -> bool:
