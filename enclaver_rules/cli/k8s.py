@@ -14,7 +14,7 @@ from enclaver_rules import redact
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, command, command_group
 from enclaver_rules.cli.output import Output
-from enclaver_rules.errors import Diagnostic, InvalidInput
+from enclaver_rules.errors import Diagnostic, InvalidInput, OperationFailed
 
 CODES = {
     ExitCode.OK: "the Deployment was written (on stdout, or to -o FILE)",
@@ -152,16 +152,20 @@ def run_manifest(args: argparse.Namespace, out: Output) -> int:
         document = deployment(manifest, eif_size, options, runnable.measurements)
         size = sizing(manifest, eif_size, args.hugepage_size)
     pages = f"{size.pages} {size.page_size} huge page{'s' if size.pages != 1 else ''}"
+    replicas = f"{args.replicas} replica{'s' if args.replicas != 1 else ''}"
     summary = (f"{manifest.name}: {size.memory_mib} MiB of enclave memory as {pages} ({size.quantity}; the EIF "
-               f"needs {size.eif_min_mib} MiB), {size.cpu_count} CPUs from the allocator's pool, {args.replicas} replica{'s' if args.replicas != 1 else ''}")
-    comments = [f"enclaver k8s manifest {args.source}: {summary}",
-                f"image: {image} ({how})",
-                "needs the AWS Nitro Enclaves device plugin on nodes labelled "
-                + ", ".join(f"{k}={v}" for k, v in selectors) if selectors else "needs the device plugin's nodes"]
+               f"needs {size.eif_min_mib} MiB), {size.cpu_count} CPUs from the allocator's pool, {replicas}")
+    comments = [f"enclaver k8s manifest {args.source}: {summary}", f"image: {image} ({how})",
+                "for nodes running the AWS Nitro Enclaves device plugin, selected by "
+                + ", ".join(f"{k}={v}" for k, v in selectors)]
     text = redact.text(render([document], comments))  # nothing secret in it; the rule for every output
     if args.output:
-        with atomic_file(args.output) as f:
-            f.write(text.encode())
+        try:
+            with atomic_file(args.output) as f:
+                f.write(text.encode())
+        except OSError as e:
+            raise OperationFailed(f"cannot write it: {e.strerror or e}", file=args.output, field="-o",
+                                  fix="name a file in an existing directory you may write to") from None
     if args.json:
         out.json({"deployment": document, "image": image, "image_source": how, "pinned": pinned,
                   "enclave": {"memory_mib": size.memory_mib, "eif_min_mib": size.eif_min_mib,
