@@ -91,13 +91,17 @@ def _selectors(values: list[str]) -> tuple[tuple[tuple[str, str], ...], list[Dia
 def _from_build(source: Path, pcrs: dict[str, str]) -> tuple[str, str] | None:
     """(reference, how) from a build's records beside the EIF: the pushed digest, else the release image
     built there (push it before applying). None when there are none, or they describe another EIF."""
+    from enclaver_rules.oci.digest import Digest
+
+    if not source.exists():  # an image name
+        return None
     directory = source if source.is_dir() else source.parent
     try:
         summary = json.loads((directory / "build.json").read_text())
         if {k: str(v).lower() for k, v in summary["measurements"].items()} != \
                 {k: v.lower() for k, v in pcrs.items() if k in summary["measurements"]}:
             return None
-        target, digest = summary["target"], summary["release_image"]
+        target, digest = summary["target"], str(Digest.parse(summary["release_image"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     how = f"the release image built in {directory} (push it before applying: `doit push:NAME`)"
@@ -114,7 +118,7 @@ def image_for(args: argparse.Namespace, runnable: Any, store: Any) -> tuple[str,
     """(the reference the pods pull, where it came from, whether it is pinned by digest)."""
     if args.image:
         ref = _reference(args.image, "--image")
-        return str(ref), "--image", ref.digest is not None
+        return str(ref), "given with --image", ref.digest is not None
     built = _from_build(Path(args.source), runnable.measurements)
     if built is not None:
         return built[0], built[1], True
