@@ -142,7 +142,8 @@ def api_rules(document: dict[str, Any]) -> list[str]:
     if not (len(meta["name"]) <= 63 and _DNS_LABEL.fullmatch(meta["name"])):
         found.append(f"metadata.name {meta['name']!r} is not a DNS label")
     labels = spec["template"]["metadata"].get("labels", {})
-    if not spec["selector"]["matchLabels"] or any(labels.get(k) != v for k, v in spec["selector"]["matchLabels"].items()):
+    selector = spec["selector"]["matchLabels"]
+    if not selector or any(labels.get(k) != v for k, v in selector.items()):
         found.append("spec.selector does not match the template's labels")
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     for c in pod["containers"]:
@@ -323,7 +324,8 @@ def test_huge_pages_are_the_allocators_memory_rounded_up(memory_mb: int, page: s
     assert c["resources"]["limits"][f"hugepages-{page}"] == c["resources"]["requests"][f"hugepages-{page}"] == text
 
 
-@given(memory_mb=st.integers(64, 1 << 21), eif_mib=st.integers(0, 1 << 18), page=st.sampled_from(sorted(HUGEPAGE_SIZES)))
+@given(memory_mb=st.integers(64, 1 << 21), eif_mib=st.integers(0, 1 << 18),
+       page=st.sampled_from(sorted(HUGEPAGE_SIZES)))
 def test_huge_pages_cover_the_enclave_exactly_to_the_page(memory_mb: int, eif_mib: int, page: str) -> None:
     m, eif_size = manifest(memory_mb), eif_mib * MiB
     need = allocator.needs(m, eif_size)

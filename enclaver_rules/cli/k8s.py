@@ -49,9 +49,9 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
     p.add_argument("--replicas", type=int, default=1, metavar="N", help=REPLICAS_HELP)
     p.add_argument("--namespace", metavar="NS", help="metadata.namespace (default: none, kubectl's current one)")
     p.add_argument("--name", metavar="NAME", help="the Deployment's name (default: the manifest's name)")
-    p.add_argument("--hugepage-size", choices=("2Mi", "1Gi"), default="2Mi",
-                   help="the page size the nodes' allocator reserved (default 2Mi; see the README's Kubernetes "
-                        "section)")
+    p.add_argument("--hugepage-size", choices=("2Mi", "1Gi"), default="2Mi", metavar="2Mi|1Gi",
+                   help="the huge page size the nodes report for the allocator's reservation (default 2Mi; "
+                        "`kubectl describe node` shows hugepages-2Mi and hugepages-1Gi)")
     p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
                    help="schedule on nodes with this label (repeat for several; replaces the default "
                         "aws-nitro-enclaves-k8s-dp=enabled)")

@@ -59,7 +59,7 @@ CPU_RESOURCE = "aws.ec2.nitro/nitro_enclaves_cpus"
 DEVICE_PATH = "/dev/nitro_enclaves"
 PLUGIN_LABEL = "aws-nitro-enclaves-k8s-dp"
 DEFAULT_NODE_SELECTOR: tuple[tuple[str, str], ...] = ((PLUGIN_LABEL, "enabled"),)
-HUGEPAGE_SIZES = {"2Mi": 2, "1Gi": 1024}  # the page sizes x86_64 and Graviton nodes offer, in MiB
+HUGEPAGE_SIZES = {"2Mi": 2, "1Gi": 1024}  # in MiB: sizes both x86_64 and Graviton (4K-granule) kernels offer
 CONTAINER = "enclave"
 #: The host side's own share of the node (not the enclave's: that is the huge pages and the
 #: allocator's CPUs). The CPU request is AWS's example's 250m; no CPU limit, so the proxies are never
@@ -91,7 +91,8 @@ class Options:
         """Everything wrong with the options, each naming its flag and a fix; `manifest_name` is
         checked when no --name replaces it."""
         found: list[Diagnostic] = []
-        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or not 1 <= self.replicas <= MAX_REPLICAS:
+        whole = isinstance(self.replicas, int) and not isinstance(self.replicas, bool)
+        if not whole or not 1 <= self.replicas <= MAX_REPLICAS:
             found.append(Diagnostic(f"{self.replicas!r} replicas: give 1 or more (at most {MAX_REPLICAS})",
                                     field="--replicas",
                                     fix="scale an applied Deployment to nothing with `kubectl scale --replicas=0`"))
