@@ -88,7 +88,7 @@ def _selectors(values: list[str]) -> tuple[tuple[tuple[str, str], ...], list[Dia
     return tuple(found), problems
 
 
-def _from_build(source: Path, pcrs: dict[str, str]) -> tuple[str, str] | None:
+def _from_build(source: Path, pcrs: dict[str, str], name: str) -> tuple[str, str] | None:
     """(reference, how) from a build's records beside the EIF: the pushed digest, else the release image
     built there (push it before applying). None when there are none, or they describe another EIF."""
     from enclaver_rules.oci.digest import Digest
@@ -104,11 +104,11 @@ def _from_build(source: Path, pcrs: dict[str, str]) -> tuple[str, str] | None:
         target, digest = summary["target"], str(Digest.parse(summary["release_image"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    how = f"the release image built in {directory} (push it before applying: `doit push:NAME`)"
+    how = f"the release image built in {directory}; push it before applying: `doit push:{name}`"
     try:
         pushed = json.loads((directory / "pushed.json").read_text())
         if pushed.get("digest") == digest:
-            target, how = pushed.get("target", target), f"pushed, as {directory / 'pushed.json'} records"
+            target, how = pushed.get("target", target), f"pushed: {directory / 'pushed.json'}"
     except (OSError, ValueError, AttributeError):
         pass
     return f"{_reference(target, 'target').name}@{digest}", how
@@ -119,7 +119,7 @@ def image_for(args: argparse.Namespace, runnable: Any, store: Any) -> tuple[str,
     if args.image:
         ref = _reference(args.image, "--image")
         return str(ref), "given with --image", ref.digest is not None
-    built = _from_build(Path(args.source), runnable.measurements)
+    built = _from_build(Path(args.source), runnable.measurements, runnable.manifest.name)
     if built is not None:
         return built[0], built[1], True
     if runnable.labels:  # a release image in the store: the name it has there is its target
