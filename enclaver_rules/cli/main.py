@@ -19,6 +19,7 @@ from enclaver_rules.cli import eif as eif_cmd
 from enclaver_rules.cli import image as image_cmd
 from enclaver_rules.cli import imds as imds_cmd
 from enclaver_rules.cli import init as init_cmd
+from enclaver_rules.cli import k8s as k8s_cmd
 from enclaver_rules.cli import kms as kms_cmd
 from enclaver_rules.cli import lock as lock_cmd
 from enclaver_rules.cli import manifest as manifest_cmd
@@ -31,7 +32,7 @@ from enclaver_rules.cli.output import Output, setup_logging
 from enclaver_rules.errors import EnclaverError
 
 COMMAND_GROUPS = (init_cmd, manifest_cmd, config_cmd, egress_cmd, image_cmd, eif_cmd, build_cmd, lock_cmd, trust_cmd, reproduce_cmd, run_cmd, attestation_cmd,
-                  kms_cmd, imds_cmd)
+                  kms_cmd, imds_cmd, k8s_cmd)
 log = logging.getLogger("enclaver")
 
 
