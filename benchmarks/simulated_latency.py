@@ -1,6 +1,6 @@
 """Requests through `enclaver run --simulate`'s ingress into the enclave, side by side with the same app reached directly.
 
-    .venv/bin/python benchmarks/simulated_latency.py [--requests 300] [--file-mib 64] [--transfers 5] [--repeat 3]
+    .venv/bin/python benchmarks/simulated_latency.py [--requests 300] [--file-mib 64] [--transfers 5] [--repeat 5]
     .venv/bin/python benchmarks/simulated_latency.py --quick      # smoke run: 40 requests, 4 MiB, 1 repeat
 
 Setup, not timed: a temporary monorepo (this repository's dodo.py, a development blob set, one
@@ -43,8 +43,10 @@ Printed: p50/p99 latency per side (median over repeats), MiB/s (median and best)
 simulated/direct (latency: > 1 is slower; throughput: < 1 is slower), the added ms at p50 and p99;
 CPU seconds per GiB of the host side (`enclaver run`) and of odyn during the transfers; and peak
 RSS: the `enclaver run` process tree (from wait4, as benchmarks/_measure.py measures, so its
-children count too), odyn's processes and httpd's (VmHWM, read before the stop; odyn's static
-binary is a PyInstaller bootloader with the interpreter as its child, so both are summed).
+children count too), odyn's and httpd's (VmHWM, read before the stop). odyn's static binary
+is a chain of three processes (staticx's loader, PyInstaller's bootloader, the interpreter that runs
+odyn): the interpreter's peak is odyn's, the loaders' peaks (unpacking) are printed apart, and the
+chain's RSS after the transfers as well.
 
 Everything is cleaned up on every way out, Ctrl-C and SIGTERM included: `enclaver run` is stopped
 with SIGTERM (it removes its container; a stop must end with its exit code 109), the direct
@@ -92,6 +94,12 @@ READY_TIMEOUT = 180.0  # a bound so a broken start fails the run instead of hang
 STOP_TIMEOUT = 60.0
 SIM, DIRECT = "simulated", "direct"
 SIDES = (SIM, DIRECT)
+HOST_RSS = "enclaver run (its process tree, wait4)"
+ODYN_RSS = "odyn's interpreter (VmHWM)"
+ODYN_NOW = "odyn's processes now (VmRSS, after the transfers)"
+ODYN_LOADERS = "odyn's staticx and PyInstaller loaders (VmHWM, while unpacking)"
+HTTPD_SIM_RSS = "httpd in the enclave (VmHWM)"
+HTTPD_DIRECT_RSS = "httpd direct (VmHWM)"
 
 
 def app_command(listen: str) -> tuple[str, ...]:
@@ -138,15 +146,31 @@ def make_monorepo(root: Path, file_mib: int) -> None:
         f"defaults:\n  cpu_count: {CPU_COUNT}\n  memory_mb: {MEMORY_MB}\nbuild:\n  blobs: ../../blobs\n")
 
 
+def setup_step(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> float:
+    """Run a setup command in its own session (Ctrl-C is ours to handle); its wall seconds. On any way
+    out before it ends (Ctrl-C, SIGTERM) its whole process group is killed, so nothing keeps writing
+    into the temporary directory; exits loudly if it fails."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if code != 0:
+            out.seek(0)
+            raise SystemExit(f"{' '.join(cmd[1:4])} failed ({code}):\n{out.read()[-4000:].decode(errors='replace')}")
+    return time.perf_counter() - start
+
+
 def doit(root: Path, *args: str) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENC_")}
     env["SOURCE_DATE_EPOCH"] = "1700000000"
-    start = time.perf_counter()
-    result = subprocess.run([PY, "-m", "doit", *args], cwd=root, env=env, capture_output=True, text=True,
-                            stdin=subprocess.DEVNULL, start_new_session=True)  # Ctrl-C is ours to handle
-    if result.returncode != 0:
-        raise SystemExit(f"doit {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return setup_step([PY, "-m", "doit", *args], cwd=root, env=env)
 
 
 # -- the client -------------------------------------------------------------------------------------------
@@ -266,11 +290,12 @@ def comm(pid: int) -> str:
         return ""
 
 
-def vm_hwm_kib(pids: list[int]) -> int:
+def vm_kib(pids: list[int], what: str = "VmHWM") -> int:
+    """The sum of `what` (VmHWM: peak RSS; VmRSS: RSS now) of these processes."""
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError, StopIteration, ValueError), open(f"/proc/{pid}/status") as f:
-            total += int(next(x for x in f if x.startswith("VmHWM:")).split()[1])
+            total += int(next(x for x in f if x.startswith(f"{what}:")).split()[1])
     return total
 
 
@@ -394,7 +419,7 @@ class Bench:
             time.sleep(0.02)
         if results is not None:
             results.stop_s.append(time.perf_counter() - start)
-            results.peak("enclaver run (process tree, wait4)", usage.ru_maxrss)
+            results.peak(HOST_RSS, usage.ru_maxrss)
             if proc.returncode != 109:  # EXIT_INTERRUPTED: stopped by a signal, final status drained
                 raise SystemExit(f"enclaver run ended with {proc.returncode}, not 109:\n{self.enclaver_log()}")
 
@@ -455,7 +480,13 @@ def one_repeat(bench: Bench, r: int, args: argparse.Namespace, data: bytes, resu
     enclaver_pid = bench.enclaver.pid if bench.enclaver else 0
 
     def odyn_pids() -> list[int]:
-        return [p for p in tree(odyn_pid) if comm(p) != "busybox"]
+        """The container's first process and its descendants that are not the app (busybox), parents first."""
+        chain, todo = [], [odyn_pid]
+        while todo:
+            pid = todo.pop(0)
+            chain.append(pid)
+            todo += [k for k in _children(pid) if comm(k) != "busybox"]
+        return chain
 
     # latency: alternating request by request, the first side changing with the repeat
     samples: dict[str, list[float]] = {s: [] for s in SIDES}
@@ -482,9 +513,14 @@ def one_repeat(bench: Bench, r: int, args: argparse.Namespace, data: bytes, resu
     for side in SIDES:
         alive[side]()
 
-    results.peak("odyn (its processes, VmHWM)", vm_hwm_kib(odyn_pids()))
-    results.peak("httpd, simulated (VmHWM)", vm_hwm_kib([p for p in tree(odyn_pid) if comm(p) == "busybox"]))
-    results.peak("httpd, direct (VmHWM)", vm_hwm_kib(tree(httpd_direct)))
+    # odyn's static binary is a chain: staticx's loader unpacks (its peak is that), PyInstaller's bootloader
+    # unpacks again, the interpreter (the last) runs odyn; each waits for its child
+    chain = odyn_pids()
+    results.peak(ODYN_RSS, vm_kib(chain[-1:]))
+    results.peak(ODYN_LOADERS, vm_kib(chain[:-1]))
+    results.peak(ODYN_NOW, vm_kib(chain, "VmRSS"))
+    results.peak(HTTPD_SIM_RSS, vm_kib([p for p in tree(odyn_pid) if comm(p) == "busybox"]))
+    results.peak(HTTPD_DIRECT_RSS, vm_kib(tree(httpd_direct)))
     bench.stop_direct()
     bench.stop_simulated(results)
     if bench.client.containers.list(all=True, filters={"label": SIM_LABEL}):
@@ -523,7 +559,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=30, help="GETs per side before the timed ones (default 30)")
     parser.add_argument("--file-mib", type=int, default=64, help="size of the big file in MiB (default 64)")
     parser.add_argument("--transfers", type=int, default=5, help="big GETs per side and repeat (default 5)")
-    parser.add_argument("--repeat", type=int, default=3, help="fresh starts of both sides (default 3)")
+    parser.add_argument("--repeat", type=int, default=5, help="fresh starts of both sides (default 5)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 40 requests, 4 MiB, 2 transfers, 1 repeat")
     parser.add_argument("--make-monorepo", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -544,10 +580,7 @@ def main() -> int:
         base = Path(tmp)
         root = base / "repo"
         print(f"making a monorepo with a {args.file_mib} MiB file in the app ...", file=sys.stderr)
-        start = time.perf_counter()
-        subprocess.run([PY, __file__, "--make-monorepo", str(root), "--file-mib", str(args.file_mib)], check=True,
-                       stdin=subprocess.DEVNULL, start_new_session=True)
-        setup["monorepo"] = time.perf_counter() - start
+        setup["monorepo"] = setup_step([PY, __file__, "--make-monorepo", str(root), "--file-mib", str(args.file_mib)])
         print("`doit odyn_image` (~15-60 s) and `doit build:bench` ...", file=sys.stderr)
         setup["odyn image"] = doit(root, "odyn_image")
         setup["build"] = doit(root, f"build:{NAME}")
@@ -558,6 +591,7 @@ def main() -> int:
             try:
                 print(f"{args.repeat} × (start both, {args.warmup}+{args.requests} small GETs and {args.transfers} "
                       f"× {args.file_mib} MiB per side, stop) ...", file=sys.stderr)
+                load = [os.getloadavg()[0]]
                 for r in range(args.repeat):
                     one_repeat(bench, r, args, data, results)
             except (KeyboardInterrupt, Terminated):
@@ -573,11 +607,12 @@ def main() -> int:
                 engine.close()  # stops dockerd (start_dockerd's finally)
             finally:
                 unmount_below(base)
-    print_report(args, results, setup)
+    load.append(os.getloadavg()[0])
+    print_report(args, results, setup, load)
     return 0
 
 
-def print_report(args: argparse.Namespace, results: Results, setup: dict[str, float]) -> None:
+def print_report(args: argparse.Namespace, results: Results, setup: dict[str, float], load: list[float]) -> None:
     ms = {side: (statistics.median(percentile(s, 0.50) for s in results.latency[side]) * 1e3,
                  statistics.median(percentile(s, 0.99) for s in results.latency[side]) * 1e3) for side in SIDES}
     print(f"simulated enclave vs the same app container reached directly; {args.repeat} repeats (both sides "
@@ -607,7 +642,11 @@ def print_report(args: argparse.Namespace, results: Results, setup: dict[str, fl
           + ", ".join(f"{x:.2f}" for x in results.startup[DIRECT]))
     print("stop (SIGTERM to enclaver run's exit 109, container removed), s: "
           + ", ".join(f"{x:.2f}" for x in results.stop_s))
-    print("peak RSS, MiB (max over repeats): " + ", ".join(f"{k} {v / 1024:.0f}" for k, v in results.rss_kib.items()))
+    order = (HOST_RSS, ODYN_RSS, ODYN_NOW, ODYN_LOADERS, HTTPD_SIM_RSS, HTTPD_DIRECT_RSS)
+    print("peak RSS, MiB (max over repeats): " + ", ".join(f"{k} {results.rss_kib[k] / 1024:.0f}" for k in order
+                                                            if k in results.rss_kib))
+    print("load average (1 min) at the start and the end: " + ", ".join(f"{x:.2f}" for x in load)
+          + " (other work on the machine shows here)")
     print("setup (not timed): " + ", ".join(f"{k} {v:.0f} s" for k, v in setup.items()))
 
 
