@@ -23,8 +23,9 @@ iptables, no bridge) in the temporary directory. Then, `--repeat` times, both si
              client → TCP 127.0.0.1:Q → httpd
 
 So the ratio is what the two relays (the host side and odyn, both Python, one Unix-socket hop)
-cost over a bare loopback connection to the same server program serving the same bytes; the
-`--network none` namespace itself costs nothing measurable (loopback either way). The client is
+cost over a bare loopback connection to the same server program serving the same bytes (the last
+hop, odyn → httpd, is loopback in the container's own namespace, the direct one the host's: both
+plain loopback, not measured apart). The client is
 this process, blocking sockets, TCP_NODELAY. It competes with httpd, enclaver run and odyn for the
 machine's cores, as any client on the same host would.
 
