@@ -646,8 +646,8 @@ def print_report(args: argparse.Namespace, results: Results, setup: dict[str, fl
     order = (HOST_RSS, ODYN_RSS, ODYN_NOW, ODYN_LOADERS, HTTPD_SIM_RSS, HTTPD_DIRECT_RSS)
     print("peak RSS, MiB (max over repeats): " + ", ".join(f"{k} {results.rss_kib[k] / 1024:.0f}" for k in order
                                                             if k in results.rss_kib))
-    print("load average (1 min) at the start and the end: " + ", ".join(f"{x:.2f}" for x in load)
-          + " (other work on the machine shows here)")
+    print("load average (1 min) when the measurements start and end: " + ", ".join(f"{x:.2f}" for x in load)
+          + " (the setup's and this run's own processes count too; much more than 2 means other work)")
     print("setup (not timed): " + ", ".join(f"{k} {v:.0f} s" for k, v in setup.items()))
 
 
