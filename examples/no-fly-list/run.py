@@ -138,9 +138,9 @@ class Guide:
                                     "Action": ["kms:Encrypt"], "Resource": "*"})
         (self.work / "policy.json").write_text(json.dumps(policy, indent=2) + "\n")
         if self.echo:
-            allow = next(s for s in policy["Statement"] if s["Sid"].startswith("EnclaveMayDecrypt"))
-            print(f"  {self.work / 'policy.json'}: {allow['Action']} for {allow['Principal']['AWS']} only when "
-                  f"{json.dumps(allow['Condition'])}; plus kms:Encrypt for {ADMIN}")
+            print(f"  {self.work / 'policy.json'}:")
+            for line in describe_policy(policy):
+                print(f"    {line}")
         return policy
 
     # 3. the key, the envelope, the bucket ----------------------------------------------------------
@@ -182,7 +182,8 @@ class Guide:
         if self.echo:
             print(f"  key {key_id}; {len(names)} names sealed (AES-256-GCM, the data key wrapped by KMS Encrypt); "
                   f"envelope {self.work / OBJECT} → s3://{BUCKET}/{OBJECT}")
-            print(f"  the envelope: {json.dumps({k: v[:24] + '…' for k, v in envelope.items()})}")
+            shown = {k: v if k == "format" else f"{v[:12]}… ({len(v)} characters)" for k, v in envelope.items()}
+            print(f"  the envelope: {json.dumps(shown, ensure_ascii=False)}")
         return key_id
 
     # 4. run ------------------------------------------------------------------------------------
@@ -259,8 +260,7 @@ class Enclave:
 
     def ask(self, name: str) -> str:
         """`curl 'localhost:PORT/enclave/passenger?name=NAME'`."""
-        query = urllib.parse.urlencode({"name": name})
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/enclave/passenger?{query}", timeout=30) as reply:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{passenger_path(name)}", timeout=30) as reply:
             return str(reply.read().decode().strip())
 
     def wait(self, timeout: float = TIMEOUT) -> int:
@@ -361,6 +361,23 @@ def other_measurements(build_dir: Path, where: Path) -> Path:
     return where
 
 
+def passenger_path(name: str) -> str:
+    return "/enclave/passenger?" + urllib.parse.urlencode({"name": name}, quote_via=urllib.parse.quote)
+
+
+def describe_policy(policy: dict[str, Any]) -> list[str]:
+    """One line per statement: who may (or may not) do what, and when."""
+    lines = []
+    for statement in policy["Statement"]:
+        principal = statement["Principal"]
+        who = "everyone" if principal == "*" else principal["AWS"]
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        when = "".join(f" when {key} {operator} {value}" for operator, keys in statement.get("Condition", {}).items()
+                       for key, value in keys.items())
+        lines.append(f"{statement['Sid']}: {statement['Effect']} {', '.join(actions)} for {who}{when}")
+    return lines
+
+
 def read_names(path: Path = LIST) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
@@ -400,9 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 enclave.wait_serving()
                 step("5. ask about passengers")
                 for name in args.ask or PASSENGERS:
-                    query = urllib.parse.urlencode({"name": name})
-                    print(f"$ curl 'localhost:{args.port}/enclave/passenger?{query}'")
+                    print(f"$ curl 'localhost:{args.port}{passenger_path(name)}'", flush=True)
                     print(enclave.ask(name), flush=True)
+                    time.sleep(0.2)  # the enclave's log line for it comes first, not amid the next question
                 if args.serve:
                     print(f"\nserving on localhost:{args.port} (Ctrl-C stops the enclave)", flush=True)
                     with contextlib.suppress(KeyboardInterrupt):
