@@ -72,10 +72,14 @@ def step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
 
 
-def _run(argv: Sequence[str], cwd: Path, env: dict[str, str], *, echo: bool) -> subprocess.CompletedProcess[str]:
+def _run(argv: Sequence[str], cwd: Path, env: dict[str, str], *, echo: bool,
+         data: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a step; with `echo`, show it and what it says (stdout too, unless it is the step's `data`)."""
     if echo:
         print("$ " + " ".join(_shown(argv)), flush=True)
     result = subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    if echo and not data and result.stdout.strip():
+        print(result.stdout.rstrip(), flush=True)
     if echo and result.stderr.strip():
         print(result.stderr.rstrip(), flush=True)
     if result.returncode != 0:
@@ -117,7 +121,7 @@ class Guide:
     def build(self) -> Path:
         """The app image and blob set, then the enclave: its build directory (cache/out/NAME/latest)."""
         _run([sys.executable, "-m", "doit", "examples:no-fly-list", "examples:blobs"], self.repo, self.env,
-             echo=self.echo)
+             echo=self.echo, data=False)
         built = json.loads(_run([*ENCLAVER, "build", "-f", MANIFEST, "--json"], self.repo, self.env,
                                 echo=self.echo).stdout)
         if self.echo:
@@ -372,8 +376,8 @@ def describe_policy(policy: dict[str, Any]) -> list[str]:
         principal = statement["Principal"]
         who = "everyone" if principal == "*" else principal["AWS"]
         actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
-        when = "".join(f" when {key} {operator} {value}" for operator, keys in statement.get("Condition", {}).items()
-                       for key, value in keys.items())
+        when = "".join(f" when {key} {operator} {value if isinstance(value, str) else ' or '.join(value)}"
+                       for operator, keys in statement.get("Condition", {}).items() for key, value in keys.items())
         lines.append(f"{statement['Sid']}: {statement['Effect']} {', '.join(actions)} for {who}{when}")
     return lines
 
