@@ -5,7 +5,8 @@ Each writes an OCI image layout, `examples/<name>/image/` (the manifest's `oci:i
 * `examples:hello`: Debian's static busybox and a page it serves with `busybox httpd` on 8080;
 * `examples:no-fly-list`: a Debian root made by mmdebstrap (python3, python3-boto3,
   python3-cryptography from bookworm; reproducible for the same package versions and
-  SOURCE_DATE_EPOCH) and `no-fly-list/app/no_fly_list.py`;
+  SOURCE_DATE_EPOCH) and `no-fly-list/app/no_fly_list.py`, tagged `latest` (for AWS) and `sim`
+  (its S3 endpoint is the simulator's: `no-fly-list/enclaver.sim.yaml`);
 * `examples:vault`: HashiCorp's static `vault` binary, which cannot be downloaded here: give its
   path in VAULT_BINARY (from releases.hashicorp.com); busybox for a shell; `vault/app/config.hcl`.
 
@@ -63,6 +64,13 @@ def hello_image(layout: str) -> None:
 
 NO_FLY_LIST_PACKAGES = ("python3", "python3-boto3", "python3-cryptography")
 NO_FLY_LIST_APP = HERE / "no-fly-list" / "app" / "no_fly_list.py"
+#: The no-fly-list app's configuration per tag: `latest` for AWS (enclaver.yaml: S3 and KMS of the
+#: region, over TLS), `sim` for the simulator (enclaver.sim.yaml: S3 at http://s3.sim.internal, which
+#: `enclaver run --sim-host` maps to a local S3 server). The bucket and object name the envelope.
+_NO_FLY_LIST_COMMON = (("AWS_DEFAULT_REGION", "us-east-1"), ("NO_FLY_LIST_BUCKET", "no-fly-list"),
+                       ("NO_FLY_LIST_OBJECT", "no-fly-list.json"))
+NO_FLY_LIST_ENV = {"latest": _NO_FLY_LIST_COMMON,
+                   "sim": (*_NO_FLY_LIST_COMMON, ("NO_FLY_LIST_S3_ENDPOINT", "http://s3.sim.internal"))}
 VAULT_CONFIG = HERE / "vault" / "app" / "config.hcl"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -108,11 +116,12 @@ def no_fly_list_image(layout: str) -> None:
                       buf, mtime=epoch)
     store.put_bytes(buf.getvalue(), app.digest)
     empty, config = empty_image("x86_64")
-    edited = edit_image(empty, config, layers=[base, app], created=epoch, created_by="examples/images.py",
-                        edit=ConfigEdit(cmd=("/usr/bin/python3", "/app/no_fly_list.py"),
-                                        env=(("PATH", PATH), ("PYTHONUNBUFFERED", "1"),
-                                             ("PYTHONDONTWRITEBYTECODE", "1"))))
-    store.keep_image("latest", edited)
+    for tag, env in NO_FLY_LIST_ENV.items():  # one root, two configurations (each measured with the image)
+        edited = edit_image(empty, config, layers=[base, app], created=epoch, created_by="examples/images.py",
+                            edit=ConfigEdit(cmd=("/usr/bin/python3", "/app/no_fly_list.py"),
+                                            env=(("PATH", PATH), ("PYTHONUNBUFFERED", "1"),
+                                                 ("PYTHONDONTWRITEBYTECODE", "1"), *env)))
+        store.keep_image(tag, edited)
 
 
 @reported

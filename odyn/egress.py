@@ -12,8 +12,9 @@ side's answer, and TLS with the origin for https:// URLs) within `handshake_time
 absolute; a tunnel then ends when nothing moved either way for `idle_timeout`. At most
 `max_connections` are served at once; one over gets 503 (a redirected one a reset) and a log line.
 Requests are framed strictly (see `http_head`): what the origin gets is one request whose body is
-exactly what its framing says, never what follows it. Bad input gets a 4xx or 5xx answer or a
-logged close, never a traceback.
+exactly what its framing says, never what follows it; the app gets the answer with `Connection:
+close` after its status line (`ClosingResponse`), since the connection ends with it. Bad input gets
+a 4xx or 5xx answer or a logged close, never a traceback.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from enclaver_rules.ports import EGRESS_PORT, HOST_CID
 from odyn import dns, local_http
 from odyn.connections import MAX_CONNECTIONS, Gate, Log, Throttle
 from odyn.http_head import (
+    ClosingResponse,
     HeadError,
     HeadReader,
     Request,
@@ -220,8 +222,10 @@ class EgressProxy:
             body = framing.body()
             first = origin_request(request, target, framing) + body.feed(head.rest)  # a bad early body: 400 here
             up_reader, up_writer, early = await self.setup(target)
-            await splice((reader, writer), (up_reader, up_writer), first_to_b=first, first_to_a=early, app="a",
-                         idle=self.idle_timeout, to_b=body.feed, on_error=functools.partial(self._body_fault, target))
+            answer = ClosingResponse()  # the app's connection ends with this exchange: the answer says so
+            await splice((reader, writer), (up_reader, up_writer), first_to_b=first, first_to_a=answer.feed(early),
+                         app="a", idle=self.idle_timeout, to_b=body.feed, to_a=answer.feed,
+                         on_error=functools.partial(self._body_fault, target))
         except HeadError as e:
             await _answer(reader, writer, e.status, e.reason, f"{e.message}\n")
         except Refused as e:

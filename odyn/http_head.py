@@ -333,3 +333,60 @@ def response(status: int, reason: str, body: str = "") -> bytes:
     payload = body.encode()
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
+
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?\r\n")
+
+
+class ClosingResponse:
+    """The origin's answer to a forwarded request, as the app gets it: `Connection: close` right after
+    the final response's status line (interim 1xx responses pass as they are; a `101` and anything
+    that is not an HTTP/1.x status line pass unchanged, and so does everything after the insertion).
+
+    The proxy closes the app's connection after one exchange, so it must say so (RFC 9112 §9.6): an
+    origin that was sent `Connection: close` need not echo it, and without it an HTTP/1.1 client
+    that pools connections (botocore 1.29 with urllib3 1.26, fetching credentials from IMDS) may send
+    its next request on this connection as the proxy closes it, and see the connection drop with no
+    answer. A `Connection: keep-alive` of the origin's stays after ours: the list then holds `close`,
+    which wins. Only the status line (and whole interim heads) are held back, at most MAX_HEAD bytes;
+    each byte is scanned once."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.done = False  # the insertion is made (or will never be): the rest passes as it is
+        self._status_end = -1  # the end of an interim response's status line, once seen
+        self._scanned = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return data
+        self.buffer += data
+        out = bytearray()
+        while not self.done:
+            if self._status_end < 0:
+                end = self.buffer.find(b"\n", self._scanned)
+                if end < 0:
+                    self._scanned = len(self.buffer)
+                    self.done = len(self.buffer) > MAX_HEAD
+                    break
+                match = _STATUS_LINE.fullmatch(self.buffer, 0, end + 1)
+                status = int(match.group(1)) if match else 0
+                if not 100 <= status < 200 or status == 101:
+                    if status >= 200:
+                        out += self.buffer[:end + 1] + b"Connection: close\r\n"
+                        del self.buffer[:end + 1]
+                    self.done = True
+                    break
+                self._status_end = self._scanned = end + 1
+            head_end = self.buffer.find(b"\r\n\r\n", max(self._status_end - 2, self._scanned - 3))
+            if head_end < 0:  # an interim head, still coming
+                self._scanned = len(self.buffer)
+                self.done = len(self.buffer) > MAX_HEAD
+                break
+            out += self.buffer[:head_end + 4]
+            del self.buffer[:head_end + 4]
+            self._status_end, self._scanned = -1, 0
+        if self.done:
+            out += self.buffer
+            self.buffer.clear()
+        return bytes(out)

@@ -153,3 +153,26 @@ def test_nothing_claims_a_default_runtime_image_that_does_not_exist_yet(cli) -> 
     assert "default" not in base and "does not run on its own" in base
     sleeve = json.loads(schema_bytes())["properties"]["sources"]["properties"]["sleeve"]["description"]
     assert "Default" not in sleeve and "does not run on its own" in sleeve
+
+
+def test_what_the_tasks_print_goes_to_stderr_so_the_json_document_parses(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`enclaver build --json` (and lock, verify-reproduce) run the rule set in-process: a task that
+    prints (the odyn build prints its progress) must not put lines in front of the JSON on stdout."""
+    import io
+
+    from enclaver_rules import rules
+    from enclaver_rules.cli.build import run_rule_set
+    from enclaver_rules.cli.output import Output
+
+    def chatty(root: str, **_: object) -> dict[str, object]:
+        def task_build() -> dict[str, object]:
+            return {"basename": "build:x", "actions": [lambda: print("odyn: static binary …") is None],
+                    "verbosity": 2}
+
+        return {"task_build": task_build, "DOIT_CONFIG": rules.doit_config(str(tmp_path / "cache"))}
+
+    monkeypatch.setattr(rules, "tasks", chatty)
+    out = Output(io.StringIO(), io.StringIO())
+    assert run_rule_set(tmp_path / "enclaver.yaml", "x", tmp_path / "cache", "build:x", out) == ExitCode.OK
+    assert out.stdout.getvalue() == "" and "odyn: static binary …" in out.stderr.getvalue()

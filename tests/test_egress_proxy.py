@@ -17,7 +17,7 @@ from enclaver_rules.link.transport import UnixTransport
 from enclaver_rules.policy import EgressPolicy
 from enclaver_rules.runtime.egress_host import HostEgress
 from odyn.egress import EgressProxy
-from odyn.http_head import HeadError, HeadReader, absolute_target, connect_target
+from odyn.http_head import MAX_HEAD, ClosingResponse, HeadError, HeadReader, absolute_target, connect_target
 
 
 async def echo_upper(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -229,3 +229,72 @@ def test_head_limits() -> None:
     assert e.value.status == 431
     assert absolute_target("https://example.com/x").port == 443  # upstream used 80 for https too
     assert connect_target("[2001:db8::1]:443").host == "2001:db8::1"
+
+
+def _closing(data: bytes, cuts: list[int] = ()) -> bytes:  # type: ignore[assignment]
+    closing, out, pos = ClosingResponse(), b"", 0
+    for cut in [*cuts, len(data)]:
+        out += closing.feed(data[pos:pos + cut])
+        pos += cut
+    return out + closing.feed(data[pos:])
+
+
+def test_the_answer_says_connection_close_after_its_final_status_line() -> None:
+    body = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+    assert _closing(body) == (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n"
+                              b"Connection: keep-alive\r\n\r\nok")
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+    assert _closing(interim + b"HTTP/1.0 404 Not Found\r\n\r\n") == \
+        interim + b"HTTP/1.0 404 Not Found\r\nConnection: close\r\n\r\n"
+    assert _closing(b"HTTP/1.1 204\r\n\r\n") == b"HTTP/1.1 204\r\nConnection: close\r\n\r\n"
+    for unchanged in (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nraw", b"SSH-2.0-x\r\nHTTP/1.1 200 OK\r\n",
+                      b"HTTP/1.1 200 OK\nbare: lf\n\n", b"HTTP/2 200\r\n\r\n", b"X" * (MAX_HEAD + 10) + b"\r\n"):
+        assert _closing(unchanged) == unchanged
+    closing = ClosingResponse()
+    assert closing.feed(b"HTTP/1.1 200") == b""  # held until the status line is whole
+    assert closing.feed(b" OK\r\nA: b\r\n") == b"HTTP/1.1 200 OK\r\nConnection: close\r\nA: b\r\n"
+    assert closing.feed(b"HTTP/1.1 200 OK\r\n") == b"HTTP/1.1 200 OK\r\n"  # the body, as it is
+
+
+@given(st.sampled_from([b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 102 x\r\nA: b\r\n\r\n", b""]),
+       st.binary(max_size=200), st.lists(st.integers(1, 40), max_size=12))
+def test_closing_response_is_the_same_in_any_split(interim: bytes, rest: bytes, cuts: list[int]) -> None:
+    for data in (interim + b"HTTP/1.1 200 OK\r\n" + rest, interim + rest, rest):
+        out = _closing(data, cuts)
+        assert out == _closing(data)
+        passed = out.replace(b"Connection: close\r\n", b"", 1) if out != data[:len(out)] else out
+        assert data.startswith(passed) and b"\n" not in data[len(passed):]  # one insertion; held: a partial line
+
+
+def test_a_pooling_client_is_told_the_connection_closes(tmp_path: Path) -> None:
+    """An origin that keeps connections alive (and need not echo the proxy's `Connection: close`):
+    the app's HTTP client must learn that the proxy closes, or it sends its next request on a
+    connection being closed (botocore 1.29 fetching IMDS credentials: "Failed to connect to proxy")."""
+    import http.client
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nKeep-Alive: timeout=5\r\n\r\ntoken")
+        await writer.drain()
+        await reader.read()  # keeps it open until the proxy closes
+        writer.close()
+
+    async def main() -> None:
+        origin = await asyncio.start_server(keep_alive, "127.0.0.1", 0)
+        port = origin.sockets[0].getsockname()[1]
+        proxy_port, _, servers = await stack(tmp_path, ["127.0.0.1"])
+
+        def client() -> tuple[bool, bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", proxy_port, timeout=20)
+            conn.request("PUT", f"http://127.0.0.1:{port}/latest/api/token", headers={"Content-Length": "0"})
+            reply = conn.getresponse()
+            body = reply.read()
+            conn.close()
+            return reply.will_close, body
+
+        will_close, body = await asyncio.to_thread(client)
+        assert will_close and body == b"token"
+        for s in [*servers, origin]:
+            s.close()
+
+    run(main())

@@ -3,6 +3,7 @@ vault image's layout (made with a stand-in binary: HashiCorp's cannot be downloa
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import io
 import json
@@ -81,6 +82,38 @@ def test_the_service_answers_lookups_and_logs_no_names(service: str, capsys: pyt
     assert _get(f"{service}/other")[0] == 404
     logged = capsys.readouterr().err
     assert "GET" in logged and "Jane" not in logged and "Someone" not in logged
+
+
+def _get_text(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_guides_passenger_answers(service: str) -> None:
+    assert _get_text(f"{service}/enclave/passenger?name=foo") == (200, "foo is cleared to fly. Enjoy your flight!\n")
+    assert _get_text(f"{service}/enclave/passenger?name=JANE%20doe") == \
+        (200, "JANE doe is on the no-fly list and CAN NOT BOARD!\n")
+    assert _get_text(f"{service}/enclave/passenger?name=%20")[0] == 400
+
+
+def test_the_operator_seals_with_kms_encrypt_and_the_enclave_opens_with_decrypt() -> None:
+    """The key policy denies GenerateDataKey outside the enclave: the data key is made here, KMS only
+    wraps it (Encrypt), and what Decrypt gives back opens the envelope."""
+    kept: dict[bytes, bytes] = {}
+
+    class Kms:
+        def encrypt(self, KeyId: str, Plaintext: bytes) -> dict[str, bytes]:  # boto3's names
+            wrapped = b"wrapped:" + os.urandom(8)
+            kept[wrapped] = Plaintext
+            return {"CiphertextBlob": wrapped}
+
+    envelope = nfl.seal_with_kms(["Big Bird", "elmo"], Kms(), "key-1")
+    [(wrapped, data_key)] = kept.items()
+    assert len(data_key) == 32 and envelope["key"] == base64.b64encode(wrapped).decode()
+    assert nfl.open_envelope(envelope, kept.__getitem__) == frozenset({"big bird", "elmo"})
 
 
 def test_the_vault_image_refuses_without_the_binary_and_is_laid_out_with_one(tmp_path: Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -122,7 +123,9 @@ def run_rule_set(path: Path, name: str, cache: Path, task: str, out: Output, env
     saved = dict(os.environ)
     os.environ.update(env or {})
     try:
-        with reporter(out.err, not out.quiet) as bars:  # drawn only on a terminal
+        # what the tasks print (the odyn build's progress, …) goes to stderr with the notes: stdout holds
+        # only the command's data (--json: one document)
+        with reporter(out.err, not out.quiet) as bars, contextlib.redirect_stdout(out.stderr):  # bars: a terminal
             set_reporter(bars)
             code = DoitMain(loader).run([task])
     finally:

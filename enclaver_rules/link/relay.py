@@ -211,17 +211,17 @@ async def _settle(transport: asyncio.BaseTransport, limit: float) -> None:
 
 async def splice(a: Stream, b: Stream, *, first_to_b: bytes = b"", first_to_a: bytes = b"",
                  idle: float = IDLE_TIMEOUT, app: Literal["a", "b"] | None = None, to_b: Filter | None = None,
-                 on_error: Callable[[Exception], None] | None = None) -> None:
+                 to_a: Filter | None = None, on_error: Callable[[Exception], None] | None = None) -> None:
     """Relay a ⇄ b until both directions have ended; then close both. `app` names the side that is
     the app, whose outgoing direction settles the connection. `to_b` filters what a sends (not
-    `first_to_b`, which the caller passes on as it is); a ValueError from it aborts both sides and
-    is handed to `on_error`. `idle` ends the pair when nothing moved either way for that long. The
-    streams are spent afterwards."""
+    `first_to_b`, which the caller passes on as it is), `to_a` what b sends (not `first_to_a`); a
+    ValueError from either aborts both sides and is handed to `on_error`. `idle` ends the pair when
+    nothing moved either way for that long. The streams are spent afterwards."""
     if first_to_b:
         b[1].write(first_to_b)
     if first_to_a:
         a[1].write(first_to_a)
-    link = _Link(a, b, idle, (to_b, None), on_error)
+    link = _Link(a, b, idle, (to_b, to_a), on_error)
     try:
         if app is not None:
             source = link.a if app == "a" else link.b

@@ -1,0 +1,125 @@
+"""The no-fly-list guide end to end, as examples/no-fly-list/run.py does it for a user (its functions, not
+a copy of them): the app image made here from Debian's packages (mmdebstrap), the enclave built
+(`enclaver build -f examples/no-fly-list/enclaver.sim.yaml`), `enclaver trust --kms-policy`, a key in
+the real local KMS (`enclaver kms serve`) under that policy, the list sealed and uploaded to a real S3
+server (moto's, a subprocess on 127.0.0.1), then `enclaver run --simulate --sim-kms` in the real Docker
+engine: the app fetches the envelope through odyn's egress, gets the data key through odyn's KMS proxy
+with the simulated enclave's attestation, and answers on ingress 8001. With a key policy for other
+PCRs the local KMS refuses the data key, the app says why and exits 3, and `enclaver run` exits 3.
+
+Never skipped: without Docker, mmdebstrap or moto the fixtures fail with the reason."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import docker
+import pytest
+
+from conftest import REPO
+from services import Dockerd, free_port
+
+pytestmark = pytest.mark.services
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+guide = _load("no_fly_list_guide", REPO / "examples" / "no-fly-list" / "run.py")
+
+
+@pytest.fixture(scope="module")
+def built(template: Path, dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
+    """A checkout (dodo.py, examples/, the session's cache with odyn built) in which the guide's first
+    step ran: the Guide and the build directory."""
+    root = tmp_path_factory.mktemp("guide") / "repo"
+    root.mkdir()
+    shutil.copy(REPO / "dodo.py", root / "dodo.py")
+    shutil.copytree(REPO / "examples", root / "examples",
+                    ignore=shutil.ignore_patterns("image", "blobs-dev", "__pycache__"))
+    shutil.copytree(template / "cache", root / "cache")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENC_")}
+    env.update(DOCKER_HOST=dockerd.host, SOURCE_DATE_EPOCH="1700000000")  # the template's odyn: not rebuilt
+    started = time.monotonic()
+    the_guide = guide.Guide(repo=root, work=root / "cache" / "no-fly-list-guide", env=env)
+    build_dir = the_guide.build()
+    print(f"the guide's build step took {time.monotonic() - started:.0f} s")
+    yield the_guide, build_dir
+
+
+@pytest.fixture(scope="module")
+def s3(built: tuple[Any, Path]) -> Iterator[tuple[str, int]]:
+    with guide.s3_server(built[0].work, built[0].env) as server:
+        yield server
+
+
+def _containers(dockerd: Dockerd) -> list[object]:
+    client = docker.DockerClient(base_url=dockerd.host, version="auto")
+    try:
+        return list(client.containers.list(all=True, filters={"label": "dev.enclaver.simulator"}))
+    finally:
+        client.close()
+
+
+def test_the_enclave_answers_lookups_with_the_list_it_decrypted(built: tuple[Any, Path], s3: tuple[str, int],
+                                                                 dockerd: Dockerd) -> None:
+    the_guide, build_dir = built
+    started = time.monotonic()
+    policy = the_guide.key_policy(build_dir)
+    pcr0 = json.loads((build_dir / "measurements.json").read_text())["Measurements"]["PCR0"]
+    allow = next(s for s in policy["Statement"] if s["Sid"].startswith("EnclaveMayDecrypt"))
+    assert allow["Condition"]["StringEqualsIgnoreCase"]["kms:RecipientAttestation:ImageSha384"] == pcr0
+    key_id = the_guide.provision(policy, s3[0], guide.read_names())
+    port = free_port()
+    with the_guide.enclave(build_dir, s3[1], port) as enclave:
+        enclave.wait_serving()
+        serving = time.monotonic()
+        assert enclave.ask("foo") == "foo is cleared to fly. Enjoy your flight!"
+        assert enclave.ask("Big Bird") == "Big Bird is on the no-fly list and CAN NOT BOARD!"
+        assert enclave.ask("cookie MONSTER") == "cookie MONSTER is on the no-fly list and CAN NOT BOARD!"
+        assert enclave.ask("Kermit the Frog") == "Kermit the Frog is cleared to fly. Enjoy your flight!"
+    print(f"trust, key and upload, then serving: {serving - started:.0f} s")
+    assert enclave.code == 109, enclave.output  # stopped by SIGTERM, after the final status and logs
+    assert "no-fly-list: 14 names loaded; serving on :8001" in enclave.stdout, enclave.output
+    assert not any("Big Bird" in line or "foo" in line for line in enclave.stdout)  # the log names nobody
+    moto_log = (the_guide.work / "moto.log").read_text()
+    assert "GET /no-fly-list/no-fly-list.json" in moto_log  # the app's fetch reached the S3 server, via egress
+    assert f"sim-host: {guide.S3_NAME} → 127.0.0.1:{s3[1]}" in enclave.stderr
+    assert "1 key(s) in" in (the_guide.work / "kms" / "kms.log").read_text()  # --sim-kms's KMS had the key
+    assert any(key_id in p.name for p in (the_guide.work / "kms" / "keys").iterdir())
+    assert not _containers(dockerd)
+
+
+def test_a_key_policy_for_other_pcrs_keeps_the_list_sealed(built: tuple[Any, Path], s3: tuple[str, int],
+                                                           dockerd: Dockerd, tmp_path: Path) -> None:
+    """Another build's PCR0 in the policy: KMS's attestation condition fails, the explicit deny
+    backstop answers, the app says so and exits 3, and `enclaver run` exits with the app's code."""
+    the_guide, build_dir = built
+    other = guide.other_measurements(build_dir, tmp_path / "other-measurements.json")
+    policy = the_guide.key_policy(other)
+    pcr0 = json.loads((build_dir / "measurements.json").read_text())["Measurements"]["PCR0"]
+    assert pcr0 not in json.dumps(policy)
+    the_guide.provision(policy, s3[0], guide.read_names())
+    with the_guide.enclave(build_dir, s3[1], free_port()) as enclave:
+        code = enclave.wait()
+    assert code == 3, enclave.output
+    refusal = next((line for line in enclave.stdout if "KMS refused the data key" in line), "")
+    assert "AccessDeniedException" in refusal and "explicit deny in a resource-based policy" in refusal, enclave.output
+    assert "kms:RecipientAttestation" in refusal and "PCR0" in refusal
+    assert "enclave: exited code 3" in enclave.stderr and "exit code 3" in enclave.stderr
+    assert not _containers(dockerd)
