@@ -134,6 +134,7 @@ def test_docker_run_of_the_release_needs_no_arguments(loaded: str, dockerd, tmp_
         logs = _logs(container)
         assert f"started enclave {ENCLAVE_ID}, CID 16" in logs, logs
         assert "publishing ingress 0.0.0.0:8080:8080" in logs, logs
+        assert "allocator: the host's /etc/nitro_enclaves/allocator.yaml must reserve at least" in logs, logs
         calls = (standin_dir / "calls").read_text().splitlines()
         assert calls[0].split() == ["run-enclave", "--cpu-count", "2", "--memory", "512", "--eif-path",
                                     "/enclave/application.eif", "--enclave-name", "hello"], calls

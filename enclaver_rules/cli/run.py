@@ -298,8 +298,13 @@ def _nitro(args: argparse.Namespace, out: Output, runnable: Any, side_options: d
     from enclaver_rules.runtime.run import HostSide, run
 
     need = allocator.needs(runnable.manifest, runnable.eif.stat().st_size, memory_mb=memory, cpu_count=cpus)
-    advice = allocator.advise(need, allocator.load())
-    if not advice.ok:
+    config = allocator.load()
+    advice = allocator.advise(need, config)
+    if config is None and getattr(args, "runtime", False) and not args.configure_allocator:
+        # in a container (the runtime image) the host's allocator file is not visible: say what it must hold
+        out.note(f"allocator: the host's {allocator.ALLOCATOR_FILE} must reserve at least {advice.memory_mib} MiB and "
+                 f"{advice.cpu_count} CPUs for this enclave (not visible in this container)")
+    elif not advice.ok:
         if not args.configure_allocator:
             out.note(advice.text + "\n(--configure-allocator raises the reservation in "
                      f"{allocator.ALLOCATOR_FILE} and restarts the allocator)")
