@@ -70,11 +70,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from _measure import Terminated, percentile, terminate_cleanly  # noqa: E402  (benchmarks/)
 
 REGION = "us-east-1"
 ACCOUNT = "111122223333"
@@ -671,32 +672,11 @@ def time_keygen(count: int) -> list[float]:
 # -- the run ------------------------------------------------------------------------------------------
 
 
-class Terminated(SystemExit):
-    pass
-
-
-@contextlib.contextmanager
-def terminate_cleanly() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) unwind like Ctrl-C does, so every `finally` below runs."""
-    def raise_exit(signum: int, frame: FrameType | None) -> None:
-        raise Terminated(128 + signum)
-
-    old = {s: signal.signal(s, raise_exit) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
 
 def rotated(items: tuple[str, ...], by: int) -> list[str]:
     by %= len(items)
     return list(items[by:] + items[:by])
 
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 @dataclass

@@ -48,12 +48,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import Terminated, percentile, terminate_cleanly  # noqa: E402  (benchmarks/)
 
 PATTERN_LEN = (1 << 20) + 13  # odd, so no chunk size lines up with it
 CHUNK = 1 << 20
@@ -340,30 +342,9 @@ def round_trips(connect: Connect, count: int) -> list[float]:
     return samples
 
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
 
 # -- the run ------------------------------------------------------------------------------------------
 
-
-class Terminated(SystemExit):
-    pass
-
-
-@contextlib.contextmanager
-def terminate_cleanly() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) unwind like Ctrl-C does, so every `finally` below runs."""
-    def raise_exit(signum: int, frame: FrameType | None) -> None:
-        raise Terminated(128 + signum)
-
-    old = {s: signal.signal(s, raise_exit) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 @dataclass

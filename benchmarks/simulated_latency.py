@@ -68,15 +68,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+from _measure import Terminated, percentile, terminate_cleanly  # noqa: E402  (benchmarks/)
 
 from services import Dockerd, start_dockerd  # type: ignore[import-not-found]  # noqa: E402  (tests/)
 
@@ -531,27 +532,6 @@ def one_repeat(bench: Bench, r: int, args: argparse.Namespace, data: bytes, resu
 # -- the run -------------------------------------------------------------------------------------------------
 
 
-class Terminated(SystemExit):
-    pass
-
-
-@contextlib.contextmanager
-def terminate_cleanly() -> Iterator[None]:
-    """SIGTERM (and SIGHUP) unwind like Ctrl-C does, so every `finally` below runs."""
-    def raise_exit(signum: int, frame: FrameType | None) -> None:
-        raise Terminated(128 + signum)
-
-    old = {s: signal.signal(s, raise_exit) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main() -> int:
