@@ -21,6 +21,8 @@ from pathlib import Path
 import docker
 import pytest
 
+import enclaver_rules
+
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.store import Store
 from enclaver_rules.oci.transfer import docker_archive, load_stored
@@ -87,6 +89,8 @@ def test_the_binary_refuses_to_run_without_the_nitro_device(built: Path) -> None
     binary = built / "cache" / "odyn-build" / "enclaver-run"
     shown = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and "--sim-host" not in shown.stdout and "[EIF|DIR]" in shown.stdout
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.stdout.strip() == f"enclaver-run (enclaver {enclaver_rules.__version__})"  # no package metadata inside
     ran = subprocess.run([str(binary), str(built / "cache" / "out" / "hello" / "latest")], capture_output=True,
                          text=True, timeout=60)
     assert ran.returncode == 2, ran.stderr

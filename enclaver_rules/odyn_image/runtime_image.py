@@ -21,6 +21,7 @@ import io
 import json
 from pathlib import Path
 
+from enclaver_rules import __version__
 from enclaver_rules.oci.layer import Entry, write_layer
 from enclaver_rules.oci.mutate import ConfigEdit, edit_image, empty_image
 from enclaver_rules.oci.store import Store, atomic_write
@@ -44,7 +45,9 @@ STAGED: tuple[tuple[str, tuple[str, ...]], ...] = (
         "runtime/__init__.py", "runtime/allocator.py", "runtime/egress_host.py", "runtime/files_out.py",
         "runtime/main.py", "runtime/nitro_cli.py", "runtime/run.py", "runtime/runnable.py", "runtime/systemd.py")),
 )
-RECIPE = Recipe("enclaver-run", STAGED, "from enclaver_rules.runtime.main import main\nraise SystemExit(main())\n")
+#: The entry sets the version it was built from: the binary carries no package metadata to read it from.
+RECIPE = Recipe("enclaver-run", STAGED, f"import enclaver_rules\nenclaver_rules.__version__ = {__version__!r}\n"
+                "from enclaver_rules.runtime.main import main\nraise SystemExit(main())\n")
 
 
 def put_image(store: Store, binary: Binary, tag: str = DEFAULT_TAG, arch: str = "x86_64") -> OdynImage:

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from enclaver_rules import __version__, redact
+import enclaver_rules
+from enclaver_rules import redact
 from enclaver_rules.cli.exit_codes import ExitCode, code_for
 from enclaver_rules.cli.options import epilog
 from enclaver_rules.cli.run import CODES, add_arguments, run_cmd
@@ -73,7 +74,7 @@ class _Redacting(logging.Formatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=RUNTIME_DESCRIPTION, epilog=epilog(CODES),  # type: ignore[arg-type]
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"{PROG} (enclaver {__version__})")
+    parser.add_argument("--version", action="version", version=f"{PROG} (enclaver {enclaver_rules.__version__})")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors on stderr (the app's output stays)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail on stderr (-vv: debug)")
     add_arguments(parser, runtime=True)
