@@ -22,7 +22,6 @@ import docker
 import pytest
 
 import enclaver_rules
-
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.store import Store
 from enclaver_rules.oci.transfer import docker_archive, load_stored
