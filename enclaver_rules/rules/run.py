@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from enclaver_rules.rules.common import out_dir
+from enclaver_rules.rules.common import out_dir, reported
 
 NITRO_DEVICE = "/dev/nitro_enclaves"
 
@@ -28,6 +28,7 @@ def run_command(cache_dir: str, name: str, args: list[str], nitro: bool) -> list
     return [sys.executable, "-m", "enclaver_rules.cli", "run", build, *simulate, *args]
 
 
+@reported
 def run_enclave(cache_dir: str, name: str, args: list[str]) -> bool:
     argv = run_command(cache_dir, name, list(args or []), os.path.exists(NITRO_DEVICE))
     code = subprocess.run(argv, env={**os.environ, "ENC_CACHE_DIR": cache_dir}, check=False).returncode
