@@ -2,7 +2,9 @@
 
 Never a default task and never up to date (a run is not an output). It depends on `build:<name>`, so
 `doit run_enclave:hello` builds what changed first. Everything after the task name goes to `enclaver run`
-(doit's `pos_arg`), e.g. `doit run_enclave:hello -p 8080:8080`; `--simulate` is added by itself
+(doit's `pos_arg`), behind `--` so doit does not read the flags as its own: `doit run_enclave:hello --
+-p 8080:8080`; a value holding `=` is written `--sim-host=NAME=IP:PORT` (doit takes a bare
+`NAME=VALUE` argument as its own variable); `--simulate` is added by itself
 when this machine has no /dev/nitro_enclaves. The run is a child process with the same cache, so
 Ctrl-C reaches it and it drains as `enclaver run` does; a non-zero exit code fails the task and is
 printed.
