@@ -573,6 +573,45 @@ def show_secret(guide: Guide, node: Node, token: str) -> dict[str, str]:
     return data
 
 
+@dataclass
+class Walk:
+    """What the guide's steps 4 to 7 saw."""
+
+    token: str
+    peers: list[dict[str, Any]]  # `bao operator raft list-peers` on the second node, before the restart
+    read_before: dict[str, str]  # the secret, read on the second node
+    status_after: dict[str, Any]  # the second node's seal status once it came back
+    read_after: dict[str, str]  # the secret, read on the second node after its restart
+
+
+def walk(guide: Guide, cluster: Cluster, nodes: Sequence[Node]) -> Walk:
+    """Start every node; init the first; wait until every node has unsealed itself; write a secret on the
+    first node, read it on the second; restart the second and read it there again."""
+    for node in nodes:
+        cluster.start(node.name)
+    first, second = nodes[0], nodes[1]
+    cluster.running[first.name].wait_status(lambda s: s.get("initialized") is False, "answering")
+    step("5. initialise the cluster; every node unseals by itself")
+    token = str(guide.init(first)["root_token"])
+    cluster.wait_unsealed()
+    guide.bao_cmd(second, "status")
+    guide.bao_cmd(second, "operator", "raft", "list-peers", token=token)
+    peers = json.loads(guide.bao_cmd(second, "operator", "raft", "list-peers", "-format=json", token=token,
+                                     echo=False).stdout)["data"]["config"]["servers"]
+    step(f"6. a secret written on {first.name}, read on {second.name}")
+    guide.bao_cmd(first, "secrets", "enable", "-path=secret", "kv-v2", token=token)
+    guide.bao_cmd(first, "kv", "put", "-mount=secret", "creds", *(f"{k}={v}" for k, v in SECRET.items()), token=token)
+    before = show_secret(guide, second, token)
+    step(f"7. restart {second.name}: it comes back empty, rejoins and unseals by itself")
+    cluster.stop(second.name)
+    cluster.start(second.name)
+    cluster.wait_unsealed([second.name])
+    status = cluster.running[second.name].seal_status() or {}
+    guide.bao_cmd(second, "status")
+    after = show_secret(guide, second, token)
+    return Walk(token, peers, before, status, after)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -607,26 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"\nenclaver run exited {code}: the app's code (3: KMS refused the seal key; bao never "
                           "started, the node stayed sealed)")
                     return 0 if code == vault_start.KMS_REFUSED else 1
-                for node in nodes:
-                    cluster.start(node.name)
-                first, second = nodes[0], nodes[1]
-                cluster.running[first.name].wait_status(lambda s: s.get("initialized") is False, "answering")
-                step("5. initialise the cluster; every node unseals by itself")
-                token = guide.init(first)["root_token"]
-                cluster.wait_unsealed()
-                guide.bao_cmd(second, "status")
-                guide.bao_cmd(second, "operator", "raft", "list-peers", token=token)
-                step(f"6. a secret written on {first.name}, read on {second.name}")
-                guide.bao_cmd(first, "secrets", "enable", "-path=secret", "kv-v2", token=token)
-                guide.bao_cmd(first, "kv", "put", "-mount=secret", "creds",
-                              *(f"{k}={v}" for k, v in SECRET.items()), token=token)
-                show_secret(guide, second, token)
-                step(f"7. restart {second.name}: it comes back empty, rejoins and unseals by itself")
-                cluster.stop(second.name)
-                cluster.start(second.name)
-                cluster.wait_unsealed([second.name])
-                guide.bao_cmd(second, "status")
-                show_secret(guide, second, token)
+                walk(guide, cluster, nodes)
                 if args.serve:
                     print(f"\nserving: {', '.join(f'{n.name} {n.api}' for n in nodes)}; the root token is in "
                           f"{guide.work / 'init.json'} (Ctrl-C stops the cluster)", flush=True)
