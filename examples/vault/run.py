@@ -595,9 +595,8 @@ def walk(guide: Guide, cluster: Cluster, nodes: Sequence[Node]) -> Walk:
     token = str(guide.init(first)["root_token"])
     cluster.wait_unsealed()
     guide.bao_cmd(second, "status")
+    peers = wait_voters(guide, second, token, [n.name for n in nodes], [n.name for n in nodes if not n.non_voter])
     guide.bao_cmd(second, "operator", "raft", "list-peers", token=token)
-    peers = json.loads(guide.bao_cmd(second, "operator", "raft", "list-peers", "-format=json", token=token,
-                                     echo=False).stdout)["data"]["config"]["servers"]
     step(f"6. a secret written on {first.name}, read on {second.name}")
     guide.bao_cmd(first, "secrets", "enable", "-path=secret", "kv-v2", token=token)
     guide.bao_cmd(first, "kv", "put", "-mount=secret", "creds", *(f"{k}={v}" for k, v in SECRET.items()), token=token)
@@ -610,6 +609,23 @@ def walk(guide: Guide, cluster: Cluster, nodes: Sequence[Node]) -> Walk:
     guide.bao_cmd(second, "status")
     after = show_secret(guide, second, token)
     return Walk(token, peers, before, status, after)
+
+
+def wait_voters(guide: Guide, node: Node, token: str, names: Sequence[str], voters: Sequence[str],
+                timeout: float = 120.0) -> list[Any]:
+    """`bao operator raft list-peers` (JSON) on `node` once each of `names` is a peer and each of `voters` votes:
+    a node joins raft without a vote, and autopilot promotes it once it has been healthy for a while (10 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = guide.bao_cmd(node, "operator", "raft", "list-peers", "-format=json", token=token, check=False,
+                               echo=False)
+        servers: list[Any] = json.loads(result.stdout)["data"]["config"]["servers"] if result.returncode == 0 else []
+        if {s["node_id"] for s in servers} >= set(names) and {s["node_id"] for s in servers if s["voter"]} >= set(voters):
+            return servers
+        if time.monotonic() > deadline:
+            raise GuideError(f"the raft peers on {node.name} are not {', '.join(voters)} voting within {timeout:.0f} s: "
+                             f"{result.stdout}{result.stderr}")
+        time.sleep(1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
