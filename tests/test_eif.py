@@ -426,6 +426,13 @@ def test_tampered_eif_fails_crc_and_signature(tmp_path: Path, blobs) -> None:  #
     (tmp_path / "t.eif").write_bytes(bytes(data))
     info = describe(str(tmp_path / "t.eif"))
     assert info["CheckCRC"] is False and info["SignatureCheck"] is False
+    from enclaver_rules.errors import OperationFailed
+    from enclaver_rules.runtime.runnable import eif_facts
+
+    assert eif_facts(tmp_path / "s.eif")[0]["PCR0"]  # the untouched one is read
+    with pytest.raises(OperationFailed) as refused:  # `enclaver run` refuses it before anything starts
+        eif_facts(tmp_path / "t.eif", "t.eif")
+    assert str(refused.value.diagnostics[0]).startswith("t.eif: the EIF's CRC32 does not match its contents")
 
 
 def test_signing_material_is_checked(tmp_path: Path) -> None:

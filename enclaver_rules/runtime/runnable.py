@@ -8,7 +8,8 @@ the EIF. The link from a release image or an EIF to its enclave image is the EIF
 enclaver writes the enclave image's digest into it (`Metadata.enclaver.image`, also
 `ImageVersion`), and that image is in the store beside the build. The simulator runs that image.
 
-Refused: a release image without enclaver's labels, an EIF whose metadata does not say enclaver built it.
+Refused: a release image without enclaver's labels, an EIF whose metadata does not say enclaver built it,
+an EIF whose CRC32 does not match its bytes (damaged, or changed after it was built).
 """
 
 from __future__ import annotations
@@ -68,14 +69,20 @@ EIF_MANIFEST = "rootfs" + enclave.MANIFEST_PATH
 MAX_MANIFEST = 1 << 20
 
 
-def eif_facts(path: Path) -> tuple[dict[str, str], dict[str, Any], bytes | None]:
-    """(the PCRs recomputed from the EIF, its describe metadata, the manifest it carries)."""
+def eif_facts(path: Path, source: str | None = None) -> tuple[dict[str, str], dict[str, Any], bytes | None]:
+    """(the PCRs recomputed from the EIF, its describe metadata, the manifest it carries). An EIF whose
+    CRC32 does not match its bytes is refused (`source`: what the user named, for the message): it
+    was damaged or changed after it was built."""
     from enclaver_rules.eif.describe import measure
     from enclaver_rules.eif.files import find_file
     from enclaver_rules.eif.format import SECTION_METADATA, read_eif
     from enclaver_rules.eif.metadata import read_metadata
 
     eif = read_eif(str(path))
+    if not eif.crc_ok:
+        raise OperationFailed(f"{source or path}: the EIF's CRC32 does not match its contents: it was damaged or "
+                              "changed after it was built",
+                              fix="do not run it: build it again, or pull the release image again from its registry")
     measurements, _ = measure(eif)
     pcrs = {k: v for k, v in measurements.to_json().items() if k.startswith("PCR")}
     meta: dict[str, Any] = {}
@@ -115,7 +122,7 @@ def resolve(source: str, store: Store | None, workdir: Path) -> Runnable:
             if not store.copy_file(image, RELEASE_EIF, out):
                 raise InvalidInput(f"{source}: no {RELEASE_EIF} in it: not a release image",
                                    fix="run a release image, not an enclave or app image")
-    pcrs, meta, raw = eif_facts(eif)
+    pcrs, meta, raw = eif_facts(eif, source)
     details = meta.get("Metadata") or {}
     ours = details.get("enclaver") if isinstance(details, dict) else None
     if details.get("BuildTool") != "enclaver" or not isinstance(ours, dict):
