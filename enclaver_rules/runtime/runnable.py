@@ -27,7 +27,7 @@ from enclaver_rules.oci import enclave
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.model import ImageConfig
 from enclaver_rules.oci.model import Manifest as ImageManifest
-from enclaver_rules.oci.store import Store
+from enclaver_rules.oci.store import CorruptBlob, Store
 
 RELEASE_EIF = "/enclave/application.eif"
 BUILD_EIF = "application.eif"
@@ -119,7 +119,13 @@ def resolve(source: str, store: Store | None, workdir: Path) -> Runnable:
                                fix="run a release image that `enclaver build` or `doit build:NAME` made")
         eif = workdir / BUILD_EIF
         with open(eif, "wb") as out:
-            if not store.copy_file(image, RELEASE_EIF, out):
+            try:
+                found = store.copy_file(image, RELEASE_EIF, out)
+            except CorruptBlob as e:  # the store's message names the blob; say whose it is
+                first = e.diagnostics[0]
+                raise CorruptBlob(f"{source}: a layer of the release image (read for {RELEASE_EIF}): {first.message}",
+                                  fix=first.fix) from None
+            if not found:
                 raise InvalidInput(f"{source}: no {RELEASE_EIF} in it: not a release image",
                                    fix="run a release image, not an enclave or app image")
     pcrs, meta, raw = eif_facts(eif, source)
