@@ -7,7 +7,7 @@ failure is refused, and what the user sees on `enclaver run`'s stdout and stderr
    the policy (the app, an AWS SDK, shows only "403 Forbidden");
 2. the app rebuilt with one changed byte: a new PCR0, which the first build's key policy refuses (the
    app exits 3 with KMS's AccessDeniedException), and `enclaver verify-reproduce` against the first
-   build's measurements names the changed file;
+   build's measurements.json (its EIF beside it) names the changed file;
 3. a tampered release image (one answer of the app changed in the EIF, its CRC fixed, the image's
    labels kept): `--verify-before-run` refuses it naming each PCR, expected vs got, before anything
    starts; without the flag the enclave starts and KMS refuses its attestation; an EIF whose CRC was not
@@ -140,8 +140,7 @@ def test_egress_to_a_name_the_manifest_does_not_allow_is_refused_naming_it(
 
 
 def test_a_rebuilt_app_is_refused_by_the_old_key_policy_and_verify_reproduce_names_the_file(
-        built: tuple[Any, Path], s3: tuple[str, int], production: dict[str, Any], dockerd: Dockerd,
-        tmp_path: Path) -> None:
+        built: tuple[Any, Path], s3: tuple[str, int], production: dict[str, Any], dockerd: Dockerd) -> None:
     the_guide, build_dir = built
     app = the_guide.repo / "examples" / "no-fly-list" / "app" / "no_fly_list.py"
     source = app.read_bytes()
@@ -158,26 +157,20 @@ def test_a_rebuilt_app_is_refused_by_the_old_key_policy_and_verify_reproduce_nam
     assert f"PCR0 {after['PCR0'][:16]}…" in next(line for line in enclave.stderr if line.startswith("simulating"))
     assert not simulator_containers(dockerd)
 
-    # the old measurements, kept as a user keeps them: in the first build's directory, and alone
-    lone = tmp_path / "measurements.json"
-    shutil.copy(build_dir / "measurements.json", lone)
-    for old, named in ((build_dir / "measurements.json", True), (lone, False)):
-        result = subprocess.run([*guide.ENCLAVER, "verify-reproduce", "-f", guide.MANIFEST, str(old)],
-                                cwd=the_guide.repo, env=the_guide.env, capture_output=True, text=True, timeout=1800)
-        assert result.returncode == 1, result.stdout + result.stderr
-        lines = result.stdout.splitlines()
-        assert lines[0] == f"NOT reproduced: PCR0, PCR2 differ (read from {old})", result.stdout
-        if named:  # the EIF beside it is opened: exactly one file differs, and it is named
-            assert "PCR0, PCR2 (customer ramdisk: the image's root file system, cmd and env): 1 entry differs" in lines
-            changed = [line for line in lines if line.startswith("  ")]
-            assert len(changed) == 1 and changed[0].startswith(
-                "  rootfs/app/no_fly_list.py: content differs (9639 → 9639 bytes, sha256 "), result.stdout
-        else:  # no EIF: what the PCRs cover, and how to have the file named
-            assert lines[1:] == [
-                "PCR2 differs: another customer ramdisk — the app image's files, its cmd or env, the manifest or odyn",
-                "SOURCE has no EIF beside it, so the files that differ cannot be named: pass the EIF or the build "
-                "directory it came from (or a release image in the store)"], result.stdout
-    print("\n".join(lines))
+    # the old measurements, where the first build left them (the EIF beside them is opened; a lone
+    # measurements.json gets what its PCRs cover instead: tests/test_build_pipeline.py)
+    old = build_dir / "measurements.json"
+    result = subprocess.run([*guide.ENCLAVER, "verify-reproduce", "-f", guide.MANIFEST, str(old)],
+                            cwd=the_guide.repo, env=the_guide.env, capture_output=True, text=True, timeout=1800)
+    print(result.stdout)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout.splitlines() == [
+        f"NOT reproduced: PCR0, PCR2 differ (read from {old})",
+        "no PCR (metadata only): the metadata section differs",
+        "PCR0, PCR2 (customer ramdisk: the image's root file system, cmd and env): 1 entry differs",
+        result.stdout.splitlines()[-1]], result.stdout
+    assert result.stdout.splitlines()[-1].startswith(
+        "  rootfs/app/no_fly_list.py: content differs (9639 → 9639 bytes, sha256 "), result.stdout
 
 
 # 3. a tampered release image -----------------------------------------------------------------------------
