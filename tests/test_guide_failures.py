@@ -8,11 +8,11 @@ failure is refused, and what the user sees on `enclaver run`'s stdout and stderr
 2. the app rebuilt with one changed byte: a new PCR0, which the first build's key policy refuses (the
    app exits 3 with KMS's AccessDeniedException), and `enclaver verify-reproduce` against the first
    build's measurements.json (its EIF beside it) names the changed file;
-3. a tampered release image (one answer of the app changed in the EIF, its CRC fixed, the image's
-   labels kept): `--verify-before-run` refuses it naming each PCR, expected vs got, before anything
-   starts; without the flag the enclave starts and KMS refuses its attestation; an EIF whose CRC was not
-   fixed is refused by `enclaver run` itself; the release layer rewritten in place in the store is
-   refused as a corrupt blob;
+3. a tampered release image (one answer of the app changed in the EIF, its CRC fixed): with its labels
+   kept `enclaver run` refuses it (labels and EIF disagree); relabelled to match, `--verify-before-run`
+   refuses it naming each PCR, expected vs got, before anything starts, and without the flag the enclave
+   starts and KMS refuses its attestation; an EIF whose CRC was not fixed is refused by `enclaver run`
+   itself; the release layer rewritten in place in the store is refused as a corrupt blob;
 4. `--debug-mode` against the production key policy: `enclaver run` warns up front that the all-zero
    PCRs will be refused, and KMS refuses.
 
@@ -36,18 +36,20 @@ import pytest
 from enclaver_rules.eif.format import HEADER_SIZE
 from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest
-from enclaver_rules.oci.layer import Entry, write_layer
+from enclaver_rules.oci.layer import Entry, Layer, write_layer
 from enclaver_rules.oci.model import Descriptor
 from enclaver_rules.oci.mutate import canonical_json
 from enclaver_rules.oci.store import Store
 from enclaver_rules.rules.release import RELEASE_EIF, RELEASE_MANIFEST, RELEASE_MEASUREMENTS
+from enclaver_rules.runtime.runnable import eif_facts
 from guide_helpers import checkout, guide, simulator_containers
 from services import Dockerd, free_port
 
 pytestmark = pytest.mark.services
 
 AS_BUILT = "enclaver-examples/no-fly-list:as-built"  # the first build's release (a rebuild moves :sim)
-TAMPERED = "enclaver-examples/no-fly-list:tampered"
+TAMPERED = "enclaver-examples/no-fly-list:tampered"  # the EIF changed, the labels kept
+RELABELLED = "enclaver-examples/no-fly-list:relabelled"  # … and the labels made to agree with it
 ANSWER = b"{asked} is on the no-fly list and CAN NOT BOARD!"  # in the app, in the EIF's customer ramdisk
 FORGED = b"{asked} is on the no-fly list and can board now!"  # what the tamperer makes it say
 WAIT = 180.0  # for a run that should end by itself
@@ -196,11 +198,9 @@ def _forge(eif: Path, into: Path) -> None:
         data[at:at + len(FORGED)] = FORGED
 
 
-def _release_with(store: Store, release: Digest, eif: Path, name: str, epoch: int, work: Path) -> Digest:
-    """A copy of the release image whose layer holds `eif` instead, everything else (labels with the
-    original PCRs included) kept; tagged `name`. Its own digests are consistent: the store cannot tell."""
-    manifest = json.loads(store.read(release))
-    config = json.loads(store.read(Digest.parse(manifest["config"]["digest"])))
+def _tampered_layer(store: Store, release: Digest, eif: Path, epoch: int, work: Path) -> Layer:
+    """The release image's last layer (/enclave) with `eif` in it instead, into the store (its file kept
+    in `work` too)."""
     node = store.manifest(release)
     kept = {}
     for path in (RELEASE_MANIFEST, RELEASE_MEASUREMENTS):
@@ -210,11 +210,22 @@ def _release_with(store: Store, release: Digest, eif: Path, name: str, epoch: in
             kept[path] = f.read()
     with open(work / "layer.tar.gz", "wb") as f:
         layer = write_layer([Entry.from_file(RELEASE_EIF, eif, 0o644),
-                             *(Entry.file(path, data, 0o644) for path, data in kept.items())],
-                            f, mtime=epoch)
+                             *(Entry.file(path, data, 0o644) for path, data in kept.items())], f, mtime=epoch)
     with open(work / "layer.tar.gz", "rb") as f:
         store.put_stream(f, layer.digest, layer.size)
+    return layer
+
+
+def _release_with(store: Store, release: Digest, layer: Layer, name: str, pcrs: dict[str, str] | None = None) -> Digest:
+    """A copy of the release image with `layer` as its last, tagged `name`; everything else kept, its
+    PCR labels (and annotations) too unless `pcrs` relabels it. Its digests are its own: the store cannot tell."""
+    manifest = json.loads(store.read(release))
+    config = json.loads(store.read(Digest.parse(manifest["config"]["digest"])))
     config["rootfs"]["diff_ids"][-1] = str(layer.diff_id)
+    for key, value in (pcrs or {}).items():
+        label = f"dev.enclaver.{key.lower()}"
+        assert config["config"]["Labels"][label] and manifest["annotations"][label]
+        config["config"]["Labels"][label] = manifest["annotations"][label] = value
     config_bytes = canonical_json(config)
     manifest["config"] = {**manifest["config"], "digest": str(Digest.of(config_bytes)), "size": len(config_bytes)}
     manifest["layers"][-1] = {**manifest["layers"][-1], "digest": str(layer.digest), "size": layer.size}
@@ -223,6 +234,15 @@ def _release_with(store: Store, release: Digest, eif: Path, name: str, epoch: in
     digest = store.put_bytes(manifest_bytes)
     store.tag(name, Descriptor(mt.OCI_MANIFEST, digest, len(manifest_bytes)))
     return digest
+
+
+def _refused_up_front(enclave: Any) -> str:
+    """`enclaver run` ended with exit code 1 before starting anything: its error line."""
+    assert enclave.code == 1, enclave.output
+    assert not enclave.stdout and not any(line.startswith(("sim-", "simulating", "enclave:")) for line in enclave.stderr)
+    said = "\n".join(enclave.stderr)
+    assert said.startswith("error: ") and "Traceback" not in said, said
+    return said
 
 
 def test_a_tampered_release_image_is_refused(built: tuple[Any, Path], s3: tuple[str, int],
@@ -238,55 +258,62 @@ def test_a_tampered_release_image_is_refused(built: tuple[Any, Path], s3: tuple[
     naive = tmp_path / "naive.eif"  # the same change, the CRC left as it was
     shutil.copyfile(forged, naive)
     _fix_crc(forged)
-    tampered = _release_with(store, release, forged, TAMPERED, record["epoch"], tmp_path)
-    config = json.loads(store.read(Digest.parse(json.loads(store.read(tampered))["config"]["digest"])))
-    assert config["config"]["Labels"]["dev.enclaver.pcr0"] == expected["PCR0"]  # its labels still claim the build's
+    got = eif_facts(forged)[0]
+    assert got["PCR0"] != expected["PCR0"] and got["PCR2"] != expected["PCR2"] and got["PCR1"] == expected["PCR1"]
+    layer = _tampered_layer(store, release, forged, record["epoch"], tmp_path)
+    _release_with(store, release, layer, TAMPERED)  # its labels still claim the build's PCRs
+    _release_with(store, release, layer, RELABELLED, got)  # its labels made to agree with its EIF
     verify = ("--verify-before-run", str(build_dir / "measurements.json"))
 
-    # --verify-before-run: refused before anything starts, each PCR named, expected vs got
-    refused = run_to_the_end(the_guide, TAMPERED, s3[1], verify)
-    assert refused.code == 1, refused.output
-    error = next(line for line in refused.stderr if line.startswith("error: "))
-    assert error.startswith(f"error: {TAMPERED}: the EIF's measurements do not match {build_dir / 'measurements.json'}: "
-                            f"PCR0 expected {expected['PCR0']} got "), refused.output
-    assert f"; PCR2 expected {expected['PCR2']} got " in error and "PCR1" not in error
-    assert error.endswith(" — this is not the enclave those measurements describe: do not run it")
-    assert not refused.stdout and not any(line.startswith(("sim-kms", "simulating")) for line in refused.stderr)
-    got = error.split(" got ")[1].split(";")[0]
-    # the control: the release as built passes the same check (then -p 9999, not an ingress port, stops it)
+    # the labels kept: `enclaver run` sees they are not what the EIF measures (as `trust --recompute` does)
+    said = _refused_up_front(run_to_the_end(the_guide, TAMPERED, s3[1]))
+    assert said == (f"error: {TAMPERED}: its labels and its EIF disagree: PCR0 labelled {expected['PCR0']} but "
+                    f"measured {got['PCR0']}; PCR2 labelled {expected['PCR2']} but measured {got['PCR2']} — do not "
+                    "run it: it was relabelled or its EIF replaced after it was built; pull it again from a registry "
+                    "you trust, or build it again"), said
+    recomputed = subprocess.run([*guide.ENCLAVER, "trust", TAMPERED, "--recompute"], cwd=the_guide.repo,
+                                env=the_guide.env, capture_output=True, text=True, timeout=300)
+    assert recomputed.returncode == 1 and "its labels say" in recomputed.stderr, recomputed.stderr
+
+    # relabelled too: --verify-before-run refuses it before anything starts, each PCR named, expected vs got
+    said = _refused_up_front(run_to_the_end(the_guide, RELABELLED, s3[1], verify))
+    assert said == (f"error: {RELABELLED}: the EIF's measurements do not match {build_dir / 'measurements.json'}: "
+                    f"PCR0 expected {expected['PCR0']} got {got['PCR0']}; PCR2 expected {expected['PCR2']} got "
+                    f"{got['PCR2']} — this is not the enclave those measurements describe: do not run it"), said
+    # the control: the release as built passes the same check (then -p …:9999, not an ingress port, stops it)
     passed = subprocess.run([*guide.ENCLAVER, "run", "--simulate", AS_BUILT, *verify, "-p", "127.0.0.1:1:9999"],
                             cwd=the_guide.repo, env=the_guide.env, capture_output=True, text=True, timeout=300)
     assert passed.returncode == 2 and "measurements match" in passed.stderr and "9999" in passed.stderr, passed.stderr
 
-    # without the flag it starts (the simulator runs the enclave image; the NSM attests the EIF's PCRs), and
-    # KMS refuses the tampered PCR0: the list stays sealed
-    enclave = run_to_the_end(the_guide, TAMPERED, s3[1])
+    # relabelled, without the flag: it starts (the simulator runs the enclave image, the NSM attests the EIF's
+    # PCRs) and KMS refuses the tampered PCR0: the list stays sealed
+    enclave = run_to_the_end(the_guide, RELABELLED, s3[1])
     kms_refusal(enclave)
-    assert f"simulating no-fly-list-sim ({TAMPERED}): PCR0 {got[:16]}…" in " ".join(enclave.stderr), enclave.output
+    assert f"simulating no-fly-list-sim ({RELABELLED}): PCR0 {got['PCR0'][:16]}…" in " ".join(enclave.stderr)
     assert not simulator_containers(dockerd)
 
     # the change without a new CRC: `enclaver run` refuses the EIF itself
-    crc = run_to_the_end(the_guide, naive, s3[1])
-    assert crc.code == 1 and (f"error: {naive}: the EIF's CRC32 does not match its contents: it was damaged or changed "
-                              "after it was built — do not run it") in "\n".join(crc.stderr), crc.output
+    said = _refused_up_front(run_to_the_end(the_guide, naive, s3[1]))
+    assert said == (f"error: {naive}: the EIF's CRC32 does not match its contents: it was damaged or changed after it "
+                    "was built — do not run it: build it again, or pull the release image again from its registry")
 
     # the release layer rewritten in place in the store: its bytes no longer match its digest
-    layer = Digest.parse(json.loads(store.read(release))["layers"][-1]["digest"])
-    blob, kept = store.path(layer), tmp_path / "layer.kept"
+    original = Digest.parse(json.loads(store.read(release))["layers"][-1]["digest"])
+    blob, kept = store.path(original), tmp_path / "layer.kept"
     blob.rename(kept)
     try:
         shutil.copyfile(tmp_path / "layer.tar.gz", blob)  # the tampered layer's bytes under the original's name
-        corrupt = run_to_the_end(the_guide, AS_BUILT, s3[1])
-        assert corrupt.code == 1, corrupt.output
-        said = "\n".join(corrupt.stderr)
-        assert (f"error: {AS_BUILT}: a layer of the release image (read for {RELEASE_EIF}): {layer} in the store at "
-                f"{store.root} is corrupt: its file {blob} holds ") in said, said
-        assert "it was moved to" in said and "enclaver cache verify" in said and "Traceback" not in said
+        said = _refused_up_front(run_to_the_end(the_guide, AS_BUILT, s3[1]))
+        assert said.startswith(f"error: {AS_BUILT}: a layer of the release image (read for {RELEASE_EIF}): {original} "
+                               f"in the store at {store.root} is corrupt: its file {blob} holds {layer.size} bytes "
+                               f"whose digest is {layer.digest} — it was moved to "), said
+        assert said.endswith(" and is not used; run `enclaver cache verify` to check the rest of the store, then pull "
+                             "the image again (a build fetches it again from its registry)"), said
         assert not blob.exists() and store.quarantined()  # set aside, never used
     finally:
         blob.unlink(missing_ok=True)
         kept.rename(blob)
-    assert store.intact(layer)
+    assert store.intact(original)
     assert not simulator_containers(dockerd)
 
 

@@ -9,7 +9,8 @@ enclaver writes the enclave image's digest into it (`Metadata.enclaver.image`, a
 `ImageVersion`), and that image is in the store beside the build. The simulator runs that image.
 
 Refused: a release image without enclaver's labels, an EIF whose metadata does not say enclaver built it,
-an EIF whose CRC32 does not match its bytes (damaged, or changed after it was built).
+an EIF whose CRC32 does not match its bytes (damaged, or changed after it was built), a release image
+whose PCR labels are not what its EIF measures (relabelled, or its EIF replaced).
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ def resolve(source: str, store: Store | None, workdir: Path) -> Runnable:
                 raise InvalidInput(f"{source}: no {RELEASE_EIF} in it: not a release image",
                                    fix="run a release image, not an enclave or app image")
     pcrs, meta, raw = eif_facts(eif, source)
+    _check_labels(source, labels, pcrs)
     details = meta.get("Metadata") or {}
     ours = details.get("enclaver") if isinstance(details, dict) else None
     if details.get("BuildTool") != "enclaver" or not isinstance(ours, dict):
@@ -144,6 +146,19 @@ def resolve(source: str, store: Store | None, workdir: Path) -> Runnable:
         if store is not None and store.has(digest):
             enclave_image = digest
     return Runnable(source, eif, pcrs, _manifest_from(raw, source), enclave_image, labels)
+
+
+def _check_labels(source: str, labels: dict[str, str], pcrs: dict[str, str]) -> None:
+    """A release image's PCR labels (what `enclaver trust` reads without --recompute) must be what its EIF
+    measures: when they are not, the image was relabelled or its EIF replaced after it was built."""
+    prefix = f"{enclave.LABEL}.pcr"
+    claimed = {"PCR" + k[len(prefix):]: v for k, v in labels.items() if k.startswith(prefix) and v}
+    wrong = [f"{k} labelled {v} but measured {pcrs.get(k) or 'absent'}" for k, v in sorted(claimed.items())
+             if (pcrs.get(k) or "").lower() != v.lower()]
+    if wrong:
+        raise OperationFailed(f"{source}: its labels and its EIF disagree: " + "; ".join(wrong),
+                              fix="do not run it: it was relabelled or its EIF replaced after it was built; pull it "
+                                  "again from a registry you trust, or build it again")
 
 
 def verify_measurements(runnable: Runnable, expected: dict[int, bytes], where: str) -> None:
