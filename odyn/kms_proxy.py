@@ -281,7 +281,9 @@ class Exchange:
         text = " ".join(reply.read(2000).decode("utf-8", "replace").split()) or reply.reason
         status = reply.status if reply.status in (403, 504) else 502
         fix = " (add it to egress.allow)" if reply.status == 403 else ""
-        raise ProxyError(status, f"odyn's egress proxy refused {target} ({reply.status}): {text}{fix}")
+        # The egress proxy's own 403 body already starts with the destination: say it once.
+        what = "" if text.startswith(target) else f" {target}"
+        raise ProxyError(status, f"odyn's egress proxy refused{what} ({reply.status}): {text}{fix}")
 
 
 # -- the proxy ------------------------------------------------------------------------------------

@@ -407,8 +407,9 @@ def test_a_kms_host_the_egress_policy_denies_gets_403_naming_the_policy(tmp_path
         error = await s.fails("decrypt", CiphertextBlob=b"blob")
         assert error.response["ResponseMetadata"]["HTTPStatusCode"] == 403
         message = error.response["Error"]["Message"]
-        assert message.startswith("odyn's KMS proxy: odyn's egress proxy refused kms.denied.test:4599 (403): denied by "
-                                  "the enclave's egress policy") and message.endswith("(add it to egress.allow)")
+        assert message.startswith("odyn's KMS proxy: odyn's egress proxy refused (403): kms.denied.test:4599 is denied "
+                                  "by the enclave's egress policy") and message.endswith("(add it to egress.allow)")
+        assert message.count("kms.denied.test:4599") == 1
         assert s.lines == [f"odyn: KMS proxy: {message.removeprefix('odyn' + chr(39) + 's KMS proxy: ')}"]
         assert s.kms.seen == []
 
