@@ -79,6 +79,17 @@ class BlobSet:
         return {"path": str(self.root), "arch": self.arch, "digest": str(self.digest), "development": self.development}
 
 
+def image_arch(image: StoredImage) -> str:
+    """The enclave architecture of an image (x86_64, aarch64), or `InvalidInput`. Here, not in
+    `build`, so that `resolve` (every no-op build) does not load the EIF writer and its signer."""
+    platform = image.config.platform
+    arch = ARCH_OF_PLATFORM.get(platform.architecture)
+    if platform.os != "linux" or arch is None:
+        raise InvalidInput(f"{image.name} is a {platform} image; enclaves run linux/amd64 or linux/arm64",
+                           file="IMAGE", fix="build the app image for linux/amd64 or linux/arm64")
+    return arch
+
+
 def _names(arch: str) -> tuple[str, ...]:
     """The files of an `arch` blob set: the kernel, its config, cmdline, init, nsm.ko, the development marker."""
     kernel = KERNEL_NAMES[arch]

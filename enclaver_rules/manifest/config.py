@@ -17,6 +17,7 @@ the build are untouched.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import logging
@@ -36,7 +37,6 @@ from enclaver_rules.manifest.load import (
     manifest_dir,
     normalise,
     parse_manifest,
-    plain_copy,
     read_manifest,
     validate,
 )
@@ -257,7 +257,7 @@ def resolve(path: str, flags: Mapping[str, str | None] | None = None,
     env_values, problems = _from_environment(environ or {})
     by_key = {s.key: s for s in settings()}
 
-    data = plain_copy(doc.data)
+    data = copy.deepcopy(doc.data)
     overlay = OverlayLocator(file_loc)
     values = []
     for setting in settings():

@@ -7,6 +7,7 @@ at the first problem: `check_file` returns every diagnostic, and `load_manifest`
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -46,28 +47,8 @@ def read_manifest(path: str) -> bytes:
     return raw
 
 
-#: Documents parsed in this process, by (bytes, file name): a build parses every manifest when it
-#: finds the enclaves and again when it resolves each one. Callers never change a document
-#: (`normalise` copies), so one object serves them all.
-_PARSED: dict[tuple[bytes, str], YamlDocument] = {}
-_PARSED_MAX = 4096
-_PARSED_BYTES = 64 << 10  # larger files (none real) are parsed each time: the memo stays small
-
-
 def parse_manifest(raw: bytes, filename: str) -> YamlDocument:
-    """Decode and parse; raise `InvalidInput` when there is no usable map of keys at all. The result
-    is shared with later callers given the same bytes and name: read it, never change it."""
-    doc = _PARSED.get((raw, filename))
-    if doc is None:
-        doc = _parse(raw, filename)
-        if len(raw) <= _PARSED_BYTES:
-            if len(_PARSED) >= _PARSED_MAX:
-                _PARSED.clear()
-            _PARSED[(raw, filename)] = doc
-    return doc
-
-
-def _parse(raw: bytes, filename: str) -> YamlDocument:
+    """Decode and parse; raise `InvalidInput` when there is no usable map of keys at all."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -138,19 +119,9 @@ def check_file(path: str) -> CheckResult:
     return CheckResult(path, tuple(found), doc, raw)
 
 
-def plain_copy(data: Any) -> Any:
-    """A deep copy of parsed YAML (maps, lists and immutable scalars), several times faster than
-    `copy.deepcopy`. The builder makes a new object at every use of an alias, so nothing is shared."""
-    if type(data) is dict:
-        return {k: plain_copy(v) for k, v in data.items()}
-    if type(data) is list:
-        return [plain_copy(v) for v in data]
-    return data
-
-
 def normalise(doc: YamlDocument) -> YamlDocument:
     """A copy with old source names (`supervisor`, `wrapper`) renamed, positions carried along."""
-    out = YamlDocument(plain_copy(doc.data), dict(doc.keys), dict(doc.values), dict(doc.sources), list(doc.problems))
+    out = copy.deepcopy(doc)
     sources = out.data.get("sources") if isinstance(out.data, dict) else None
     if isinstance(sources, dict):
         for old, new in RENAMED_SOURCES.items():

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from enclaver_rules.errors import EnclaverError, InvalidInput, OperationFailed
 from enclaver_rules.oci.digest import Digest, DigestMismatch
@@ -37,7 +38,6 @@ from enclaver_rules.oci.reference import (
     RegistryImage,
     parse_image,
 )
-from enclaver_rules.oci.registry import NotFound, Registry, RegistryUnavailable, is_local
 from enclaver_rules.oci.stamps import Stamp, Stamps, stamp_of
 from enclaver_rules.oci.store import CorruptBlob, Store
 from enclaver_rules.oci.transfer import (
@@ -55,6 +55,9 @@ from enclaver_rules.oci.transfer import (
     metadata,
     pull,
 )
+
+if TYPE_CHECKING:  # requests loads only when a registry is asked: a no-op build of local images needs none
+    from enclaver_rules.oci.registry import Registry
 
 log = logging.getLogger("enclaver.resolve")
 
@@ -81,6 +84,8 @@ class Sources:
     _registries: dict[str, Registry] = field(default_factory=dict)
 
     def registry(self, host: str) -> Registry:
+        from enclaver_rules.oci.registry import Registry
+
         if host not in self._registries:
             self._registries[host] = Registry(host, insecure=host in self.insecure)
         return self._registries[host]
@@ -306,6 +311,8 @@ def _short_network_failure(message: str, api_host: str) -> str:
 
 def _registry_said(ref: Reference, e: OperationFailed, hint: str) -> tuple[str, str]:
     """The registry's half of a "no such image" message, and the fix for a name nobody has."""
+    from enclaver_rules.oci.registry import NotFound, RegistryUnavailable
+
     message = e.diagnostics[0].message
     http = re.search(r"HTTP \d{3}.*$", message)
     files = "a file is docker-archive:PATH, a layout oci:PATH[:TAG]"
@@ -331,6 +338,8 @@ def no_such_image(text: str, ref: Reference, sources: Sources, store: Store, eng
     Says what the store and the engine hold under that name, so a typo reads as a typo and a
     stored or engine copy is named with the argument that uses it.
     """
+    from enclaver_rules.oci.registry import RegistryUnavailable, is_local
+
     if engine is None and ref.digest is None:
         engine = _ask_engine(ref, sources)  # not consulted (`image pull`): asked now, only to advise
     hint = ""
@@ -427,6 +436,8 @@ def _unmoved(text: str, ref: Reference, sources: Sources, store: Store,
              engine: _EngineAnswer | None) -> StoredImage | None:
     """With `sources.stamps`: the image tag `ref` gave the last time, from the store, when the
     registry still names the same digest for it (one HEAD); else None (moved, or not known)."""
+    from enclaver_rules.oci.registry import RegistryUnavailable
+
     if sources.stamps is None:
         return None
     known = sources.stamps.get(_registry_key(ref, sources))

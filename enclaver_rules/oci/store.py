@@ -413,13 +413,10 @@ class Store:
         self.root = Path(root)
         self.blobs = self.root / "blobs" / "sha256"
         self.quarantine_dir = self.root / QUARANTINE if quarantine else None
-        self._ready = False
 
     # -- layout ----------------------------------------------------------------------------------
 
     def init(self) -> Store:
-        if self._ready:
-            return self
         self.blobs.mkdir(parents=True, exist_ok=True)
         layout = self.root / "oci-layout"
         if not layout.exists():
@@ -427,7 +424,6 @@ class Store:
         with self._locked():
             if not (self.root / "index.json").exists():
                 self._write_index([])
-        self._ready = True  # once per Store object: resolving an enclave's inputs asks again for each
         return self
 
     @contextlib.contextmanager
@@ -715,13 +711,7 @@ class Store:
         return out
 
     def resolve(self, name: str) -> Descriptor | None:
-        """What ref `name` points at (the last entry of that name, as `refs` has it), or None. Only
-        that entry is parsed: a no-op build asks this for every enclave of a large store."""
-        found = None
-        for m in self._read_index():
-            if isinstance(m, dict) and (m.get("annotations") or {}).get(REF_ANNOTATION) == name:
-                found = m
-        return None if found is None else Descriptor.from_json(found, f"{self.root}/index.json")
+        return self.refs().get(name)
 
     def manifest(self, digest: Digest, media_type: str | None = None) -> Manifest | Index:
         return parse(self.read(digest), media_type, f"{self.root}: {digest.short}")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci import mediatypes as mt
@@ -21,9 +21,11 @@ from enclaver_rules.oci.digest import Digest, DigestMismatch
 from enclaver_rules.oci.model import Descriptor, ImageConfig, Index, Manifest, Platform, parse
 from enclaver_rules.oci.mutate import canonical_json
 from enclaver_rules.oci.reference import Reference
-from enclaver_rules.oci.registry import Registry
 from enclaver_rules.oci.stamps import Stamp, stamp, stamp_of
 from enclaver_rules.oci.store import CHUNK, REF_ANNOTATION, Progress, Store
+
+if TYPE_CHECKING:  # requests loads only where a registry is used: a no-op build of local images needs none
+    from enclaver_rules.oci.registry import Registry
 
 SOURCE_ANNOTATION = "io.enclaver.source"
 PLATFORM_ANNOTATION = "io.enclaver.platform"
@@ -79,6 +81,16 @@ def load_stored(store: Store, name: str, digest: Digest, source: str = "") -> St
                               fix="pull the image again")
     config = ImageConfig.parse(store.read(node.config.digest), f"{name} config")
     return StoredImage(name, node, config, source)
+
+
+def find_ref(store: Store, name: str) -> Descriptor | None:
+    """`store.resolve(name)` (the last entry of that name), parsing that entry only: a no-op build
+    asks for one ref per enclave, and the store's index holds every enclave's."""
+    found = None
+    for entry in store._read_index():
+        if isinstance(entry, dict) and (entry.get("annotations") or {}).get(REF_ANNOTATION) == name:
+            found = entry
+    return None if found is None else Descriptor.from_json(found, f"{store.root}/index.json")
 
 
 def keep(store: Store, name: str, manifest: Manifest, config: ImageConfig, source: str,

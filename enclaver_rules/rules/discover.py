@@ -29,9 +29,7 @@ class Enclave:
 def _task_name(root: str, path: str) -> str:
     """The manifest's `name`, or its directory when the file cannot say (its check task reports why)."""
     try:
-        # named by its real path, as the build steps name it: they find this parse again (parse_manifest)
-        full = os.path.realpath(os.path.join(root, path))
-        doc = parse_manifest(read_manifest(full), full)
+        doc = parse_manifest(read_manifest(os.path.join(root, path)), path)
         name = doc.data.get("name")
         if isinstance(name, str) and _NAME.match(name):
             return name

@@ -114,8 +114,7 @@ def _settings(manifest_path: str, manifest: Any, values: dict[str, Any]) -> dict
 def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock: bool = True) -> dict[str, Any]:
     """Every input as a digest, in `out/<name>/resolved.json`. With an `enclaver.lock` beside the
     manifest, registry images are fetched by their locked digests and every input must match it."""
-    from enclaver_rules.eif.blobs import load_blobs_stamped
-    from enclaver_rules.eif.build import image_arch
+    from enclaver_rules.eif.blobs import image_arch, load_blobs_stamped
     from enclaver_rules.oci.resolve import Sources, resolve
     from enclaver_rules.oci.transfer import load_stored
     from enclaver_rules.odyn_image.image import DEFAULT_TAGS
