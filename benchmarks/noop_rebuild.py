@@ -1,19 +1,23 @@
-"""A no-op `doit build` over a monorepo of many enclaves, side by side with a bare interpreter that imports doit and the rule set.
+"""A no-op `doit build` over a monorepo of many enclaves with realistic apps, side by side with a bare interpreter that imports doit and the rule set.
 
-    .venv/bin/python benchmarks/noop_rebuild.py [--enclaves 50] [--repeat 5] [--profile]
+    .venv/bin/python benchmarks/noop_rebuild.py [--enclaves 50] [--app-mib 256] [--repeat 5] [--profile]
 
 Setup, not timed: a temporary monorepo (this repository's dodo.py, a `cache/`, a development blob
-set and N enclaves, each with a tiny app image of its own in an OCI layout beside its
-enclaver.yaml), then one `doit -n 2 build` that builds everything (the odyn image first, ~15 s,
-then N small EIFs). Timed, in alternating order, `--repeat` times each: the no-op `doit build`
-and `doit -n 2 build` (every task up to date; each run's doit report is checked, so a run that
-rebuilt anything fails instead of being timed), against the baseline
+set and N enclaves, each with an app image of its own in an OCI layout beside its enclaver.yaml:
+a base layer of `--app-mib` MiB shared by all, one file hard-linked into every layout as services
+of one monorepo share a base image, under a small layer of the enclave's own), then one
+`doit -n 2 build` that builds everything (the odyn and runtime images first, then N EIFs of about
+the app's size). The disk it needs is checked first. Timed, in alternating order, `--repeat` times
+each: the no-op `doit build` and `doit -n 2 build` (every task up to date; each run's doit report is
+checked, so a run that rebuilt anything fails instead of being timed), against the baseline
 `python -c "import doit.doit_cmd, enclaver_rules.rules"`: starting the interpreter and importing
 doit's command line and the rule set is what any `doit` invocation in a repository pays before it
 looks at a single enclave, so the ratio is the cost of everything that scales with the monorepo
 (discovery, doit's dependency checks, the resolve actions). `python -c pass` and `doit list`
-(tasks loaded, nothing checked) are printed as context. Goal: no-op build <= 3 s on the 2-core
-development VM. `--profile` adds one cProfile run of the no-op build and prints its top costs.
+(tasks loaded, nothing checked) are printed as context, and every step's peak RSS. Goal (issue 20):
+no-op build <= 1 s + 10 ms per enclave (1.5 s at 50 enclaves, 3 s at 200) on the 2-core
+development VM, whatever the apps weigh; a slower median is a MISS. `--profile` adds one cProfile
+run of the no-op build and prints its top costs; `--keep DIR` keeps the monorepo for another run.
 """
 
 from __future__ import annotations
@@ -158,14 +162,18 @@ PHASES = (
     ("  of which discover() (parses every manifest)", "rules/discover.py", "discover"),
     ("generate the tasks", "doit/cmd_base.py", "load_tasks"),
     ("doit's up-to-date checks, every task", "doit/dependency.py", "get_status"),
+    ("  of which layer's uptodate: layer_present", "rules/layer.py", "layer_present"),
     ("  of which eif's uptodate: latest_intact", "rules/eif.py", "latest_intact"),
     ("  of which release's uptodate: release_present", "rules/release.py", "release_present"),
     ("resolve actions (uptodate [False]: every run)", "rules/resolve.py", "resolve_enclave"),
     ("  of which build_settings (manifest again)", "rules/common.py", "build_settings"),
-    ("  of which import_oci_layout (app re-imported)", "oci/transfer.py", "import_oci_layout"),
-    ("    of which Store.put of blobs it already has", "oci/store.py", "put"),
-    ("    of which Store.tag (index.json rewritten)", "oci/store.py", "tag"),
-    ("  of which load_blobs (blob set re-hashed)", "eif/blobs.py", "load_blobs"),
+    ("  of which an app's stamps (oci:, docker-archive:)", "oci/resolve.py", "_stamped"),
+    ("    of which Stamps.get (stat every file)", "oci/stamps.py", "get"),
+    ("  of which import_oci_layout (stamps differ)", "oci/transfer.py", "import_oci_layout"),
+    ("  of which load_stored (manifest, config)", "oci/transfer.py", "load_stored"),
+    ("  of which the blob set's stamps", "eif/blobs.py", "load_blobs_stamped"),
+    ("    of which load_blobs (stamps differ)", "eif/blobs.py", "load_blobs"),
+    ("  of which Stamps.save (written if changed)", "oci/stamps.py", "save"),
     ("doit saves its state (sqlite3)", "doit/dependency.py", "close"),
 )
 

@@ -309,3 +309,46 @@ def test_an_unmoved_registry_tag_costs_one_head_and_a_moved_one_is_pulled(
     assert requests[0] == ("HEAD", "stamps/app/manifests/v1") and len(requests) == 3
     requests.clear()
     assert resolved() == second and requests == [("HEAD", "stamps/app/manifests/v1")]
+
+
+# -- the EIF entry's stamp ----------------------------------------------------------------------
+
+
+def _damage_in_place(path: Path) -> None:
+    """One byte flipped, in place, with the size and mtime put back (only ctime moves)."""
+    old = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    now = path.stat()
+    assert (now.st_ino, now.st_size, now.st_mtime_ns) == (old.st_ino, old.st_size, old.st_mtime_ns)
+
+
+def test_an_eif_changed_in_place_with_its_mtime_put_back_is_rebuilt(built: Path) -> None:
+    good = summary(built, "alpha")
+    _damage_in_place(built / "cache" / "out" / "alpha" / "latest" / "application.eif")
+    result = doit(built, "build:alpha")
+    assert result.returncode == 0 and ran(result.stdout, "eif:alpha"), result.stdout
+    assert summary(built, "alpha")["eif"] == good["eif"]
+    again = doit(built, "build:alpha")  # stamped again: quick
+    assert again.returncode == 0 and not ran(again.stdout, "eif:alpha")
+
+
+def test_the_release_step_refuses_an_eif_whose_stamp_lies(built: Path) -> None:
+    """The EIF damaged and its recorded stamp forged to match: doit takes the entry as up to date,
+    and the release step, which packs the EIF into the release image, checks its bytes first."""
+    latest = built / "cache" / "out" / "alpha" / "latest"
+    _damage_in_place(latest / "application.eif")
+    local = json.loads((latest / "local.json").read_text())
+    st = (latest / "application.eif").stat()
+    local["stat"] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    (latest / "local.json").write_text(json.dumps(local))
+    (latest / "build.json").unlink()  # the release image is made again (as for a new commit)
+
+    result = doit(built, "build:alpha")
+
+    assert result.returncode != 0 and not ran(result.stdout, "eif:alpha")
+    assert "is not the EIF its record names" in result.stdout + result.stderr
+    assert not (latest / "build.json").exists()

@@ -50,7 +50,7 @@ from enclaver_rules.oci.transfer import (
     fetch_manifest,
     import_docker_archive,
     import_oci_layout,
-    keep,
+    keep_once,
     load_stored,
     metadata,
     pull,
@@ -421,8 +421,8 @@ def _stamped(sources: Sources, store: Store, key: str, load: Callable[[list[Stam
     if known is not None:
         try:
             image = load_stored(store, known["name"], Digest.parse(known["digest"]), known["source"])
-            # as an import leaves it: the manifest kept, the ref in place (both no-ops when so)
-            return keep(store, image.name, image.manifest, image.config, image.source, {})
+            # as an import leaves it: the manifest kept, the ref in place (nothing written when so)
+            return keep_once(store, image.name, image.manifest, image.config, image.source, {})
         except (OperationFailed, KeyError, ValueError):
             pass  # collected or damaged in the store meanwhile: import it again
     read: list[Stamp] = []
@@ -456,8 +456,8 @@ def _unmoved(text: str, ref: Reference, sources: Sources, store: Store,
             return None  # moved (or gone): fetched as before
         image = load_stored(store, str(ref), Digest.parse(known["digest"]), f"registry {ref.name}")
         extra = {INDEX_ANNOTATION: known["pulled"]} if known["pulled"] != known["digest"] else {}
-        # as `pull` leaves the store: the ref at this image (a no-op when it still is)
-        return keep(store, str(ref), image.manifest, image.config, image.source, extra)
+        # as `pull` leaves the store: the ref at this image (nothing written when it still is)
+        return keep_once(store, str(ref), image.manifest, image.config, image.source, extra)
     except (OperationFailed, KeyError, ValueError):
         return None  # a blob collected or damaged meanwhile: pulled again
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci import mediatypes as mt
@@ -21,7 +22,7 @@ from enclaver_rules.oci.digest import Digest, DigestMismatch
 from enclaver_rules.oci.model import Descriptor, ImageConfig, Index, Manifest, Platform, parse
 from enclaver_rules.oci.mutate import canonical_json
 from enclaver_rules.oci.reference import Reference
-from enclaver_rules.oci.stamps import Stamp, stamp, stamp_of
+from enclaver_rules.oci.stamps import RACY_NS, Stamp, stamp, stamp_of
 from enclaver_rules.oci.store import CHUNK, REF_ANNOTATION, Progress, Store
 
 if TYPE_CHECKING:  # requests loads only where a registry is used: a no-op build of local images needs none
@@ -83,11 +84,31 @@ def load_stored(store: Store, name: str, digest: Digest, source: str = "") -> St
     return StoredImage(name, node, config, source)
 
 
+#: index.json as last parsed in this process, per store, with the stamp it had (see `index_entries`).
+_INDEXES: dict[Path, tuple[Stamp, list[dict[str, Any]]]] = {}
+
+
+def index_entries(store: Store) -> list[dict[str, Any]]:
+    """The store's refs as `index.json` lists them, parsed again only when the file changed: a no-op
+    build asks once or twice per enclave, and the file lists every enclave's images. The stamp is
+    taken before the read, and a file changed in the last `RACY_NS` is always read (see `stamps`).
+    Read-only: the list is shared."""
+    path = store.root / "index.json"
+    now = stamp(path)
+    cached = _INDEXES.get(path)
+    if cached is not None and cached[0] == now:
+        return cached[1]
+    entries = store._read_index()
+    if len(now) > 1 and now[5] <= time.time_ns() - RACY_NS:
+        _INDEXES[path] = (now, entries)
+    return entries
+
+
 def find_ref(store: Store, name: str) -> Descriptor | None:
-    """`store.resolve(name)` (the last entry of that name), parsing that entry only: a no-op build
-    asks for one ref per enclave, and the store's index holds every enclave's."""
+    """`store.resolve(name)` (the last entry of that name), from `index_entries`, parsing that entry
+    only."""
     found = None
-    for entry in store._read_index():
+    for entry in index_entries(store):
         if isinstance(entry, dict) and (entry.get("annotations") or {}).get(REF_ANNOTATION) == name:
             found = entry
     return None if found is None else Descriptor.from_json(found, f"{store.root}/index.json")
@@ -100,6 +121,18 @@ def keep(store: Store, name: str, manifest: Manifest, config: ImageConfig, sourc
     store.tag(name, manifest.descriptor({SOURCE_ANNOTATION: source, PLATFORM_ANNOTATION: str(config.platform),
                                          **annotations}))
     return StoredImage(name, manifest, config, source)
+
+
+def keep_once(store: Store, name: str, manifest: Manifest, config: ImageConfig, source: str,
+              annotations: dict[str, str]) -> StoredImage:
+    """`keep`, when it would change something: the manifest missing, or ref `name` not already at
+    this exact descriptor (what `Store.tag` compares); else nothing is written or locked."""
+    entry = manifest.descriptor({SOURCE_ANNOTATION: source, PLATFORM_ANNOTATION: str(config.platform),
+                                 **annotations}).to_json()
+    entry["annotations"] = {**entry.get("annotations", {}), REF_ANNOTATION: name}
+    if store.has(manifest.digest) and entry in index_entries(store):
+        return StoredImage(name, manifest, config, source)
+    return keep(store, name, manifest, config, source, annotations)
 
 
 def _check_platform(config: ImageConfig, platform: Platform | None, where: str) -> None:
