@@ -352,3 +352,68 @@ def test_the_release_step_refuses_an_eif_whose_stamp_lies(built: Path) -> None:
     assert result.returncode != 0 and not ran(result.stdout, "eif:alpha")
     assert "is not the EIF its record names" in result.stdout + result.stderr
     assert not (latest / "build.json").exists()
+
+
+# -- docker-archive: and blob sets, in this process -----------------------------------------------
+
+
+def test_an_unchanged_docker_archive_is_not_read_again_and_a_touched_one_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from enclaver_rules.oci import transfer
+
+    monkeypatch.setattr(stamps_module, "RACY_NS", 0)
+    layout = tmp_path / "layout"
+    make_layout(str(layout), "x", [[Entry.file("bin/app", b"#!/bin/sh\necho hi\n", 0o755)]])
+    src = Store(layout)
+    image = load_stored(src, "x", src.resolve("x").digest)  # type: ignore[union-attr]
+    archive = tmp_path / "app.tar"
+    archive.write_bytes(b"".join(transfer.docker_archive(image, src, "app:1")))
+    imports: list[str] = []
+    real = transfer.import_docker_archive
+
+    def counted(stream: Any, store: Store, source: str, **kwargs: Any) -> Any:
+        imports.append(source)
+        return real(stream, store, source, **kwargs)
+
+    monkeypatch.setattr("enclaver_rules.oci.resolve.import_docker_archive", counted)
+    store, record = Store(tmp_path / "cache"), tmp_path / "stamps.json"
+
+    def resolved() -> str:
+        stamps = Stamps(record)
+        digest = str(resolve(f"docker-archive:{archive}", Sources(store, use_engine=False, stamps=stamps)).digest)
+        stamps.save()
+        return digest
+
+    first = resolved()
+    assert resolved() == first and len(imports) == 1  # the second time: stamps matched, nothing read
+    os.utime(archive)
+    assert resolved() == first and len(imports) == 2  # touched: read and hashed again, same image
+    assert resolved() == first and len(imports) == 2
+
+
+def test_a_blob_set_file_that_changes_or_appears_is_noticed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from enclaver_rules.eif.blobs import load_blobs, load_blobs_stamped, write_dev_blobs
+
+    monkeypatch.setattr(stamps_module, "RACY_NS", 0)
+    root = tmp_path / "blobs"
+    write_dev_blobs(root, "x86_64")
+    (root / "nsm.ko").unlink()
+    stamps = Stamps(tmp_path / "stamps.json")
+    first = load_blobs_stamped(root, "x86_64", stamps)
+    hashed: list[str] = []
+    read_at = blobs_module._read_at
+
+    def counted(dir_fd: int, name: str, path: Path, **kwargs: Any) -> tuple[str, bytes]:
+        hashed.append(name)
+        return read_at(dir_fd, name, path, **kwargs)
+
+    monkeypatch.setattr(blobs_module, "_read_at", counted)
+    assert load_blobs_stamped(root, "x86_64", stamps) == first and hashed == []
+
+    _damage_in_place(root / "init")  # same size and mtime: ctime tells
+    changed = load_blobs_stamped(root, "x86_64", stamps)
+    assert changed.digest != first.digest and changed == load_blobs(root, "x86_64")
+
+    (root / "nsm.ko").write_bytes(b"a driver\n")  # a file that was absent appears
+    appeared = load_blobs_stamped(root, "x86_64", stamps)
+    assert appeared.nsm is not None and appeared == load_blobs(root, "x86_64")

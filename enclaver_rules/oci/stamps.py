@@ -99,7 +99,7 @@ class Stamps:
 
     def get(self, key: str) -> dict[str, Any] | None:
         """The result recorded for `key` when every file it read still has its stamp, else None."""
-        entry = self._old.get(key)
+        entry = self._new.get(key, self._old.get(key))
         try:
             if not isinstance(entry, dict):
                 return None
