@@ -2,7 +2,7 @@
 
     doit list            # every task
     doit                 # check and explain every enclave; in this repository also build the hello example
-    doit build           # build every enclave (build:<name> for one); here the vault example needs VAULT_BINARY
+    doit build           # build every enclave (build:<name> for one); here no-fly-list and vault need mmdebstrap
     doit check:hello     # one enclave
 """
 

@@ -100,20 +100,29 @@ def log(line: str) -> None:
     _sinks[0](line)
 
 
-class Throttle:
-    """One line per `every` seconds per key; the next one says how many were held back."""
+MAX_KEYS = 256  # keys a Throttle remembers: the app picks some of them (a denied destination)
 
-    def __init__(self, sink: Log | None = None, every: float = LOG_EVERY) -> None:
-        self.sink, self.every = sink, every
+
+class Throttle:
+    """One line per `every` seconds per key; the next one says how many were held back. At most
+    `max_keys` keys are remembered (the oldest is forgotten first), since the app may choose them."""
+
+    def __init__(self, sink: Log | None = None, every: float = LOG_EVERY, max_keys: int = MAX_KEYS) -> None:
+        self.sink, self.every, self.max_keys = sink, every, max_keys
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
     def __call__(self, key: str, line: str) -> None:
         now = time.monotonic()
         last = self._last.get(key)
+        if last is None and len(self._last) >= self.max_keys:
+            oldest = next(iter(self._last))
+            del self._last[oldest]
+            self._held.pop(oldest, None)
         if last is not None and now - last < self.every:
             self._held[key] = self._held.get(key, 0) + 1
             return
+        self._last.pop(key, None)  # re-inserted: the table's order is the order of last use
         self._last[key] = now
         held = self._held.pop(key, 0)
         suffix = f" ({held} more like it in the last {now - last:.0f} s)" if held and last is not None else ""

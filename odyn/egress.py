@@ -2,9 +2,10 @@
 
 CONNECT host:port and absolute-form requests (`GET http://…`, and `https://` URLs sent in plain
 form, for which the proxy speaks TLS to the origin) are checked against the egress policy before
-anything leaves; a denied request gets 403 with the deciding rule and the reason. Allowed ones
-are tunnelled over the transport to the host side (CID 2, port 17002), which checks the policy
-again against the addresses it resolves.
+anything leaves; a denied request gets 403 naming the destination, the deciding rule and the reason.
+Allowed ones are tunnelled over the transport to the host side (CID 2, port 17002), which checks the
+policy again against the addresses it resolves. Every refusal is also a line in odyn's log (once per
+destination and 10 s), since apps seldom show an error's body (an AWS SDK says only "403 Forbidden").
 
 The app is a hostile client here. Every wait has a bound that dripping bytes cannot extend: the
 request head must be complete within `head_timeout` of the accept, and the tunnel (the host
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import ipaddress
 import socket
@@ -100,7 +102,8 @@ class EgressProxy:
         try:
             self.decide(target)
             up_reader, up_writer, early = await self.setup(target)
-        except Refused:
+        except Refused as e:
+            self._refused(target, e)
             _reset(writer)
             return
         await splice((reader, writer), (up_reader, up_writer), first_to_a=early, app="a", idle=self.idle_timeout)
@@ -112,7 +115,8 @@ class EgressProxy:
         except PolicyError as e:
             raise Refused(400, "Bad Request", f"{e.message}\n") from None
         if not decision.allowed:
-            raise Refused(403, "Forbidden", f"denied by the enclave's egress policy: {decision.reason}\n")
+            raise Refused(403, "Forbidden", f"{host}:{target.port} is denied by the enclave's egress policy "
+                                            f"(egress in enclaver.yaml): {decision.reason}\n")
 
     async def setup(self, target: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
         """The tunnel to `target` through the host side and, for an https:// URL, TLS with the origin:
@@ -167,7 +171,7 @@ class EgressProxy:
         except FrameError as e:
             raise Refused(502, "Bad Gateway", f"bad answer from the host side: {e}\n") from None
         if not result.ok:
-            status = 403 if result.os_code == 13 else 502
+            status = 403 if result.os_code == errno.EACCES else 502
             raise Refused(status, "Forbidden" if status == 403 else "Bad Gateway", f"{result.message}\n")
         return reader, writer, decoder.rest
 
@@ -229,6 +233,8 @@ class EgressProxy:
         except HeadError as e:
             await _answer(reader, writer, e.status, e.reason, f"{e.message}\n")
         except Refused as e:
+            if target is not None:
+                self._refused(target, e)
             await _answer(reader, writer, e.status, e.reason, e.body)
         except (ConnectionError, ssl.SSLError, OSError):
             writer.transport.abort()
@@ -248,6 +254,15 @@ class EgressProxy:
         except TimeoutError:
             raise Refused(408, "Request Timeout",
                           f"the request head did not arrive within {self.head_timeout:g} s\n") from None
+
+    def _refused(self, target: Target, error: Refused) -> None:
+        """A log line for a refused destination, throttled per destination: what the app shows of a
+        403 is often just "Forbidden", so the reason has to be visible somewhere."""
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        body = error.body.strip()
+        if not body.startswith(f"{host}:{target.port}"):
+            body = f"{host}:{target.port}: {body}"
+        self._say(f"refused {host}:{target.port}", f"odyn: egress proxy: refused ({error.status} {error.reason}) {body}")
 
     def _body_fault(self, target: Target, error: Exception) -> None:
         self._say("body", f"odyn: egress proxy: a request body to {target.host}:{target.port} broke its framing "

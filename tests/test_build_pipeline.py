@@ -453,6 +453,31 @@ def test_verify_reproduce_passes_on_a_rebuild_and_names_the_changed_file(monorep
     assert "rootfs/etc/motd: content differs" in result.stdout and "rootfs/bin/app" not in result.stdout
 
 
+def test_verify_reproduce_finds_the_eif_beside_a_measurements_file_and_says_what_pcrs_mean(tmp_path: Path) -> None:
+    """A build directory's measurements.json has its EIF beside it (used when the build record agrees);
+    a lone measurements.json gets what its PCRs mean, and how to have the files named."""
+    from enclaver_rules.cli.reproduce import _expected_eif, pcr_reasons
+
+    build = tmp_path / "build"
+    build.mkdir()
+    pcrs = {"PCR0": "aa" * 48, "PCR1": "bb" * 48, "PCR2": "cc" * 48}
+    (build / "application.eif").write_bytes(b".eif" + b"\0" * 600)
+    (build / "measurements.json").write_text(json.dumps({"Measurements": pcrs}))
+    (build / "build.json").write_text(json.dumps({"measurements": pcrs, "epoch": 1}))
+    assert _expected_eif(str(build / "measurements.json"), None, tmp_path, pcrs)[0] == build / "application.eif"
+    edited = {**pcrs, "PCR0": "dd" * 48}  # not what the build beside it measured: its EIF explains nothing
+    assert _expected_eif(str(build / "measurements.json"), None, tmp_path, edited) == (None, {"measurements": pcrs,
+                                                                                               "epoch": 1})
+    lone = tmp_path / "measurements.json"
+    lone.write_text(json.dumps({"Measurements": pcrs}))
+    assert _expected_eif(str(lone), None, tmp_path, pcrs) == (None, None)
+    assert pcr_reasons(["PCR0", "PCR2"]) == ["PCR2 differs: another customer ramdisk — the app image's files, its cmd "
+                                             "or env, the manifest or odyn"]
+    assert pcr_reasons(["PCR0", "PCR1"])[0].startswith("PCR1 differs: another kernel")
+    assert pcr_reasons(["PCR0"]) == ["only PCR0 differs: the EIF's sections are the same parts put together "
+                                     "differently"]
+
+
 def test_the_lock_pins_inputs_and_a_changed_input_is_refused_until_updated(monorepo: Path, cli) -> None:  # type: ignore[no-untyped-def]
     manifest = str(monorepo / "services" / "gamma" / "enclaver.yaml")
     cache = str(monorepo / "cache")

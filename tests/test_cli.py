@@ -140,19 +140,20 @@ def test_explain_json(cli) -> None:
     assert "169.254.169.254 (instance metadata)" in topics["egress"]
 
 
-def test_nothing_claims_a_default_runtime_image_that_does_not_exist_yet(cli) -> None:
-    """A release image without `sources.sleeve` has no entrypoint (`docker run` says "No command
-    specified"): explain and the fields table said it defaulted to enclaver's runtime image."""
+def test_explain_and_the_schema_name_the_default_runtime_image(cli) -> None:
+    """Without `sources.sleeve` the release is built on enclaver's runtime image (x86_64), whose
+    entrypoint starts the enclave: explain and the fields table say so, and that aarch64 has none."""
     import json
 
     from enclaver_rules.manifest.schema import schema_bytes
+    from enclaver_rules.odyn_image.runtime_image import DEFAULT_TAG
 
     doc = cli("manifest", "explain", "--json", str(REPO / "examples/hello/enclaver.yaml")).json()
     [m] = doc["manifests"]
     base = {row["topic"]: row["text"] for row in m["explanation"]}["release base"]
-    assert "default" not in base and "does not run on its own" in base
+    assert DEFAULT_TAG in base and "aarch64" in base
     sleeve = json.loads(schema_bytes())["properties"]["sources"]["properties"]["sleeve"]["description"]
-    assert "Default" not in sleeve and "does not run on its own" in sleeve
+    assert DEFAULT_TAG in sleeve and "aarch64" in sleeve and "doit runtime_image" in sleeve
 
 
 def test_what_the_tasks_print_goes_to_stderr_so_the_json_document_parses(tmp_path: Path,

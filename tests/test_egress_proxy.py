@@ -199,6 +199,51 @@ def test_host_side_refuses_what_the_enclave_should_not_have_asked(tmp_path: Path
     run(main())
 
 
+def test_a_refusal_names_the_destination_and_is_logged_once_per_destination(tmp_path: Path) -> None:
+    """An AWS SDK shows a proxy's 403 as "Forbidden" only: the body names the destination and the
+    policy, and so does a line in odyn's log (the enclave's output), throttled per destination."""
+    lines: list[str] = []
+
+    async def main() -> None:
+        _, host, servers = await stack(tmp_path, ["kms.sim.internal"])
+        proxy = EgressProxy(EgressPolicy.from_lists(["kms.sim.internal"]), UnixTransport(tmp_path, 16), log=lines.append)
+        server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for _ in range(3):  # an SDK retries: one line, not three
+            answer = await request(port, b"GET http://s3.sim.internal/no-fly-list/x HTTP/1.1\r\nHost: s3.sim.internal\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+            assert (b"s3.sim.internal:80 is denied by the enclave's egress policy (egress in enclaver.yaml): "
+                    b"no allow rule matches (default deny)") in answer
+        assert (await request(port, b"CONNECT evil.test:443 HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 403")
+        host.policy = EgressPolicy.from_lists(["other.example"])  # the host side refuses what the enclave allowed
+        assert (await request(port, b"CONNECT kms.sim.internal:4566 HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 403")
+        for s in [*servers, server]:
+            s.close()
+
+    run(main())
+    assert lines == [
+        "odyn: egress proxy: refused (403 Forbidden) s3.sim.internal:80 is denied by the enclave's egress policy "
+        "(egress in enclaver.yaml): no allow rule matches (default deny)",
+        "odyn: egress proxy: refused (403 Forbidden) evil.test:443 is denied by the enclave's egress policy "
+        "(egress in enclaver.yaml): no allow rule matches (default deny)",
+        "odyn: egress proxy: refused (403 Forbidden) kms.sim.internal:4566: denied by the egress policy on the host: "
+        "no allow rule matches (default deny)"]
+
+
+def test_the_log_throttle_remembers_a_bounded_number_of_keys() -> None:
+    """The app chooses the keys (denied destinations): the table stays bounded, oldest forgotten first."""
+    from odyn.connections import Throttle
+
+    lines: list[str] = []
+    say = Throttle(lines.append, every=3600, max_keys=4)
+    for i in range(100):
+        say(f"k{i}", f"line {i}")
+    assert len(lines) == 100 and len(say._last) == 4 and list(say._last) == ["k96", "k97", "k98", "k99"]
+    say("k99", "again")  # remembered: held back
+    say("k0", "k0 again")  # forgotten long ago: said again
+    assert lines[-1] == "k0 again" and "again" not in lines[:-1] and len(say._last) == 4
+
+
 @given(st.binary(max_size=400), st.lists(st.integers(1, 50), max_size=10))
 def test_head_parser_never_crashes_in_any_split(data: bytes, cuts: list[int]) -> None:
     reader, pos = HeadReader(), 0

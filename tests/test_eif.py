@@ -426,6 +426,30 @@ def test_tampered_eif_fails_crc_and_signature(tmp_path: Path, blobs) -> None:  #
     (tmp_path / "t.eif").write_bytes(bytes(data))
     info = describe(str(tmp_path / "t.eif"))
     assert info["CheckCRC"] is False and info["SignatureCheck"] is False
+    from enclaver_rules.errors import OperationFailed
+    from enclaver_rules.runtime.runnable import eif_facts
+
+    assert eif_facts(tmp_path / "s.eif")[0]["PCR0"]  # the untouched one is read
+    with pytest.raises(OperationFailed) as refused:  # `enclaver run` refuses it before anything starts
+        eif_facts(tmp_path / "t.eif", "t.eif")
+    assert str(refused.value.diagnostics[0]).startswith("t.eif: the EIF's CRC32 does not match its contents")
+
+
+def test_a_release_images_pcr_labels_must_be_what_its_eif_measures() -> None:
+    """`enclaver run IMAGE` reads the PCRs from the EIF; labels that say otherwise (relabelled, or the
+    EIF replaced) are refused, naming each PCR; labels without PCRs (other tools' images) say nothing."""
+    from enclaver_rules.errors import OperationFailed
+    from enclaver_rules.runtime.runnable import _check_labels
+
+    measured = {"PCR0": "aa" * 48, "PCR1": "bb" * 48, "PCR2": "cc" * 48}
+    labels = {"dev.enclaver.version": "1", "dev.enclaver.pcr0": "AA" * 48, "dev.enclaver.pcr1": "bb" * 48}
+    _check_labels("img", labels, measured)  # case does not matter
+    _check_labels("img", {"dev.enclaver.version": "1"}, measured)
+    with pytest.raises(OperationFailed) as refused:
+        _check_labels("img", {**labels, "dev.enclaver.pcr2": "dd" * 48, "dev.enclaver.pcr8": "ee" * 48}, measured)
+    assert str(refused.value.diagnostics[0]).startswith(
+        f"img: its labels and its EIF disagree: PCR2 labelled {'dd' * 48} but measured {'cc' * 48}; PCR8 labelled "
+        f"{'ee' * 48} but measured absent — do not run it")
 
 
 def test_signing_material_is_checked(tmp_path: Path) -> None:

@@ -11,69 +11,30 @@ Never skipped: without Docker, mmdebstrap or moto the fixtures fail with the rea
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import docker
 import pytest
 
-from conftest import REPO
+from guide_helpers import checkout, guide, simulator_containers
 from services import Dockerd, free_port
 
 pytestmark = pytest.mark.services
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-guide = _load("no_fly_list_guide", REPO / "examples" / "no-fly-list" / "run.py")
-
-
 @pytest.fixture(scope="module")
 def built(template: Path, dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
-    """A checkout (dodo.py, examples/, the session's cache with odyn built) in which the guide's first
-    step ran: the Guide and the build directory."""
-    root = tmp_path_factory.mktemp("guide") / "repo"
-    root.mkdir()
-    shutil.copy(REPO / "dodo.py", root / "dodo.py")
-    shutil.copytree(REPO / "examples", root / "examples",
-                    ignore=shutil.ignore_patterns("image", "blobs-dev", "__pycache__"))
-    shutil.copytree(template / "cache", root / "cache")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENC_")}
-    env.update(DOCKER_HOST=dockerd.host, SOURCE_DATE_EPOCH="1700000000")  # the template's odyn: not rebuilt
-    started = time.monotonic()
-    the_guide = guide.Guide(repo=root, work=root / "cache" / "no-fly-list-guide", env=env)
-    build_dir = the_guide.build()
-    print(f"the guide's build step took {time.monotonic() - started:.0f} s")
-    yield the_guide, build_dir
+    """A checkout in which the guide's first step ran: the Guide and the build directory."""
+    yield checkout(template, dockerd, tmp_path_factory.mktemp("guide") / "repo")
 
 
 @pytest.fixture(scope="module")
 def s3(built: tuple[Any, Path]) -> Iterator[tuple[str, int]]:
     with guide.s3_server(built[0].work, built[0].env) as server:
         yield server
-
-
-def _containers(dockerd: Dockerd) -> list[object]:
-    client = docker.DockerClient(base_url=dockerd.host, version="auto")
-    try:
-        return list(client.containers.list(all=True, filters={"label": "dev.enclaver.simulator"}))
-    finally:
-        client.close()
 
 
 def test_the_enclave_answers_lookups_with_the_list_it_decrypted(built: tuple[Any, Path], s3: tuple[str, int],
@@ -102,7 +63,7 @@ def test_the_enclave_answers_lookups_with_the_list_it_decrypted(built: tuple[Any
     assert f"sim-host: {guide.S3_NAME} → 127.0.0.1:{s3[1]}" in enclave.stderr
     assert "1 key(s) in" in (the_guide.work / "kms" / "kms.log").read_text()  # --sim-kms's KMS had the key
     assert any(key_id in p.name for p in (the_guide.work / "kms" / "keys").iterdir())
-    assert not _containers(dockerd)
+    assert not simulator_containers(dockerd)
 
 
 def test_a_key_policy_for_other_pcrs_keeps_the_list_sealed(built: tuple[Any, Path], s3: tuple[str, int],
@@ -122,4 +83,4 @@ def test_a_key_policy_for_other_pcrs_keeps_the_list_sealed(built: tuple[Any, Pat
     assert "AccessDeniedException" in refusal and "explicit deny in a resource-based policy" in refusal, enclave.output
     assert "kms:RecipientAttestation" in refusal and "PCR0" in refusal
     assert "enclave: exited code 3" in enclave.stderr and "exit code 3" in enclave.stderr
-    assert not _containers(dockerd)
+    assert not simulator_containers(dockerd)

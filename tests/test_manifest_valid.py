@@ -121,7 +121,8 @@ def test_vault_example_matches_the_guide() -> None:
     assert [i.listen_port for i in m.ingress] == [8200, 8201]
     assert m.kms_proxy is not None
     policy = m.egress.policy()
-    for dest in ("host", "10.1.7.7:8201", "kms.us-east-1.amazonaws.com", "169.254.169.254"):
+    for dest in ("host", "10.1.7.7:8201", "vault-2.vault.internal:8201", "kms.us-east-1.amazonaws.com",
+                 "169.254.169.254"):
         assert policy.decide(dest).allowed, dest
 
 

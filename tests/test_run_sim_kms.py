@@ -15,7 +15,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from enclaver_rules.cli.run import check_sim_service_egress
+from enclaver_rules.cli.run import check_sim_service_egress, debug_mode_warning
 from enclaver_rules.errors import InvalidInput
 from enclaver_rules.manifest.model import KmsProxy
 from enclaver_rules.runtime.simulator import (
@@ -133,3 +133,14 @@ def test_host_egress_maps_an_ip_literal(tmp_path: Path) -> None:
     assert asyncio.run(egress.vet(IMDS_ADDRESS, 80)) == (["127.0.0.1"], "")
     assert asyncio.run(egress.vet("10.0.0.1", 80)) == (["10.0.0.1"], "")
     assert asyncio.run(egress.vet("10.0.0.2", 80))[0] == []
+
+
+def test_debug_mode_warns_that_pinned_key_policies_refuse_it() -> None:
+    """`enclaver run --debug-mode` says up front why KMS will refuse (KMS's own AccessDenied never does)."""
+    pcrs = {"PCR0": "c1eb03a5b429da6d" + "0" * 80}
+    with_kms = debug_mode_warning(manifest({"us-east-1": "http://kms.sim.internal:4566"}), pcrs)
+    assert with_kms.startswith("warning: --debug-mode: the enclave's attestation documents carry all-zero PCR0")
+    assert "not this build's (PCR0 c1eb03a5b429da6d…)" in with_kms
+    assert "a KMS key policy that pins its PCRs (as `enclaver trust --kms-policy` writes) refuses" in with_kms
+    without = debug_mode_warning(manifest(None), pcrs)
+    assert "KMS" not in without and "any verifier expecting its measurements refuses it" in without

@@ -239,9 +239,10 @@ def test_the_nitro_path_drives_nitro_cli_stand_in(built: Path, cli, tmp_path: Pa
 
 
 def test_the_doit_task_runs_the_latest_build(built: Path, dockerd, stand_in: int) -> None:  # type: ignore[no-untyped-def]
-    """`doit run_enclave:NAME ARGS…`: enclaver run of the latest build, --simulate added off Nitro hardware, the
+    """`doit run_enclave:NAME -- ARGS…`: enclaver run of the latest build, --simulate added off Nitro hardware, the
     arguments passed through, and the app's failing exit code failing the task."""
-    result = doit(built, "run_enclave:probe", "--sim-host", f"allowed.test=127.0.0.1:{stand_in}",
+    # `--flag=VALUE`: doit takes any argument that does not start with '-' and holds '=' as its own variable
+    result = doit(built, "run_enclave:probe", "--", f"--sim-host=allowed.test=127.0.0.1:{stand_in}",
                   env={"DOCKER_HOST": dockerd.host, "ENC_SIM_STATE": str(built / "sim-state")})
     assert result.returncode != 0, result.stdout + result.stderr
     assert "probe-start" in result.stdout and "stand-in says hi" in result.stdout, result.stdout + result.stderr

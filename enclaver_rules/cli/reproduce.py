@@ -39,8 +39,11 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
     add_json(parser)
 
 
-def _expected_eif(source: str, cache_dir: str | None, work: Path) -> tuple[Path | None, dict[str, object] | None]:
-    """The EIF behind SOURCE, if it has one, and the build record beside it (for the epoch and inputs)."""
+def _expected_eif(source: str, cache_dir: str | None, work: Path,
+                  expected: dict[str, str]) -> tuple[Path | None, dict[str, object] | None]:
+    """The EIF behind SOURCE, if it has one, and the build record beside it (for the epoch and inputs).
+    A measurements.json in a build directory has its EIF beside it: used when the build record there
+    says it has the same PCRs (so a file edited or copied in is never explained by another EIF)."""
     path = Path(source)
     if path.is_dir():
         record = path / "build.json"
@@ -49,8 +52,29 @@ def _expected_eif(source: str, cache_dir: str | None, work: Path) -> tuple[Path 
     if path.is_file():
         record = path.parent / "build.json"
         doc = json.loads(record.read_text()) if record.is_file() else None
-        return (path if is_eif(path) else None), doc
+        if is_eif(path):
+            return path, doc
+        beside = path.parent / "application.eif"
+        recorded = doc.get("measurements") if isinstance(doc, dict) else None
+        same = isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in expected.items())
+        return (beside if same and beside.is_file() and is_eif(beside) else None), doc
     return _eif_from_release(source, cache_dir, work), None
+
+
+#: What each PCR covers, to say something when there is no EIF to open (eif/diff.py says more with one).
+PCR_MEANING = {
+    "PCR1": "PCR1 differs: another kernel, kernel command line or bootstrap ramdisk (the blob set)",
+    "PCR2": "PCR2 differs: another customer ramdisk — the app image's files, its cmd or env, the manifest or odyn",
+    "PCR8": "PCR8 differs: another signing certificate",
+}
+
+
+def pcr_reasons(differing: list[str]) -> list[str]:
+    """Lines saying what moved, from the PCRs alone."""
+    lines = [PCR_MEANING[k] for k in differing if k in PCR_MEANING]
+    if "PCR0" in differing and not {"PCR1", "PCR2"} & set(differing):
+        lines.append("only PCR0 differs: the EIF's sections are the same parts put together differently")
+    return lines
 
 
 def _eif_from_release(ref: str, cache_dir: str | None, work: Path) -> Path | None:
@@ -84,7 +108,7 @@ def run(args: argparse.Namespace, out: Output) -> int:
     with tempfile.TemporaryDirectory(prefix="enclaver-reproduce-") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        expected_eif, record = _expected_eif(args.source, args.cache_dir, work)
+        expected_eif, record = _expected_eif(args.source, args.cache_dir, work, expected)
         env = {}
         if record and "epoch" in record:
             env["SOURCE_DATE_EPOCH"] = str(record["epoch"])  # the same metadata too, so the EIF is byte-identical
@@ -101,12 +125,14 @@ def run(args: argparse.Namespace, out: Output) -> int:
         if differing:
             if expected_eif is not None:
                 reasons = explain(str(expected_eif), str(latest / "application.eif"))
-            elif record is not None:
-                reasons = [f"{k} image: recorded {record['inputs'][k]['digest']}, rebuilt from "  # type: ignore[index]
-                           f"{rebuilt['inputs'][k]['digest']}" for k in ("app", "odyn", "blobs")
-                           if record["inputs"][k]["digest"] != rebuilt["inputs"][k]["digest"]]  # type: ignore[index]
-            if not reasons:
-                reasons = ["no EIF or build record beside SOURCE to compare with: pass the EIF or the build directory"]
+            else:
+                reasons = pcr_reasons(differing)
+                if record is not None:
+                    reasons += [f"{k} image: recorded {record['inputs'][k]['digest']}, rebuilt from "  # type: ignore[index]
+                                f"{rebuilt['inputs'][k]['digest']}" for k in ("app", "odyn", "blobs")
+                                if record["inputs"][k]["digest"] != rebuilt["inputs"][k]["digest"]]  # type: ignore[index]
+                reasons.append("SOURCE has no EIF beside it, so the files that differ cannot be named: pass the EIF "
+                               "or the build directory it came from (or a release image in the store)")
         document = {"Source": how, "Reproduced": not differing, "Differing": differing, "Expected": expected,
                     "Rebuilt": actual, "Why": reasons}
         if args.keep:

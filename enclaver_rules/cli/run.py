@@ -116,6 +116,16 @@ def parse_sim_hosts(values: list[str]) -> dict[str, tuple[str, int]]:
     return out
 
 
+def debug_mode_warning(manifest: Any, measurements: dict[str, str]) -> str:
+    """Said before a --debug-mode enclave starts: its attestation is not this build's, so whatever
+    pins the build's PCRs — a key policy from `enclaver trust --kms-policy` first — will refuse it."""
+    kms = (" a KMS key policy that pins its PCRs (as `enclaver trust --kms-policy` writes) refuses its KMS proxy's "
+           "requests, and") if manifest.kms_proxy is not None else ""
+    return (f"warning: --debug-mode: the enclave's attestation documents carry all-zero PCR0, PCR1, PCR2 and PCR8, "
+            f"not this build's (PCR0 {measurements.get('PCR0', '?')[:16]}…):{kms} any verifier expecting its "
+            "measurements refuses it; debug mode is for the console, never for secrets")
+
+
 def _stdout_writer(out: Output) -> Any:
     stream = out.stdout
     buffer = getattr(stream, "buffer", None)
@@ -182,6 +192,8 @@ def run_cmd(args: argparse.Namespace, out: Output) -> int:
             out.note(f"measurements match {args.verify_before_run}: "
                      + ", ".join(f"PCR{i}" for i in sorted(expected)))
         manifest = runnable.manifest
+        if args.debug_mode:
+            out.note(debug_mode_warning(manifest, runnable.measurements), style="yellow")
         if runtime and not publish:  # as upstream's enclaver-run: every ingress port, on the same port
             publish = tuple(Publish(i.listen_port, i.listen_port) for i in manifest.ingress)
             if publish:

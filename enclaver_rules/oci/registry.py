@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -230,8 +230,14 @@ class Registry:
                 stream: bool = False, data: Any = None, ok: tuple[int, ...] = (200,),
                 what: str = "") -> requests.Response:
         headers = dict(headers or {})
+        target = urlsplit(url)
+        # our credentials go only to this registry: an upload Location or a next-page Link may name
+        # another host (a CDN, or a hostile registry collecting tokens), which gets the request bare
+        ours = (target.scheme, target.netloc) == (self.scheme, self.host)
         backend = self._tokens.get(repository)
-        if backend is not None and getattr(backend, "token", None):
+        if not ours:
+            headers.pop("Authorization", None)
+        elif backend is not None and getattr(backend, "token", None):
             headers["Authorization"] = f"Bearer {backend.token}"
         elif self._basic_wanted and self._basic:
             headers["Authorization"] = f"Basic {self._basic}"
@@ -244,7 +250,7 @@ class Registry:
                     f"{self.host}: {what or method + ' ' + url} failed: {type(e).__name__}: {redact.text(str(e))}",
                     fix="check the registry address and that it is up; a local HTTP registry must be on "
                         "localhost/127.0.0.1 or named with --insecure-registry") from None
-            if response.status_code not in (401, 403) or attempt == 2:
+            if response.status_code not in (401, 403) or attempt == 2 or not ours:
                 break
             if not self._authenticate(repository, response, headers, refresh=attempt > 0):
                 break

@@ -120,7 +120,7 @@ def tasks(root: str, extra_deps: dict[str, list[str]] | None = None, enclaves: l
         yield from verify_tasks(absolute, cache)
 
     def task_run_enclave() -> Iterator[dict[str, Any]]:
-        """enclaver run of an enclave's latest build: doit run_enclave:NAME [enclaver run flags]"""
+        """enclaver run of an enclave's latest build: doit run_enclave:NAME -- [enclaver run flags]"""
         yield from run_tasks(absolute, cache)
 
     def cleaned(creator: Callable[[], Iterator[dict[str, Any]]]) -> Callable[[], Iterator[dict[str, Any]]]:

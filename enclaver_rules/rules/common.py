@@ -83,9 +83,9 @@ def reported(action: Callable[..., Any]) -> Callable[..., Any]:
             sys.stderr.write(redact.text(traceback.format_exc()))
 
     @functools.wraps(action)
-    def run(*args: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:  # kwargs: what doit passes by name (pos_arg, params)
         try:
-            return action(*args)
+            return action(*args, **kwargs)
         except EnclaverError as e:
             return failed(str(e))
         except OSError as e:

@@ -2,7 +2,9 @@
 
 Never a default task and never up to date (a run is not an output). It depends on `build:<name>`, so
 `doit run_enclave:hello` builds what changed first. Everything after the task name goes to `enclaver run`
-(doit's `pos_arg`), e.g. `doit run_enclave:hello -p 8080:8080`; `--simulate` is added by itself
+(doit's `pos_arg`), behind `--` so doit does not read the flags as its own: `doit run_enclave:hello --
+-p 8080:8080`; a value holding `=` is written `--sim-host=NAME=IP:PORT` (doit takes a bare
+`NAME=VALUE` argument as its own variable); `--simulate` is added by itself
 when this machine has no /dev/nitro_enclaves. The run is a child process with the same cache, so
 Ctrl-C reaches it and it drains as `enclaver run` does; a non-zero exit code fails the task and is
 printed.
@@ -16,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from enclaver_rules.rules.common import out_dir
+from enclaver_rules.rules.common import out_dir, reported
 
 NITRO_DEVICE = "/dev/nitro_enclaves"
 
@@ -28,6 +30,7 @@ def run_command(cache_dir: str, name: str, args: list[str], nitro: bool) -> list
     return [sys.executable, "-m", "enclaver_rules.cli", "run", build, *simulate, *args]
 
 
+@reported
 def run_enclave(cache_dir: str, name: str, args: list[str]) -> bool:
     argv = run_command(cache_dir, name, list(args or []), os.path.exists(NITRO_DEVICE))
     code = subprocess.run(argv, env={**os.environ, "ENC_CACHE_DIR": cache_dir}, check=False).returncode

@@ -8,7 +8,9 @@ the EIF. The link from a release image or an EIF to its enclave image is the EIF
 enclaver writes the enclave image's digest into it (`Metadata.enclaver.image`, also
 `ImageVersion`), and that image is in the store beside the build. The simulator runs that image.
 
-Refused: a release image without enclaver's labels, an EIF whose metadata does not say enclaver built it.
+Refused: a release image without enclaver's labels, an EIF whose metadata does not say enclaver built it,
+an EIF whose CRC32 does not match its bytes (damaged, or changed after it was built), a release image
+whose PCR labels are not what its EIF measures (relabelled, or its EIF replaced).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from enclaver_rules.oci import enclave
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.model import ImageConfig
 from enclaver_rules.oci.model import Manifest as ImageManifest
-from enclaver_rules.oci.store import Store
+from enclaver_rules.oci.store import CorruptBlob, Store
 
 RELEASE_EIF = "/enclave/application.eif"
 BUILD_EIF = "application.eif"
@@ -68,14 +70,20 @@ EIF_MANIFEST = "rootfs" + enclave.MANIFEST_PATH
 MAX_MANIFEST = 1 << 20
 
 
-def eif_facts(path: Path) -> tuple[dict[str, str], dict[str, Any], bytes | None]:
-    """(the PCRs recomputed from the EIF, its describe metadata, the manifest it carries)."""
+def eif_facts(path: Path, source: str | None = None) -> tuple[dict[str, str], dict[str, Any], bytes | None]:
+    """(the PCRs recomputed from the EIF, its describe metadata, the manifest it carries). An EIF whose
+    CRC32 does not match its bytes is refused (`source`: what the user named, for the message): it
+    was damaged or changed after it was built."""
     from enclaver_rules.eif.describe import measure
     from enclaver_rules.eif.files import find_file
     from enclaver_rules.eif.format import SECTION_METADATA, read_eif
     from enclaver_rules.eif.metadata import read_metadata
 
     eif = read_eif(str(path))
+    if not eif.crc_ok:
+        raise OperationFailed(f"{source or path}: the EIF's CRC32 does not match its contents: it was damaged or "
+                              "changed after it was built",
+                              fix="do not run it: build it again, or pull the release image again from its registry")
     measurements, _ = measure(eif)
     pcrs = {k: v for k, v in measurements.to_json().items() if k.startswith("PCR")}
     meta: dict[str, Any] = {}
@@ -112,10 +120,17 @@ def resolve(source: str, store: Store | None, workdir: Path) -> Runnable:
                                fix="run a release image that `enclaver build` or `doit build:NAME` made")
         eif = workdir / BUILD_EIF
         with open(eif, "wb") as out:
-            if not store.copy_file(image, RELEASE_EIF, out):
+            try:
+                found = store.copy_file(image, RELEASE_EIF, out)
+            except CorruptBlob as e:  # the store's message names the blob; say whose it is
+                first = e.diagnostics[0]
+                raise CorruptBlob(f"{source}: a layer of the release image (read for {RELEASE_EIF}): {first.message}",
+                                  fix=first.fix) from None
+            if not found:
                 raise InvalidInput(f"{source}: no {RELEASE_EIF} in it: not a release image",
                                    fix="run a release image, not an enclave or app image")
-    pcrs, meta, raw = eif_facts(eif)
+    pcrs, meta, raw = eif_facts(eif, source)
+    _check_labels(source, labels, pcrs)
     details = meta.get("Metadata") or {}
     ours = details.get("enclaver") if isinstance(details, dict) else None
     if details.get("BuildTool") != "enclaver" or not isinstance(ours, dict):
@@ -131,6 +146,19 @@ def resolve(source: str, store: Store | None, workdir: Path) -> Runnable:
         if store is not None and store.has(digest):
             enclave_image = digest
     return Runnable(source, eif, pcrs, _manifest_from(raw, source), enclave_image, labels)
+
+
+def _check_labels(source: str, labels: dict[str, str], pcrs: dict[str, str]) -> None:
+    """A release image's PCR labels (what `enclaver trust` reads without --recompute) must be what its EIF
+    measures: when they are not, the image was relabelled or its EIF replaced after it was built."""
+    prefix = f"{enclave.LABEL}.pcr"
+    claimed = {"PCR" + k[len(prefix):]: v for k, v in labels.items() if k.startswith(prefix) and v}
+    wrong = [f"{k} labelled {v} but measured {pcrs.get(k) or 'absent'}" for k, v in sorted(claimed.items())
+             if (pcrs.get(k) or "").lower() != v.lower()]
+    if wrong:
+        raise OperationFailed(f"{source}: its labels and its EIF disagree: " + "; ".join(wrong),
+                              fix="do not run it: it was relabelled or its EIF replaced after it was built; pull it "
+                                  "again from a registry you trust, or build it again")
 
 
 def verify_measurements(runnable: Runnable, expected: dict[int, bytes], where: str) -> None:

@@ -118,11 +118,12 @@ class Guide:
 
     # 1. build ------------------------------------------------------------------------------------
 
-    def build(self) -> Path:
-        """The app image and blob set, then the enclave: its build directory (cache/out/NAME/latest)."""
+    def build(self, manifest: str = MANIFEST) -> Path:
+        """The app image and blob set, then the enclave (`manifest`, relative to the checkout): its build
+        directory (cache/out/NAME/<key>, which a later build does not replace)."""
         _run([sys.executable, "-m", "doit", "examples:no-fly-list", "examples:blobs"], self.repo, self.env,
              echo=self.echo, data=False)
-        built = json.loads(_run([*ENCLAVER, "build", "-f", MANIFEST, "--json"], self.repo, self.env,
+        built = json.loads(_run([*ENCLAVER, "build", "-f", manifest, "--json"], self.repo, self.env,
                                 echo=self.echo).stdout)
         if self.echo:
             for name, value in sorted(built["Measurements"].items()):
@@ -192,15 +193,19 @@ class Guide:
 
     # 4. run ------------------------------------------------------------------------------------
 
-    def run_argv(self, build_dir: Path, s3_port: int, host_port: int) -> list[str]:
+    def run_argv(self, build_dir: Path | str, s3_port: int | None, host_port: int,
+                 extra: Sequence[str] = ()) -> list[str]:
+        """`build_dir`: or any IMAGE|EIF `enclaver run` takes; `s3_port` None: no --sim-host for S3;
+        `extra`: more flags (--debug-mode, --verify-before-run FILE)."""
+        s3 = ["--sim-host", f"{S3_NAME}=127.0.0.1:{s3_port}"] if s3_port is not None else []
         return [*ENCLAVER, "run", "--simulate", str(build_dir), "--sim-kms", str(self.kms_state()),
-                "--sim-state", str(self.work / "sim-ca"), "--sim-host", f"{S3_NAME}=127.0.0.1:{s3_port}",
-                "-p", f"127.0.0.1:{host_port}:8001"]
+                "--sim-state", str(self.work / "sim-ca"), *s3, "-p", f"127.0.0.1:{host_port}:8001", *extra]
 
     @contextlib.contextmanager
-    def enclave(self, build_dir: Path, s3_port: int, host_port: int) -> Iterator[Enclave]:
+    def enclave(self, build_dir: Path | str, s3_port: int | None, host_port: int,
+                extra: Sequence[str] = ()) -> Iterator[Enclave]:
         """`enclaver run --simulate …` until the block ends (then SIGTERM, and its output drained)."""
-        argv = self.run_argv(build_dir, s3_port, host_port)
+        argv = self.run_argv(build_dir, s3_port, host_port, extra)
         if self.echo:
             print("$ " + " ".join(_shown(argv)), flush=True)
         enclave = Enclave(subprocess.Popen(argv, cwd=self.repo, env=self.env, stdout=subprocess.PIPE,
