@@ -118,7 +118,8 @@ def _build_defaults(args: argparse.Namespace) -> None:
 
 
 def run_build(args: argparse.Namespace, out: Output) -> int:
-    from enclaver_rules.eif.build import build_eif, image_arch
+    from enclaver_rules.eif.blobs import image_arch
+    from enclaver_rules.eif.build import build_eif
     from enclaver_rules.eif.sign import Signer
     from enclaver_rules.oci.layer import source_date_epoch
     from enclaver_rules.oci.resolve import resolve

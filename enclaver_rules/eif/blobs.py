@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from enclaver_rules.errors import InvalidInput
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.flatten import OPAQUE, WHITEOUT, UnsafeLayer, member_parts, read_layer, show
+from enclaver_rules.oci.stamps import Stamps, stamp
 from enclaver_rules.oci.store import Store, atomic_write
 
 if TYPE_CHECKING:
@@ -76,6 +77,17 @@ class BlobSet:
 
     def to_json(self) -> dict[str, object]:
         return {"path": str(self.root), "arch": self.arch, "digest": str(self.digest), "development": self.development}
+
+
+def image_arch(image: StoredImage) -> str:
+    """The enclave architecture of an image (x86_64, aarch64), or `InvalidInput`. Here, not in
+    `build`, so that `resolve` (every no-op build) does not load the EIF writer and its signer."""
+    platform = image.config.platform
+    arch = ARCH_OF_PLATFORM.get(platform.architecture)
+    if platform.os != "linux" or arch is None:
+        raise InvalidInput(f"{image.name} is a {platform} image; enclaves run linux/amd64 or linux/arm64",
+                           file="IMAGE", fix="build the app image for linux/amd64 or linux/arm64")
+    return arch
 
 
 def _names(arch: str) -> tuple[str, ...]:
@@ -137,6 +149,33 @@ def load_blobs(path: str | Path, arch: str, expect: Digest | None = None) -> Blo
                            fix="check the files and their permissions") from None
     finally:
         os.close(dir_fd)
+
+
+def load_blobs_stamped(path: str | Path, arch: str, stamps: Stamps | None) -> BlobSet:
+    """`load_blobs`, or, when `stamps` holds its last result and not one of the set's names changed
+    since (each file's stamp, taken before it was hashed, still matches; an absent one is still
+    absent: see `enclaver_rules.oci.stamps`), that result without hashing the files again. A build
+    that reads the files calls `load_blobs` with the recorded digest, which hashes them again."""
+    if stamps is None:
+        return load_blobs(path, arch)
+    root = Path(path)
+    key = f"blobs:{os.path.abspath(root)}:{arch}"
+    known = stamps.get(key)
+    if known is not None:
+        try:
+            kept, kernel = set(known["present"]), KERNEL_NAMES[arch]
+            return BlobSet(root, arch, root / kernel, root / "cmdline", root / "init",
+                           root / "nsm.ko" if "nsm.ko" in kept else None,
+                           root / f"{kernel}.config" if f"{kernel}.config" in kept else None,
+                           bool(known["development"]), Digest.parse(known["digest"]))
+        except (KeyError, TypeError, ValueError):
+            pass
+    before = [stamp(root / name, follow=False) for name in _names(arch)]  # the links themselves, as read
+    blobs = load_blobs(root, arch)
+    present = sorted(f.name for f in (blobs.nsm, blobs.kernel_config) if f is not None)
+    stamps.put(key, before, {"digest": str(blobs.digest), "development": blobs.development, "present": present},
+               follow=False)
+    return blobs
 
 
 #: The most of a blob set's cmdline and marker read into memory (a kernel command line is at most a few KiB).

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from enclaver_rules import __version__
-from enclaver_rules.eif.blobs import ARCH_OF_PLATFORM, BlobSet
+from enclaver_rules.eif.blobs import BlobSet, image_arch
 from enclaver_rules.eif.format import (
     SECTION_CMDLINE,
     SECTION_KERNEL,
@@ -74,15 +74,6 @@ def boot_pcr1(blobs: BlobSet) -> str:
     for chunk in bootstrap(blobs.init, blobs.nsm).stream():
         boot.update(chunk)
     return extend(boot.digest())
-
-
-def image_arch(image: StoredImage) -> str:
-    platform = image.config.platform
-    arch = ARCH_OF_PLATFORM.get(platform.architecture)
-    if platform.os != "linux" or arch is None:
-        raise InvalidInput(f"{image.name} is a {platform} image; enclaves run linux/amd64 or linux/arm64",
-                           file="IMAGE", fix="build the app image for linux/amd64 or linux/arm64")
-    return arch
 
 
 def build_eif(image: StoredImage, store: Store, blobs: BlobSet, output: str | os.PathLike[str], *,

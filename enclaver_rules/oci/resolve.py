@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from enclaver_rules.errors import EnclaverError, InvalidInput, OperationFailed
 from enclaver_rules.oci.digest import Digest, DigestMismatch
@@ -37,10 +38,11 @@ from enclaver_rules.oci.reference import (
     RegistryImage,
     parse_image,
 )
-from enclaver_rules.oci.registry import NotFound, Registry, RegistryUnavailable, is_local
+from enclaver_rules.oci.stamps import Stamp, Stamps, stamp_of
 from enclaver_rules.oci.store import CorruptBlob, Store
 from enclaver_rules.oci.transfer import (
     DEFAULT_PLATFORM,
+    INDEX_ANNOTATION,
     PLATFORM_ANNOTATION,
     NullReporter,
     Reporter,
@@ -48,10 +50,14 @@ from enclaver_rules.oci.transfer import (
     fetch_manifest,
     import_docker_archive,
     import_oci_layout,
+    keep_once,
     load_stored,
     metadata,
     pull,
 )
+
+if TYPE_CHECKING:  # requests loads only when a registry is asked: a no-op build of local images needs none
+    from enclaver_rules.oci.registry import Registry
 
 log = logging.getLogger("enclaver.resolve")
 
@@ -71,9 +77,15 @@ class Sources:
     platform: Platform | None = None
     use_engine: bool = True
     reporter: Reporter = field(default_factory=NullReporter)
+    #: What earlier resolutions found (the rule set's record beside `resolved.json`): a local source
+    #: whose files still have their stamps is not read again, and a tag whose registry digest is
+    #: unchanged (one HEAD) is served from the store's copy. None: look at everything again.
+    stamps: Stamps | None = None
     _registries: dict[str, Registry] = field(default_factory=dict)
 
     def registry(self, host: str) -> Registry:
+        from enclaver_rules.oci.registry import Registry
+
         if host not in self._registries:
             self._registries[host] = Registry(host, insecure=host in self.insecure)
         return self._registries[host]
@@ -299,6 +311,8 @@ def _short_network_failure(message: str, api_host: str) -> str:
 
 def _registry_said(ref: Reference, e: OperationFailed, hint: str) -> tuple[str, str]:
     """The registry's half of a "no such image" message, and the fix for a name nobody has."""
+    from enclaver_rules.oci.registry import NotFound, RegistryUnavailable
+
     message = e.diagnostics[0].message
     http = re.search(r"HTTP \d{3}.*$", message)
     files = "a file is docker-archive:PATH, a layout oci:PATH[:TAG]"
@@ -324,6 +338,8 @@ def no_such_image(text: str, ref: Reference, sources: Sources, store: Store, eng
     Says what the store and the engine hold under that name, so a typo reads as a typo and a
     stored or engine copy is named with the argument that uses it.
     """
+    from enclaver_rules.oci.registry import RegistryUnavailable, is_local
+
     if engine is None and ref.digest is None:
         engine = _ask_engine(ref, sources)  # not consulted (`image pull`): asked now, only to advise
     hint = ""
@@ -374,10 +390,16 @@ def resolve(text: str, sources: Sources, *, file: str = "IMAGE", field: str = ""
         loc = location(text, file=file, field=field)
         store = sources.store.init()
         if isinstance(loc, OciLayoutImage):
-            return import_oci_layout(loc.path, loc.tag, store, platform=sources.platform, reporter=sources.reporter)
+            return _stamped(sources, store, f"oci:{os.path.abspath(loc.path)}:{loc.tag or ''}",
+                            lambda read: import_oci_layout(loc.path, loc.tag, store, platform=sources.platform,
+                                                           reporter=sources.reporter, read=read))
         if isinstance(loc, DockerArchiveImage):
-            with open(loc.path, "rb") as f:
-                return import_docker_archive(f, store, str(loc), reporter=sources.reporter)
+            def archive(read: list[Stamp]) -> StoredImage:
+                with open(loc.path, "rb") as f:
+                    read.append(stamp_of(loc.path, os.fstat(f.fileno())))
+                    return import_docker_archive(f, store, str(loc), reporter=sources.reporter)
+
+            return _stamped(sources, store, f"docker-archive:{os.path.abspath(loc.path)}", archive)
         if isinstance(loc, DaemonImage):
             engine = sources.engine()
             if not engine.has(loc.text):
@@ -388,6 +410,62 @@ def resolve(text: str, sources: Sources, *, file: str = "IMAGE", field: str = ""
         return _resolve_registry(text, loc.ref, sources, store)
 
 
+def _stamped(sources: Sources, store: Store, key: str, load: Callable[[list[Stamp]], StoredImage]) -> StoredImage:
+    """A local source (`load` imports it, appending the stamps of what it read), or, when
+    `sources.stamps` has a result for `key` whose files are unchanged, the image the store keeps
+    from the last import, without reading the source (`enclaver_rules.oci.stamps` says why)."""
+    if sources.stamps is None:
+        return load([])
+    key = f"{key}@{sources.platform or ''}"
+    known = sources.stamps.get(key)
+    if known is not None:
+        try:
+            image = load_stored(store, known["name"], Digest.parse(known["digest"]), known["source"])
+            # as an import leaves it: the manifest kept, the ref in place (nothing written when so)
+            return keep_once(store, image.name, image.manifest, image.config, image.source, {})
+        except (OperationFailed, KeyError, ValueError):
+            pass  # collected or damaged in the store meanwhile: import it again
+    read: list[Stamp] = []
+    image = load(read)
+    if read:  # nothing for a layout that is the store: it is read in place, as cheaply
+        sources.stamps.put(key, read, {"name": image.name, "digest": str(image.digest), "source": image.source})
+    return image
+
+
+def _unmoved(text: str, ref: Reference, sources: Sources, store: Store,
+             engine: _EngineAnswer | None) -> StoredImage | None:
+    """With `sources.stamps`: the image tag `ref` gave the last time, from the store, when the
+    registry still names the same digest for it (one HEAD); else None (moved, or not known)."""
+    from enclaver_rules.oci.registry import RegistryUnavailable
+
+    if sources.stamps is None:
+        return None
+    known = sources.stamps.get(_registry_key(ref, sources))
+    if known is None:
+        return None
+    try:
+        served = sources.registry(ref.api_host).head_manifest(ref.repository, ref.selector)
+    except DigestMismatch:
+        raise
+    except RegistryUnavailable as e:  # what the GET would have said
+        raise no_such_image(text, ref, sources, store, engine, e) from None
+    except OperationFailed:
+        return None  # no digest in the answer, refused, …: asked again with a GET
+    try:
+        if served is None or str(served) != known["pulled"]:
+            return None  # moved (or gone): fetched as before
+        image = load_stored(store, str(ref), Digest.parse(known["digest"]), f"registry {ref.name}")
+        extra = {INDEX_ANNOTATION: known["pulled"]} if known["pulled"] != known["digest"] else {}
+        # as `pull` leaves the store: the ref at this image (nothing written when it still is)
+        return keep_once(store, str(ref), image.manifest, image.config, image.source, extra)
+    except (OperationFailed, KeyError, ValueError):
+        return None  # a blob collected or damaged meanwhile: pulled again
+
+
+def _registry_key(ref: Reference, sources: Sources) -> str:
+    return f"registry:{ref}@{sources.platform or ''}"
+
+
 def _resolve_registry(text: str, ref: Reference, sources: Sources, store: Store) -> StoredImage:
     stored = from_store(store, ref, sources.platform)
     if stored is not None:
@@ -395,9 +473,16 @@ def _resolve_registry(text: str, ref: Reference, sources: Sources, store: Store)
     image, engine = _from_engine(ref, sources, store)
     if image is not None:
         return image
+    unmoved = _unmoved(text, ref, sources, store, engine)
+    if unmoved is not None:
+        return unmoved
     found = registry_manifest(text, ref, sources, store, engine)
-    return pull(ref, store, sources.registry(ref.api_host), platform=sources.platform, reporter=sources.reporter,
-                found=found)
+    image = pull(ref, store, sources.registry(ref.api_host), platform=sources.platform, reporter=sources.reporter,
+                 found=found)
+    if sources.stamps is not None and ref.digest is None:
+        sources.stamps.put(_registry_key(ref, sources), [], {"pulled": str(found[1] or found[0].digest),
+                                                             "digest": str(image.digest)})
+    return image
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci import mediatypes as mt
@@ -21,8 +22,11 @@ from enclaver_rules.oci.digest import Digest, DigestMismatch
 from enclaver_rules.oci.model import Descriptor, ImageConfig, Index, Manifest, Platform, parse
 from enclaver_rules.oci.mutate import canonical_json
 from enclaver_rules.oci.reference import Reference
-from enclaver_rules.oci.registry import Registry
+from enclaver_rules.oci.stamps import RACY_NS, Stamp, stamp, stamp_of
 from enclaver_rules.oci.store import CHUNK, REF_ANNOTATION, Progress, Store
+
+if TYPE_CHECKING:  # requests loads only where a registry is used: a no-op build of local images needs none
+    from enclaver_rules.oci.registry import Registry
 
 SOURCE_ANNOTATION = "io.enclaver.source"
 PLATFORM_ANNOTATION = "io.enclaver.platform"
@@ -80,12 +84,55 @@ def load_stored(store: Store, name: str, digest: Digest, source: str = "") -> St
     return StoredImage(name, node, config, source)
 
 
-def _keep(store: Store, name: str, manifest: Manifest, config: ImageConfig, source: str,
-          annotations: dict[str, str]) -> StoredImage:
+#: index.json as last parsed in this process, per store, with the stamp it had (see `index_entries`).
+_INDEXES: dict[Path, tuple[Stamp, list[dict[str, Any]]]] = {}
+
+
+def index_entries(store: Store) -> list[dict[str, Any]]:
+    """The store's refs as `index.json` lists them, parsed again only when the file changed: a no-op
+    build asks once or twice per enclave, and the file lists every enclave's images. The stamp is
+    taken before the read, and a file changed in the last `RACY_NS` is always read (see `stamps`).
+    Read-only: the list is shared."""
+    path = store.root / "index.json"
+    now = stamp(path)
+    cached = _INDEXES.get(path)
+    if cached is not None and cached[0] == now:
+        return cached[1]
+    entries = store._read_index()
+    if len(now) > 1 and now[5] <= time.time_ns() - RACY_NS:
+        _INDEXES[path] = (now, entries)
+    return entries
+
+
+def find_ref(store: Store, name: str) -> Descriptor | None:
+    """`store.resolve(name)` (the last entry of that name), from `index_entries`, parsing that entry
+    only."""
+    found = None
+    for entry in index_entries(store):
+        if isinstance(entry, dict) and (entry.get("annotations") or {}).get(REF_ANNOTATION) == name:
+            found = entry
+    return None if found is None else Descriptor.from_json(found, f"{store.root}/index.json")
+
+
+def keep(store: Store, name: str, manifest: Manifest, config: ImageConfig, source: str,
+         annotations: dict[str, str]) -> StoredImage:
+    """The manifest into the store (its config and layers are there) and `name` tagged at it."""
     store.put_bytes(manifest.raw, expect=manifest.digest, source=f"{source} manifest")
     store.tag(name, manifest.descriptor({SOURCE_ANNOTATION: source, PLATFORM_ANNOTATION: str(config.platform),
                                          **annotations}))
     return StoredImage(name, manifest, config, source)
+
+
+def keep_once(store: Store, name: str, manifest: Manifest, config: ImageConfig, source: str,
+              annotations: dict[str, str]) -> StoredImage:
+    """`keep`, when it would change something: the manifest missing, or ref `name` not already at
+    this exact descriptor (what `Store.tag` compares); else nothing is written or locked."""
+    entry = manifest.descriptor({SOURCE_ANNOTATION: source, PLATFORM_ANNOTATION: str(config.platform),
+                                 **annotations}).to_json()
+    entry["annotations"] = {**entry.get("annotations", {}), REF_ANNOTATION: name}
+    if store.has(manifest.digest) and entry in index_entries(store):
+        return StoredImage(name, manifest, config, source)
+    return keep(store, name, manifest, config, source, annotations)
 
 
 def _check_platform(config: ImageConfig, platform: Platform | None, where: str) -> None:
@@ -154,7 +201,7 @@ def pull(ref: Reference, store: Store, registry: Registry, *, platform: Platform
     config = _fetch_all(registry, ref.repository, manifest, store, reporter, str(ref))
     _check_platform(config, platform, str(ref))
     extra = {INDEX_ANNOTATION: str(index_digest)} if index_digest else {}
-    return _keep(store, str(ref), manifest, config, f"registry {ref.name}", extra)
+    return keep(store, str(ref), manifest, config, f"registry {ref.name}", extra)
 
 
 def push(image: StoredImage, store: Store, dest: Reference, registry: Registry, *,
@@ -192,19 +239,22 @@ def metadata(registry: Registry, ref: Reference, platform: Platform | None, *,
 
 
 def import_oci_layout(path: str, tag: str | None, store: Store, *, platform: Platform | None = None,
-                      reporter: Reporter | None = None) -> StoredImage:
+                      reporter: Reporter | None = None, read: list[Stamp] | None = None) -> StoredImage:
     """Copy an image out of another OCI layout, verifying every blob against its name.
 
     The copy is tagged `imported@<digest>`: nothing else names it in the store, and an image
     no ref reaches is deleted by `enclaver cache gc` (a build reads it again by digest later).
     When the layout *is* the store (`oci:cache:REF`, as skopeo names an image in it), the image
     is already there under its own ref: nothing is copied and no second ref is added.
+    `read`: the stamps of the files read (`index.json` and every blob copied) are appended to it,
+    each taken before the file was read (see `stamps`); nothing is appended for the store itself.
     """
     layout = Store(path, quarantine=False)  # the user's layout: report a damaged blob, never move it
     if not Path(path).is_dir():
         raise OperationFailed(f"oci:{path}: no such directory", fix="give the directory of an OCI layout")
     if not (Path(path) / "index.json").is_file():
         raise OperationFailed(f"oci:{path}: no index.json: not an OCI layout", fix="give the directory of an OCI layout")
+    seen: list[Stamp] = [stamp(Path(path) / "index.json")]
     entries = layout._read_index()
     if tag:
         name = tag if layout.resolve(tag) is not None else _normalised(tag)
@@ -223,6 +273,7 @@ def import_oci_layout(path: str, tag: str | None, store: Store, *, platform: Pla
 
     def copy(descriptor: Descriptor, progress: Progress | None = None) -> bytes | None:
         with layout.open(descriptor.digest) as f:
+            seen.append(stamp_of(layout.path(descriptor.digest), os.fstat(f.fileno())))
             store.put_stream(f, descriptor.digest, descriptor.size, source=label, progress=progress)
         return None
 
@@ -240,7 +291,10 @@ def import_oci_layout(path: str, tag: str | None, store: Store, *, platform: Pla
         copy(layer, progress)
     config = ImageConfig.parse(store.read(node.config.digest), f"{label} config")
     _check_platform(config, platform, label)
-    return _keep(store, f"imported@{node.digest}", node, config, label, {})
+    image = keep(store, f"imported@{node.digest}", node, config, label, {})
+    if read is not None:
+        read.extend(seen)
+    return image
 
 
 def _normalised(tag: str) -> str:
@@ -339,7 +393,7 @@ def import_docker_archive(stream: BinaryIO, store: Store, source: str, *, report
     node = parse(raw, mt.OCI_MANIFEST, source)
     assert isinstance(node, Manifest)
     name = _archive_name(tags, node.digest)
-    return _keep(store, name, node, config, source, {})
+    return keep(store, name, node, config, source, {})
 
 
 def _join(base: str, link: str) -> str:

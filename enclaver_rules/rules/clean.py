@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from enclaver_rules.rules.common import BUILD, LATEST, LAYER, POLICY, PUSHED, RESOLVED, out_dir
+from enclaver_rules.rules.common import BUILD, LATEST, LAYER, POLICY, PUSHED, RESOLVED, STAMPS, out_dir
 
 #: The per-entry record each step writes inside every EIF entry `out/<name>/<key>/`.
 ENTRY_RECORDS = {"release": BUILD, "trust": POLICY, "push": PUSHED}
@@ -57,6 +57,8 @@ def clean_outputs(step: str, cache_dir: str, name: str) -> None:
         _remove(out, removed)  # the whole enclave: records, entries, `latest`
     elif step == "resolve":
         _remove(out / RESOLVED, removed)
+        if (out / STAMPS).is_file():
+            _remove(out / STAMPS, removed)
     elif step == "layer":
         _remove(out / LAYER, removed)
     elif step == "eif":

@@ -1,6 +1,6 @@
 """What every build step shares: where outputs go, how a step's key is made, how a task fails.
 
-Outputs of one enclave live in `cache/out/<name>/`: `resolved.json` (resolve), `layer.json`
+Outputs of one enclave live in `cache/out/<name>/`: `resolved.json` and `stamps.json` (resolve), `layer.json`
 (layer), and one directory per EIF key, `<key>/`, holding the EIF, `measurements.json`,
 `eif.json` (eif), `build.json` (release), `kms-policy.json` (trust) and `pushed.json` (push);
 `latest` is a symlink to the newest such directory, replaced atomically.
@@ -26,6 +26,8 @@ from enclaver_rules.oci.mutate import canonical_json
 from enclaver_rules.oci.store import atomic_write
 
 RESOLVED = "resolved.json"
+#: Beside resolved.json: the stamps of the local files resolve hashed, and what it found (oci/stamps.py).
+STAMPS = "stamps.json"
 LAYER = "layer.json"
 EIF_RECORD = "eif.json"
 BUILD = "build.json"

@@ -22,7 +22,7 @@ from typing import Any
 
 from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci.digest import Digest
-from enclaver_rules.oci.store import Staging, Store, is_stale
+from enclaver_rules.oci.store import Staging, Store, atomic_write, is_stale
 from enclaver_rules.rules.common import (
     EIF_FILE,
     EIF_RECORD,
@@ -39,8 +39,8 @@ from enclaver_rules.rules.common import (
 from enclaver_rules.rules.layer import read_resolved
 from enclaver_rules.rules.remote_cache import OutputFile, Poisoned, RemoteCache
 
-#: Facts of this copy only, never in a remote entry: the EIF's size, mtime and inode (for the quick
-#: up-to-date check) and where the entry came from ("built", or "remote cache <location>").
+#: Facts of this copy only, never in a remote entry: the EIF's size, mtime, inode and ctime (for the
+#: quick up-to-date check) and where the entry came from ("built", or "remote cache <location>").
 LOCAL = "local.json"
 OUTPUTS = (OutputFile(EIF_RECORD, "application/vnd.enclaver.eif-record.v1+json"),
            OutputFile(MEASUREMENTS, "application/vnd.enclaver.measurements.v1+json"),
@@ -58,14 +58,16 @@ def eif_key(resolved: dict[str, Any], layer: dict[str, Any]) -> str:
 
 
 def _stamp(dest: Path) -> list[int]:
+    """The EIF's size, mtime, inode and ctime: bytes rewritten in place with the size and mtime put
+    back still move ctime, which no system call sets (see `enclaver_rules.oci.stamps`)."""
     st = (dest / EIF_FILE).stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
 
 
 def intact(dest: Path, *, quick: bool = False) -> bool:
     """A complete entry whose EIF still has the digest it was recorded with. `quick` (doit's
-    up-to-date check, every run) compares size, mtime and inode instead of re-hashing hundreds of
-    MiB; a real build re-hashes before it reuses an entry."""
+    up-to-date check, every run) compares the EIF's stamp instead of re-hashing hundreds of MiB; a
+    real build re-hashes before it reuses an entry, and the release step before it packs the EIF."""
     try:
         record = json.loads((dest / EIF_RECORD).read_text())
         if not (dest / MEASUREMENTS).is_file():
@@ -75,6 +77,19 @@ def intact(dest: Path, *, quick: bool = False) -> bool:
         return bool(Digest.of_file(dest / EIF_FILE).hex == record["eif"]["sha256"])
     except (OSError, ValueError, KeyError):
         return False
+
+
+def _restamp(dest: Path, stamp: list[int]) -> None:
+    """Record the stamp of an EIF just re-hashed and found intact, when it differs from the recorded
+    one (an entry copied or restored, or stamped by an older enclaver without ctime), so the next
+    up-to-date check is quick again."""
+    try:
+        local = json.loads((dest / LOCAL).read_text())
+    except (OSError, ValueError):
+        local = {"origin": "built"}
+    if not isinstance(local, dict) or local.get("stat") == stamp:
+        return
+    atomic_write(dest / LOCAL, json.dumps({**local, "stat": stamp}).encode())
 
 
 def _measurements_json(pcrs: dict[str, str]) -> bytes:
@@ -205,9 +220,15 @@ def eif_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]
     layer = json.loads((out / LAYER).read_text())
     key = eif_key(resolved, layer)
     dest = out / key
-    if dest.is_dir() and intact(dest):
-        point_latest(out, key)
-        return json.loads((dest / EIF_RECORD).read_text())  # type: ignore[no-any-return]
+    if dest.is_dir():
+        try:
+            stamp = _stamp(dest)  # before the hash: a change during it leaves a stamp that no longer matches
+        except OSError:
+            stamp = None
+        if stamp is not None and intact(dest):
+            _restamp(dest, stamp)
+            point_latest(out, key)
+            return json.loads((dest / EIF_RECORD).read_text())  # type: ignore[no-any-return]
     if dest.exists():
         shutil.rmtree(dest)  # incomplete or tampered: rebuild it
     remove_stale_work(out)

@@ -49,7 +49,9 @@ def _odyn_binary(store: Store, image_digest: Digest, where: str) -> bytes:
 
 
 def _present(store: Store, record: dict[str, Any]) -> bool:
-    descriptor = store.resolve(record["tag"])
+    from enclaver_rules.oci.transfer import find_ref
+
+    descriptor = find_ref(store, record["tag"])
     return descriptor is not None and str(descriptor.digest) == record["enclave_image"] and \
         store.has(descriptor.digest)
 

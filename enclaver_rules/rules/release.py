@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from enclaver_rules import __version__
+from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.model import Descriptor
@@ -85,6 +86,11 @@ def release_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, 
         pass
     raw = Path(manifest_path).read_bytes()
     epoch = record["epoch"]
+    # doit found the EIF up to date by its stamp (size, mtime, inode): its bytes go into the image,
+    # so they are checked against the digest its record (and the labels below) name
+    if Digest.of_file(entry / EIF_FILE).hex != record["eif"]["sha256"]:
+        raise OperationFailed(f"{entry / EIF_FILE} is not the EIF its record names: it changed after it was built",
+                              fix=f"run `doit clean eif:{name}`, then build again")
     layer_file = entry / ".release-layer.tar.gz"  # streamed: the EIF is as large as the app
     with open(layer_file, "wb") as f:
         layer = write_layer([Entry.from_file(RELEASE_EIF, entry / EIF_FILE, 0o644),

@@ -2,9 +2,13 @@
 
 `resolve` turns the app image, the odyn image and the kernel blob set into digests and writes
 `out/<name>/resolved.json`, rewriting it only when something changed, so doit re-runs the later
-steps exactly when an input did. It always runs (a tag may have moved); a pinned input is a store
-lookup. With an `enclaver.lock` beside the manifest, registry images are fetched by their locked
-digests and every input must match the lock.
+steps exactly when an input did. It always runs (a tag may have moved), so it is kept cheap when
+nothing did: a pinned input is a store lookup; a local source (`oci:` layout, `docker-archive:`,
+the blob set) whose files still have the stamps recorded in `out/<name>/stamps.json` when they were
+last hashed is not read again; a registry tag costs one HEAD request while it names the digest it
+was pulled at (`enclaver_rules.oci.stamps` says why a stamp may be trusted, and where the bytes are
+verified instead: whenever a step reads them). With an `enclaver.lock` beside the manifest,
+registry images are fetched by their locked digests and every input must match the lock.
 """
 
 from __future__ import annotations
@@ -16,8 +20,17 @@ from typing import Any
 
 from enclaver_rules.errors import InvalidInput, OperationFailed
 from enclaver_rules.oci.digest import Digest
+from enclaver_rules.oci.stamps import Stamps
 from enclaver_rules.oci.store import Store
-from enclaver_rules.rules.common import RESOLVED, build_settings, out_dir, reported, signing_files, write_if_changed
+from enclaver_rules.rules.common import (
+    RESOLVED,
+    STAMPS,
+    build_settings,
+    out_dir,
+    reported,
+    signing_files,
+    write_if_changed,
+)
 
 
 def _relative_to(manifest_path: str, ref: str) -> str:
@@ -101,8 +114,7 @@ def _settings(manifest_path: str, manifest: Any, values: dict[str, Any]) -> dict
 def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock: bool = True) -> dict[str, Any]:
     """Every input as a digest, in `out/<name>/resolved.json`. With an `enclaver.lock` beside the
     manifest, registry images are fetched by their locked digests and every input must match it."""
-    from enclaver_rules.eif.blobs import load_blobs
-    from enclaver_rules.eif.build import image_arch
+    from enclaver_rules.eif.blobs import image_arch, load_blobs_stamped
     from enclaver_rules.oci.resolve import Sources, resolve
     from enclaver_rules.oci.transfer import load_stored
     from enclaver_rules.odyn_image.image import DEFAULT_TAGS
@@ -112,7 +124,8 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
     manifest, values = build_settings(manifest_path)
     raw = Path(manifest_path).read_bytes()
     store = Store(cache_dir).init()
-    sources = Sources(store)
+    stamps = Stamps(out_dir(cache_dir, name) / STAMPS)
+    sources = Sources(store, stamps=stamps)
     locked: dict[str, Any] | None = None
     if enforce_lock and lock_path(manifest_path).is_file():
         try:
@@ -159,7 +172,7 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
     if sleeve is not None and image_arch(sleeve) != arch:
         raise InvalidInput(f"the sleeve image is {image_arch(sleeve)} but the app is {arch}", field="sources.sleeve",
                            fix=f"name the {arch} build of the runtime image: it runs on the same instance")
-    blobs = load_blobs(str(values.get("build.blobs")), arch)
+    blobs = load_blobs_stamped(str(values.get("build.blobs")), arch, stamps)
     doc = {
         "manifest": {"path": manifest_path, "sha256": hashlib.sha256(raw).hexdigest()},
         "app": {"ref": manifest.sources.app, "name": app.name, "digest": str(app.digest)},
@@ -177,6 +190,7 @@ def resolve_enclave(manifest_path: str, name: str, cache_dir: str, enforce_lock:
                                file=str(lock_path(manifest_path)),
                                fix="if the change is intended, run `enclaver lock --update` and commit the lock")
     write_if_changed(out_dir(cache_dir, name) / RESOLVED, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+    stamps.save()
     return doc
 
 
