@@ -428,7 +428,7 @@ def test_trust_reads_a_pushed_image_from_its_registry_labels_referrer_or_eif(mon
     assert via_referrer.code == 0, via_referrer.stderr
     assert via_referrer.json()["Measurements"] == pcrs and "measurements referrer" in via_referrer.json()["Source"]
     refused = cli("trust", f"{registry.address}/forged:v", "--cache-dir", empty, "--recompute")
-    assert refused.code == 1 and "its labels say" in refused.stderr and "do not trust this image" in refused.stderr
+    assert refused.code == 1 and "its labels and its EIF disagree: PCR" in refused.stderr and "do not trust this image" in refused.stderr
 
 
 def test_verify_reproduce_passes_on_a_rebuild_and_names_the_changed_file(monorepo: Path, cli,  # type: ignore[no-untyped-def]

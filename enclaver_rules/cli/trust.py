@@ -13,13 +13,13 @@ from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json
 from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import InvalidInput, OperationFailed
+from enclaver_rules.oci.enclave import label_disagreements, label_pcrs
 
 CODES = {
     ExitCode.OK: "the measurements (and the policy, if asked for) were printed",
     ExitCode.FAILURE: "SOURCE could not be read (no such image, not an EIF, corrupt, CRC mismatch)",
     ExitCode.INVALID_INPUT: "an argument is invalid, or the enclave is a debug-mode one (all-zero PCRs)",
 }
-LABEL_PREFIX = "dev.enclaver."
 
 
 def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
@@ -124,10 +124,6 @@ def measurements_of(source: str, cache_dir: str | None, recompute: bool = False,
     return _from_image(source, cache_dir, recompute, insecure)
 
 
-def _label_pcrs(labels: dict[str, str]) -> dict[str, str]:
-    return {k[len(LABEL_PREFIX):].upper(): v for k, v in labels.items() if k.startswith(LABEL_PREFIX + "pcr") and v}
-
-
 def _eif_pcrs(store: Any, manifest: Any, ref: str) -> dict[str, str]:
     """The PCRs recomputed from the EIF a release image carries (copied out of its layer first)."""
     import tempfile
@@ -172,7 +168,7 @@ def _from_image(ref: str, cache_dir: str | None, recompute: bool = False,
             raise OperationFailed(f"{ref} is an index, not a release image")
         labels = ImageConfig.parse(store.read(node.config.digest), f"{ref} config").labels
         where, manifest = f"{ref} ({descriptor.digest}) in the store", node
-        claimed = _label_pcrs(labels)
+        claimed = label_pcrs(labels)
         if not claimed and not recompute:
             raise OperationFailed(f"{ref} carries no enclaver measurement labels", fix="is it a release image?")
     else:
@@ -189,7 +185,7 @@ def _from_image(ref: str, cache_dir: str | None, recompute: bool = False,
         registry = Registry(parsed.api_host, insecure=parsed.registry in insecure or parsed.api_host in insecure)
         remote, config, _ = metadata(registry, parsed, None)
         where = f"{ref} ({remote.digest}) in its registry"
-        claimed = _label_pcrs(config.labels)
+        claimed = label_pcrs(config.labels)
         if not recompute:
             if claimed:
                 return claimed, f"read from the labels of {where}"
@@ -201,8 +197,8 @@ def _from_image(ref: str, cache_dir: str | None, recompute: bool = False,
     if not recompute:
         return claimed, f"read from the labels of {where}"
     measured = _eif_pcrs(store, manifest, ref)
-    if claimed and claimed != measured:
-        raise OperationFailed(f"{ref}: its labels say {claimed} but its EIF measures {measured}",
+    if wrong := label_disagreements(claimed, measured):
+        raise OperationFailed(f"{ref}: its labels and its EIF disagree: " + "; ".join(wrong),
                               fix="do not trust this image: it was relabelled or its EIF replaced")
     agree = "; its labels agree" if claimed else "; it has no measurement labels"
     return measured, f"recomputed from the EIF in {where}{agree}"

@@ -43,3 +43,16 @@ def config_edit(app: ImageConfig, image: str, labels: dict[str, str] | None = No
         env=(("TMPDIR", UNPACK_DIR), ("ODYN_APP_TMPDIR", tmpdir)),
         labels=tuple(sorted((labels or {}).items())),
     )
+
+
+def label_pcrs(labels: dict[str, str]) -> dict[str, str]:
+    """The PCRs a release image's labels claim (`dev.enclaver.pcr0` → `PCR0`), empty values left out."""
+    prefix = f"{LABEL}.pcr"
+    return {"PCR" + k[len(prefix):]: v for k, v in labels.items() if k.startswith(prefix) and v}
+
+
+def label_disagreements(claimed: dict[str, str], measured: dict[str, str]) -> list[str]:
+    """Each claimed PCR that is not what the EIF measures, as `PCR0 labelled … but measured …`: one format
+    for `enclaver run` and `enclaver trust --recompute`, hex compared without regard to case."""
+    return [f"{k} labelled {v} but measured {measured.get(k) or 'absent'}" for k, v in sorted(claimed.items())
+            if (measured.get(k) or "").lower() != v.lower()]

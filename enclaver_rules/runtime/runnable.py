@@ -151,10 +151,7 @@ def resolve(source: str, store: Store | None, workdir: Path) -> Runnable:
 def _check_labels(source: str, labels: dict[str, str], pcrs: dict[str, str]) -> None:
     """A release image's PCR labels (what `enclaver trust` reads without --recompute) must be what its EIF
     measures: when they are not, the image was relabelled or its EIF replaced after it was built."""
-    prefix = f"{enclave.LABEL}.pcr"
-    claimed = {"PCR" + k[len(prefix):]: v for k, v in labels.items() if k.startswith(prefix) and v}
-    wrong = [f"{k} labelled {v} but measured {pcrs.get(k) or 'absent'}" for k, v in sorted(claimed.items())
-             if (pcrs.get(k) or "").lower() != v.lower()]
+    wrong = enclave.label_disagreements(enclave.label_pcrs(labels), pcrs)
     if wrong:
         raise OperationFailed(f"{source}: its labels and its EIF disagree: " + "; ".join(wrong),
                               fix="do not run it: it was relabelled or its EIF replaced after it was built; pull it "
