@@ -303,7 +303,7 @@ A2=$(since "$t")
 [ "$status" = 0 ] || die "README (a) failed when run a second time (exit $status; output above)"
 echo "README (a), second run: ${A2} s"
 # doit prints ". task" for a task it runs and "-- task" for one that is up to date
-rebuilt=$(grep -E '^\. +(odyn_image|examples:|layer:|eif:|release:)' "$WORK/a2.log" || true)
+rebuilt=$(grep -E '^\. +(odyn_image|runtime_image|examples:|layer:|eif:|release:)' "$WORK/a2.log" || true)
 [ -z "$rebuilt" ] || FAILED_CHECKS+=("the second (a) is not a no-op, it ran: $(tr '\n' ' ' <<<"$rebuilt")")
 for what in PCR0 PCR1 PCR2 measurements.json kms-policy.json; do
   grep -q -- "$what" "$WORK/a2.log" || FAILED_CHECKS+=("the second (a) does not print $what")
