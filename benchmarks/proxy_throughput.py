@@ -424,6 +424,13 @@ def listening_tcp(port: int) -> bool:
                    for cols in (line.split() for line in list(f)[1:]))
 
 
+def listening_unix(path: Path) -> bool:
+    """Bound is not enough (connect is refused until listen): /proc/net/unix flags __SO_ACCEPTCON."""
+    with open("/proc/net/unix") as f:
+        return any(len(cols) > 7 and cols[7] == str(path) and int(cols[3], 16) & 0x10000
+                   for cols in (line.split() for line in list(f)[1:]))
+
+
 def wait_listening(children: Children, what: str, ready: Callable[[], bool]) -> None:
     """Without connecting: a single-shot socat serves the first connection only."""
     deadline = time.monotonic() + READY_TIMEOUT
@@ -444,13 +451,13 @@ def socat_spawner(children: Children, base: Path, variant: str, flags: list[str]
         if path == "ingress":
             proc = children.start(f"{variant}-ingress", ["socat", *flags, f"UNIX-LISTEN:{into}",
                                                           f"TCP:127.0.0.1:{app_port},nodelay"], oneshot=True)
-            wait_listening(children, f"{variant} (ingress)", into.exists)
+            wait_listening(children, f"{variant} (ingress)", functools.partial(listening_unix, into))
             return [proc]
         host = children.start(f"{variant}-egress-host", ["socat", *flags, f"UNIX-LISTEN:{mid}",
                                                           f"TCP:127.0.0.1:{app_port},nodelay"], oneshot=True)
         enclave = children.start(f"{variant}-egress-enclave", ["socat", *flags, f"TCP-LISTEN:{SOCAT_EGRESS_PORT[variant]},"
                                  "bind=127.0.0.1,reuseaddr,nodelay", f"UNIX-CONNECT:{mid}"], oneshot=True)
-        wait_listening(children, f"{variant} (egress, host side)", mid.exists)
+        wait_listening(children, f"{variant} (egress, host side)", functools.partial(listening_unix, mid))
         wait_listening(children, f"{variant} (egress)", lambda: listening_tcp(SOCAT_EGRESS_PORT[variant]))
         return [host, enclave]
 
