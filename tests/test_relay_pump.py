@@ -87,8 +87,17 @@ def test_plain_sockets_are_pumped_both_ways() -> None:
     assert asyncio.run(_both_ways()) == 2
 
 
-def test_a_unix_source_is_copied_a_tcp_one_pumped(tmp_path: Path) -> None:
-    assert asyncio.run(_both_ways(unix=str(tmp_path / "relay.sock"))) == 1  # (ingress: app → client only)
+def test_a_unix_source_is_copied_a_tcp_one_spliced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[pump.Pump] = []
+    real = pump.Pump
+
+    def recording(*args: Any, **kwargs: Any) -> pump.Pump:
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(pump, "Pump", recording)
+    assert asyncio.run(_both_ways(unix=str(tmp_path / "relay.sock"))) == 2
+    assert sorted(p.copy for p in made) == [False, True]  # (ingress: app → client spliced, the other copied)
 
 
 def test_over_the_limit_the_transports_copy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,9 +135,10 @@ def test_splice_refused_with_bytes_in_the_pipe_loses_none(monkeypatch: pytest.Mo
     asyncio.run(_both_ways())
 
 
-def test_a_reader_that_stalls_stops_the_pump_reading() -> None:
+@pytest.mark.parametrize("unix", [False, True], ids=["spliced", "copied"])
+def test_a_reader_that_stalls_stops_the_pump_reading(unix: bool, tmp_path: Path) -> None:
     async def main() -> None:
-        client, server, task = await _through_relay()
+        client, server, task = await _through_relay(unix=str(tmp_path / "relay.sock") if unix else "")
         client[1].write(os.urandom(64 << 20))  # far more than the pipe and both kernels hold
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(client[1].drain(), 1.0)  # the server reads nothing
@@ -157,14 +167,15 @@ def _pumps(task: asyncio.Task[None]) -> list[pump.Pump]:
     return found
 
 
-def test_a_peer_that_resets_mid_transfer_ends_both_sides() -> None:
+@pytest.mark.parametrize("unix", [False, True], ids=["spliced", "copied"])
+def test_a_peer_that_resets_mid_transfer_ends_both_sides(unix: bool, tmp_path: Path) -> None:
     async def main() -> None:
-        client, server, task = await _through_relay()
+        client, server, task = await _through_relay(unix=str(tmp_path / "relay.sock") if unix else "")
         client[1].write(os.urandom(16 << 20))
         await server[0].readexactly(1 << 20)
         server[1].transport.abort()  # hostile: gone mid-stream, unread bytes in its buffer (RST)
         await asyncio.wait_for(task, 10)
-        with contextlib.suppress(ConnectionResetError):  # the client's side ended too: EOF, or a reset
+        with contextlib.suppress(ConnectionError):  # the client's side ended too: EOF, a reset or EPIPE
             assert await asyncio.wait_for(client[0].read(), 10) == b""  # (it had sent bytes nobody read)
         client[1].close()
         assert pump._open[0] == 0

@@ -1,4 +1,5 @@
-"""One relay direction moved by the kernel: socket → pipe → socket with `splice(2)`, no copy in Python.
+"""One relay direction moved by the kernel: socket → pipe → socket with `splice(2)`, no copy in Python
+(or, from sources where splice does not pay, through one reused buffer).
 
 Why: the protocol relay copies every byte twice (recv into a fresh bytes object, send out of it),
 and `_copy_to_iter`/`_copy_from_iter` were over a third of odyn's CPU on the ingress download path
@@ -14,7 +15,9 @@ before), sets the link's `moved` (idle timer), and aborts the link on a socket e
 transport's fatal error would. Backpressure: reading stops while the pipe holds bytes the
 destination did not take, and resumes once it drained.
 
-Only TCP sources are pumped (see `SOURCES`). Fallbacks, so nothing depends on splice working: no
+Only TCP sources are spliced (see `SOURCES`); from others (Unix, vsock) a pump reads into one
+256 KiB buffer it keeps and writes from it: the same two copies as the transports, without a fresh
+bytes object per read nor the transport's buffering. Fallbacks, so nothing depends on splice working: no
 pump (the copying relay) when there is a filter, TLS, no socket, a source of another family, an
 event loop without the selector internals, no pipe to be had, or more than `MAX_PUMPS` at once
 (each costs two descriptors, and the connection limits were set for two per connection); and if
@@ -35,32 +38,37 @@ from typing import Any
 
 PIPE_SIZE = 1 << 20  # per direction; F_SETPIPE_SZ may refuse (over the user's pipe quota): 64 KiB then
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
-MAX_PUMPS = 64  # at once, in this process: 128 descriptors beyond the relays' own
+MAX_PUMPS = 64  # at once, in this process: at most 128 descriptors (pipes) or 16 MiB (buffers) beyond the relays' own
 UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
 #: Families read with splice: TCP's splice_read hands its receive pages to the pipe. AF_UNIX's costs
 #: more than recv (Unix → TCP was 0.6-0.75× socat -b 262144 spliced, 0.8-1.0× copied, A/B on the same
-#: machine), and AF_VSOCK's is the generic read-into-pipe copy at best: both stay on the copying relay.
+#: machine), and AF_VSOCK's is the generic read-into-pipe copy at best: both are copied (`copy`).
 SOURCES = {socket.AF_INET, socket.AF_INET6}
+COPY_SIZE = 256 << 10  # other sources: one recv's worth, what asyncio's transports read at a time
 _FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
 
 _open = [0]  # pumps alive now
 
 
 class Pump:
-    """Move what `src` reads to `dst`'s socket through a pipe. `eof` is called once the source
+    """Move what `src` reads to `dst`'s socket through a pipe (`copy`: through a buffer). `eof` is called once the source
     ended and the pipe drained; `moved` on every byte moved; `fail` on a socket error;
     `fallback` when splice refused: the caller gets the direction back (pipe already emptied)."""
 
     def __init__(self, loop: Any, src: asyncio.Transport, dst: asyncio.Transport, *, eof: Callable[[], object],
-                 moved: Callable[[], object], fail: Callable[[], object], fallback: Callable[[], object]) -> None:
+                 moved: Callable[[], object], fail: Callable[[], object], fallback: Callable[[], object],
+                 copy: bool = False) -> None:
         self.loop, self.src, self.dst = loop, src, dst
         self.src_fd: int = src.get_extra_info("socket").fileno()
         self.dst_fd: int = dst.get_extra_info("socket").fileno()
         self._eof, self._moved, self._fail, self._fallback = eof, moved, fail, fallback
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.copy = copy  # read into one reused buffer and write from it, where splice does not pay
+        self.buf = memoryview(bytearray(COPY_SIZE)) if copy else memoryview(b"")
+        self.sent = 0  # copy: bytes of `buf` already written
+        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) if not copy else (-1, -1)
         _open[0] += 1
-        self.size = 1 << 16  # the default capacity: what one splice may bring in
-        with contextlib.suppress(OSError):
+        self.size = 1 << 16 if not copy else COPY_SIZE  # the default capacity: what one splice may bring in
+        with contextlib.suppress(OSError, ValueError):
             fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, PIPE_SIZE)
             self.size = fcntl.fcntl(self.pipe_w, F_GETPIPE_SZ)
         self.pending = 0  # bytes in the pipe
@@ -96,7 +104,8 @@ class Pump:
 
     def _readable(self) -> None:
         try:
-            n = os.splice(self.src_fd, self.pipe_w, self.size, flags=_FLAGS)
+            n = os.readv(self.src_fd, [self.buf]) if self.copy else os.splice(self.src_fd, self.pipe_w, self.size,
+                                                                               flags=_FLAGS)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -108,6 +117,7 @@ class Pump:
             self._finish()
             return
         self.pending += n
+        self.sent = 0
         self._moved()
         self._drain()
 
@@ -115,10 +125,14 @@ class Pump:
         self._drain()
 
     def _drain(self) -> None:
-        """Pipe → destination until empty (then read again) or the destination is full (then wait)."""
+        """Pipe (or buffer) → destination until empty (then read again) or the destination is full (then wait)."""
         while self.pending:
             try:
-                n = os.splice(self.pipe_r, self.dst_fd, self.pending, flags=_FLAGS)
+                if self.copy:
+                    n = os.write(self.dst_fd, self.buf[self.sent:self.sent + self.pending])
+                    self.sent += n
+                else:
+                    n = os.splice(self.pipe_r, self.dst_fd, self.pending, flags=_FLAGS)
             except (BlockingIOError, InterruptedError):
                 self._read_off()
                 self._write_on()
@@ -153,7 +167,7 @@ class Pump:
 
     def _give_back(self) -> None:
         """splice is not supported here: what the pipe holds goes out through the transport."""
-        data = bytearray()
+        data = bytearray(self.buf[self.sent:self.sent + self.pending]) if self.copy else bytearray()
         with contextlib.suppress(OSError):
             while self.pending and (chunk := os.read(self.pipe_r, self.pending)):
                 data += chunk
@@ -171,7 +185,7 @@ class Pump:
         self._read_off()
         self._write_off()
         self.stopped = True
-        for fd in (self.pipe_r, self.pipe_w):
+        for fd in (self.pipe_r, self.pipe_w) if not self.copy else ():
             with contextlib.suppress(OSError):
                 os.close(fd)
         _open[0] -= 1
@@ -187,8 +201,6 @@ def can_pump(loop: Any, src: asyncio.Transport, dst: asyncio.Transport) -> bool:
         sock = transport.get_extra_info("socket")
         if sock is None or transport.get_extra_info("sslcontext") is not None or transport.is_closing():
             return False
-    if src.get_extra_info("socket").family not in SOURCES:
-        return False
     return dst.get_write_buffer_size() == 0  # what was written before must leave first
 
 
@@ -197,6 +209,6 @@ def make_pump(loop: Any, src: asyncio.Transport, dst: asyncio.Transport, **callb
     if not can_pump(loop, src, dst):
         return None
     try:
-        return Pump(loop, src, dst, **callbacks)
+        return Pump(loop, src, dst, copy=src.get_extra_info("socket").family not in SOURCES, **callbacks)
     except OSError:
         return None
