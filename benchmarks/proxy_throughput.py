@@ -1,6 +1,6 @@
 """odyn's ingress and egress relays against socat on the same paths: bulk throughput and added latency.
 
-    .venv/bin/python benchmarks/proxy_throughput.py [--mib 256] [--repeat 3] [--round-trips 2000] [--quick]
+    .venv/bin/python benchmarks/proxy_throughput.py [--mib 256] [--repeat 5] [--round-trips 2000] [--quick]
 
 Every component is its own process, so the client (this process, blocking sockets) shares no event
 loop with a relay: the "app" (sink / source / echo server on 127.0.0.1, threads), a real odyn
@@ -8,25 +8,29 @@ loop with a relay: the "app" (sink / source / echo server on 127.0.0.1, threads)
 and egress), the host side of egress (`HostEgress`, CID 2 on the same DIR), and the socat baselines.
 
   ingress   client → Unix socket DIR/16.P.sock → odyn → TCP 127.0.0.1:P (the app)
-            socat:  UNIX-LISTEN:DIR/socat-ingress.sock,fork → TCP:127.0.0.1:P
+            socat:  UNIX-LISTEN:DIR/socat-ingress.sock → TCP:127.0.0.1:P
   egress    client → TCP proxy port, `CONNECT 127.0.0.1:Q` → odyn → DIR/2.17002.sock → host side → TCP Q
             socat:  TCP-LISTEN → UNIX-CONNECT:DIR/socat-egress.sock, UNIX-LISTEN:… → TCP:127.0.0.1:Q;
-            the client connects straight, without CONNECT (socat has no proxy protocol and no policy
-            check to make), so the baseline is slightly flattered
+            the client sends the same CONNECT; socat passes it on (its PROXY: address is a CONNECT
+            client, not a proxy) and the app answers it, so both paths pay the handshake round trip
   direct    client → TCP 127.0.0.1:P, no relay (the ceiling, and the latency reference)
+
+Each socat is started for one connection (no `fork`) before the client connects, so that wait4
+gives its CPU to the microsecond (its start-up, a few ms, is included: at 256 MiB about 0.01 s/GiB).
 
 socat runs twice over: as it comes (`-b 8192`, its default copy size) and with `-b 262144`
 (`--socat-buffer`), what odyn reads at a time (256 KiB). The goal is checked against both; the
 second is the honest bar, the first one odyn clears by 1.5-3× whatever it does.
 
 Throughput: `--mib` MiB upload (client → app) and download (app → client) per transfer; the timer
-covers connect (and CONNECT, and socat's fork) to the app's acknowledgement or end-of-stream. The
+covers connect (and CONNECT) to the app's acknowledgement or end-of-stream. The
 bytes are a fixed random pattern of odd length repeated, and the receiving end compares every byte
 with it (memcmp speed) and counts them, so a relay that drops, duplicates or reorders cannot look
 fast. Latency: one connection per path, a 64-byte echo round trip `--round-trips` times after a
-warm-up; p50 and p99, and "added" = that path's percentile − the direct one's. Relay CPU: user +
-system time of the relay processes (from /proc, clock ticks; socat's per-connection forks count once
-reaped) per GiB moved, steadier than wall time on a busy 2-core machine.
+warm-up; p50 and p99, and "added" = that path's percentile − the direct one's. Relay CPU: time on
+CPU of the relay processes per GiB moved, steadier than wall time on a busy 2-core machine: odyn and
+the host side from /proc/PID/task/*/schedstat (nanoseconds, every thread), socat from wait4's rusage
+(microseconds). Peak RSS: odyn's VmHWM at the end, socat's largest ru_maxrss.
 
 Each variant runs `--repeat` times, in an order that rotates from repeat to repeat; printed are
 medians over the repeats (throughput: the best too). Goals (from the issue): odyn/socat throughput
@@ -114,6 +118,12 @@ def serve_app() -> int:
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 mode = conn.recv(1)
+                if mode == b"C":  # the socat egress client's CONNECT, passed on by both socats: answer it
+                    head = b"C"
+                    while not head.endswith(b"\r\n\r\n"):
+                        head += recv_exact(conn, 1)
+                    conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    mode = conn.recv(1)
                 if mode == b"S":
                     sink(conn)
                 elif mode == b"O":
@@ -176,18 +186,25 @@ def _descendants(pid: int) -> list[int]:
 class Children:
     logs: Path
     procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+    oneshot: set[int] = field(default_factory=set)  # reaped by `reap` (wait4), not polled by `check`
 
-    def start(self, name: str, cmd: list[str], stdout: int | None = None) -> subprocess.Popen[bytes]:
+    def start(self, name: str, cmd: list[str], stdout: int | None = None, oneshot: bool = False) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (closed below, once the child has it)
         with log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout if stdout is not None else log,
                                     stderr=log, start_new_session=True, preexec_fn=_die_with_parent, cwd=REPO)
         self.procs.append((name, proc))
+        if oneshot:
+            self.oneshot.add(proc.pid)
         return proc
+
+    def forget(self, proc: subprocess.Popen[bytes]) -> None:
+        self.procs = [(n, p) for n, p in self.procs if p is not proc]
+        self.oneshot.discard(proc.pid)
 
     def check(self) -> None:
         for name, proc in self.procs:
-            if proc.poll() is not None:
+            if proc.pid not in self.oneshot and proc.poll() is not None:
                 raise SystemExit(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
 
     def tail(self, name: str) -> str:
@@ -350,24 +367,108 @@ def round_trips(connect: Connect, count: int) -> list[float]:
 @dataclass
 class Route:
     connect: Connect
-    relays: list[int]  # the relay processes on this path (socat: the listeners, whose forks they reap)
+    relays: list[int] = field(default_factory=list)  # long-running relay processes (odyn, the host side)
+    #: socat: one process per hop, started for each connection (no `fork`), so that wait4 gives its CPU
+    #: to the microsecond; returns the processes, each listening already
+    spawn: Callable[[], list[subprocess.Popen[bytes]]] | None = None
 
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system time of these processes and of their reaped children (socat's forks)."""
+def cpu_ns(pids: list[int]) -> int:
+    """Nanoseconds on CPU of these processes, every thread summed (/proc/PID/task/*/schedstat, first
+    field: the scheduler's own clock, not clock ticks)."""
     total = 0
     for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    return total / TICK
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+    return total
 
 
-def start_everything(children: Children, base: Path, socat_buffer: int) -> dict[str, dict[str, Route]]:
-    """Start the app, odyn, the host side and the socats; return path → variant → route."""
+def peak_rss_kib(pid: int) -> int:
+    """The process's peak resident set so far (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Reaped:
+    cpu: float = 0.0  # seconds, user + system, from rusage (microseconds)
+    peak_rss_kib: int = 0
+
+
+def reap(procs: list[subprocess.Popen[bytes]], children: Children, timeout: float = 10.0) -> Reaped:
+    """Wait for single-shot socats; their CPU and peak RSS from wait4."""
+    out = Reaped()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"socat {proc.args!r} did not exit after its connection ended")
+            time.sleep(0.001)
+        children.forget(proc)
+        out.cpu += usage.ru_utime + usage.ru_stime
+        out.peak_rss_kib = max(out.peak_rss_kib, usage.ru_maxrss)
+    return out
+
+
+def listening_tcp(port: int) -> bool:
+    with open("/proc/net/tcp") as f:
+        return any(int(cols[1].split(":")[1], 16) == port and cols[3] == "0A"
+                   for cols in (line.split() for line in list(f)[1:]))
+
+
+def listening_unix(path: Path) -> bool:
+    """Bound is not enough (connect is refused until listen): /proc/net/unix flags __SO_ACCEPTCON."""
+    with open("/proc/net/unix") as f:
+        return any(len(cols) > 7 and cols[7] == str(path) and int(cols[3], 16) & 0x10000
+                   for cols in (line.split() for line in list(f)[1:]))
+
+
+def wait_listening(children: Children, what: str, ready: Callable[[], bool]) -> None:
+    """Without connecting: a single-shot socat serves the first connection only."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not ready():
+        children.check()
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not come up in {READY_TIMEOUT:.0f} s")
+        time.sleep(0.001)
+
+
+def socat_spawner(children: Children, base: Path, variant: str, flags: list[str], app_port: int,
+                  path: str) -> Callable[[], list[subprocess.Popen[bytes]]]:
+    def spawn() -> list[subprocess.Popen[bytes]]:
+        into, mid = base / f"{variant}-ingress.sock", base / f"{variant}-egress.sock"
+        for stale in (into, mid):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        if path == "ingress":
+            proc = children.start(f"{variant}-ingress", ["socat", *flags, f"UNIX-LISTEN:{into}",
+                                                          f"TCP:127.0.0.1:{app_port},nodelay"], oneshot=True)
+            wait_listening(children, f"{variant} (ingress)", functools.partial(listening_unix, into))
+            return [proc]
+        host = children.start(f"{variant}-egress-host", ["socat", *flags, f"UNIX-LISTEN:{mid}",
+                                                          f"TCP:127.0.0.1:{app_port},nodelay"], oneshot=True)
+        enclave = children.start(f"{variant}-egress-enclave", ["socat", *flags, f"TCP-LISTEN:{SOCAT_EGRESS_PORT[variant]},"
+                                 "bind=127.0.0.1,reuseaddr,nodelay", f"UNIX-CONNECT:{mid}"], oneshot=True)
+        wait_listening(children, f"{variant} (egress, host side)", functools.partial(listening_unix, mid))
+        wait_listening(children, f"{variant} (egress)", lambda: listening_tcp(SOCAT_EGRESS_PORT[variant]))
+        return [host, enclave]
+
+    return spawn
+
+
+SOCAT_EGRESS_PORT: dict[str, int] = {}
+
+
+def start_everything(children: Children, base: Path, socat_buffer: int) -> tuple[dict[str, dict[str, Route]], int]:
+    """Start the app, odyn and the host side; return path → variant → route, and odyn's pid."""
     app = children.start("app", [sys.executable, __file__, "--serve-app"], stdout=subprocess.PIPE)
     assert app.stdout is not None
     line = app.stdout.readline()
@@ -392,25 +493,20 @@ def start_everything(children: Children, base: Path, socat_buffer: int) -> dict[
     wait_ready(children, "the host side of egress", lambda: unix(sockets / f"2.{EGRESS_PORT}.sock"))
     wait_ready(children, "odyn's ingress", lambda: unix(odyn_ingress))
     wait_ready(children, "odyn's egress proxy", lambda: via_connect(proxy_port, app_port))
-    direct = Route(functools.partial(tcp, app_port), [])
+    direct = Route(functools.partial(tcp, app_port))
     paths = {
         "ingress": {"direct": direct, "odyn": Route(functools.partial(unix, odyn_ingress), [odyn.pid])},
         "egress": {"direct": direct, "odyn": Route(functools.partial(via_connect, proxy_port, app_port),
                                                    [odyn.pid, host.pid])},
     }
     for variant, flags in (("socat", []), ("socat-b", ["-b", str(socat_buffer)])):
-        into, mid, port = base / f"{variant}-ingress.sock", base / f"{variant}-egress.sock", free_port()
-        ingress = children.start(f"{variant}-ingress", ["socat", *flags, f"UNIX-LISTEN:{into},fork",
-                                              f"TCP:127.0.0.1:{app_port},nodelay"])
-        egress_host = children.start(f"{variant}-egress-host", ["socat", *flags, f"UNIX-LISTEN:{mid},fork",
-                                                  f"TCP:127.0.0.1:{app_port},nodelay"])
-        egress_enclave = children.start(f"{variant}-egress-enclave", ["socat", *flags, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,"
-                                                     "fork,nodelay", f"UNIX-CONNECT:{mid}"])
-        paths["ingress"][variant] = Route(functools.partial(unix, into), [ingress.pid])
-        paths["egress"][variant] = Route(functools.partial(tcp, port), [egress_host.pid, egress_enclave.pid])
-        wait_ready(children, f"{variant} (ingress)", paths["ingress"][variant].connect)
-        wait_ready(children, f"{variant} (egress)", paths["egress"][variant].connect)
-    return paths
+        into, port = base / f"{variant}-ingress.sock", free_port()
+        SOCAT_EGRESS_PORT[variant] = port
+        paths["ingress"][variant] = Route(functools.partial(unix, into),
+                                          spawn=socat_spawner(children, base, variant, flags, app_port, "ingress"))
+        paths["egress"][variant] = Route(functools.partial(via_connect, port, app_port),  # the app answers CONNECT
+                                         spawn=socat_spawner(children, base, variant, flags, app_port, "egress"))
+    return paths, odyn.pid
 
 
 VARIANTS = ("direct", "socat", "socat-b", "odyn")
@@ -427,7 +523,7 @@ def rotated(items: tuple[str, ...], by: int) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mib", type=int, default=256, help="MiB per bulk transfer (default 256)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of every variant (default 3)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of every variant (default 5)")
     parser.add_argument("--round-trips", type=int, default=2000, help="64-byte echoes per latency run (default 2000)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 32 MiB, 200 round trips")
     parser.add_argument("--socat-buffer", type=int, metavar="BYTES", default=256 << 10,
@@ -451,10 +547,11 @@ def main() -> int:
     cpu: dict[tuple[str, str, str], list[float]] = {}  # relay CPU seconds per GiB
     p50: dict[tuple[str, str], list[float]] = {}
     p99: dict[tuple[str, str], list[float]] = {}
+    rss: dict[str, int] = {}  # peak RSS, KiB: odyn, the host side, socat (largest single-shot process)
     with terminate_cleanly(), tempfile.TemporaryDirectory(prefix="enclaver-proxy-bench-") as tmp:
         children = Children(Path(tmp))
         try:
-            paths = start_everything(children, Path(tmp), args.socat_buffer)
+            paths, odyn_pid = start_everything(children, Path(tmp), args.socat_buffer)
             print(f"{args.repeat} × ({len(PATHS)} paths × {len(DIRECTIONS)} directions × {len(VARIANTS)} variants "
                   f"of {args.mib} MiB, {args.round_trips} round trips each) ...", file=sys.stderr)
             for r in range(args.repeat):
@@ -462,16 +559,24 @@ def main() -> int:
                     for variant in rotated(VARIANTS, r):
                         route = paths[path][variant]
                         for direction in rotated(tuple(DIRECTIONS), r):
-                            before = cpu_seconds(route.relays)
+                            spawned = route.spawn() if route.spawn else []
+                            before = cpu_ns(route.relays)
                             elapsed = DIRECTIONS[direction](route.connect, size, data)
-                            time.sleep(SETTLE)  # socat's fork exits and is reaped
-                            used = cpu_seconds(route.relays) - before
+                            time.sleep(SETTLE)  # the relay finishes its close
+                            used = (cpu_ns(route.relays) - before) / 1e9
+                            if spawned:
+                                reaped = reap(spawned, children)
+                                used += reaped.cpu
+                                rss[variant] = max(rss.get(variant, 0), reaped.peak_rss_kib)
                             mibps.setdefault((path, direction, variant), []).append(args.mib / elapsed)
                             cpu.setdefault((path, direction, variant), []).append(used * 1024 / args.mib)
+                        spawned = route.spawn() if route.spawn else []
                         samples = round_trips(route.connect, args.round_trips)
+                        reap(spawned, children)
                         p50.setdefault((path, variant), []).append(percentile(samples, 0.50))
                         p99.setdefault((path, variant), []).append(percentile(samples, 0.99))
                 children.check()
+            rss["odyn"] = peak_rss_kib(odyn_pid)
         except (KeyboardInterrupt, Terminated):
             raise
         except BaseException:  # a child failed or a relay broke the bytes: its log says why
@@ -482,12 +587,12 @@ def main() -> int:
         finally:
             children.stop()
 
-    print_report(args, mibps, cpu, p50, p99)
+    print_report(args, mibps, cpu, p50, p99, rss)
     return 0
 
 
 def print_report(args: argparse.Namespace, mibps: dict[tuple[str, str, str], list[float]],
-                 cpu: dict[tuple[str, str, str], list[float]], p50: dict[tuple[str, str], list[float]], p99: dict[tuple[str, str], list[float]]) -> None:
+                 cpu: dict[tuple[str, str, str], list[float]], p50: dict[tuple[str, str], list[float]], p99: dict[tuple[str, str], list[float]], rss: dict[str, int]) -> None:
     med = {k: statistics.median(v) for k, v in mibps.items()}
     best = {k: max(v) for k, v in mibps.items()}
     label = {"direct": "direct", "socat": "socat", "socat-b": f"socat -b {args.socat_buffer >> 10}K", "odyn": "odyn"}
@@ -500,18 +605,20 @@ def print_report(args: argparse.Namespace, mibps: dict[tuple[str, str, str], lis
             cells = "".join(f"{med[path, direction, v]:8.0f} ({best[path, direction, v]:5.0f}) " for v in VARIANTS)
             ratios = "".join(f"{med[path, direction, 'odyn'] / med[path, direction, b]:19.2f}" for b in BASELINES)
             print(f"  {path + ' ' + direction:18}{cells}{ratios}")
-    print("  upload = client → app, download = app → client. Egress: odyn's client speaks CONNECT and both ends")
-    print("  check the policy; socat's client connects straight, so its numbers include no handshake.")
+    print("  upload = client → app, download = app → client. Egress: both clients speak CONNECT (socat's is")
+    print("  answered by the app; odyn's proxy and host side also check the policy).")
+    print("peak RSS (MiB): " + ", ".join(f"{label[v]} {rss[v] / 1024:.1f}" for v in ("odyn", "socat", "socat-b")
+                                        if v in rss) + "  (odyn: VmHWM over the whole run; socat: one process)")
 
     relays = VARIANTS[1:]
-    print(f"relay CPU: user + system seconds per GiB moved, summed over the relay processes of the path "
-          f"(egress: both hops; {1 / TICK * 1024 / args.mib:.2f} s/GiB per clock tick), median")
+    print("relay CPU: seconds on CPU per GiB moved, summed over the relay processes of the path (egress: both "
+          "hops; odyn: schedstat ns, socat: wait4 µs), median")
     print(f"  {'':18}" + "".join(f"{label[v]:>17}" for v in relays) + "".join(f"{'odyn/' + label[b]:>19}"
                                                                             for b in BASELINES))
     for path in PATHS:
         for direction in DIRECTIONS:
             m = {v: statistics.median(cpu[path, direction, v]) for v in relays}
-            ratios = "".join(f"{m['odyn'] / m[b]:19.1f}" if m[b] else f"{'-':>19}" for b in BASELINES)
+            ratios = "".join(f"{m['odyn'] / m[b]:19.2f}" if m[b] else f"{'-':>19}" for b in BASELINES)
             print(f"  {path + ' ' + direction:18}" + "".join(f"{m[v]:17.2f}" for v in relays) + ratios)
 
     print(f"round trips: {ECHO_SIZE}-byte echo, {args.round_trips} per run on one connection; µs, p50 / p99, "
@@ -530,13 +637,13 @@ def print_report(args: argparse.Namespace, mibps: dict[tuple[str, str, str], lis
         for path in PATHS:
             for direction in DIRECTIONS:
                 ratio = med[path, direction, "odyn"] / med[path, direction, baseline]
-                verdict = "ok" if ratio >= GOAL_RATIO else "BELOW GOAL"
+                verdict = "ok" if ratio >= GOAL_RATIO else "MISS"
                 print(f"  ratio {path} {direction} odyn/{label[baseline]}: {ratio:.2f}  (goal >= {GOAL_RATIO})  "
                       f"{verdict}")
     for path in PATHS:
         added = (us[path, "odyn"][1] - us[path, "direct"][1]) / 1000
         socat_added = (us[path, "socat"][1] - us[path, "direct"][1]) / 1000
-        verdict = "ok" if added <= GOAL_P99_ADDED_MS else "ABOVE GOAL"
+        verdict = "ok" if added <= GOAL_P99_ADDED_MS else "MISS"
         print(f"  p99 added latency {path}: odyn {added:.3f} ms, socat {socat_added:.3f} ms  "
               f"(goal <= {GOAL_P99_ADDED_MS:g} ms)  {verdict}")
 
