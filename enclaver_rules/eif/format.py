@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from enclaver_rules.eif.measure import Measurements, Measurer
+from enclaver_rules.eif.output import Output
 from enclaver_rules.errors import InvalidInput, OperationFailed
 
 MAGIC = b".eif"
@@ -72,30 +73,34 @@ def write_eif(out: BinaryIO, arch: str, sections: list[SectionSource], *,
     if len(sections) > MAX_SECTIONS:
         raise ValueError("too many sections")
     header = pack_header(arch, [s.size for s in sections])
-    crc = zlib.crc32(header[:HEADER_SIZE - 4])
     start = out.tell()
-    out.write(header)
+    output = Output(out, zlib.crc32(header[:HEADER_SIZE - 4]))
     measurer = Measurer()
-    for section in sections:
-        section_header = struct.pack(">HHQ", section.kind, 0, section.size)
-        out.write(section_header)
-        crc = zlib.crc32(section_header, crc)
-        if section.kind == SECTION_RAMDISK:
-            measurer.start_ramdisk()
-        written = 0
-        for chunk in section.chunks():
-            written += len(chunk)
-            out.write(chunk)
-            crc = zlib.crc32(chunk, crc)
-            if section.kind in (SECTION_KERNEL, SECTION_CMDLINE):
-                measurer.feed_boot(chunk)
-            elif section.kind == SECTION_RAMDISK:
-                measurer.feed_ramdisk(chunk)
-            if progress:
-                progress(len(chunk))
-        if written != section.size:
-            raise ValueError(f"{SECTION_NAMES[section.kind]} section: wrote {written} bytes, declared {section.size}")
-    end = out.tell()
+    try:
+        output.write(header, crc=False)  # the CRC covers the header without its own last 4 bytes (above)
+        for section in sections:
+            output.write(struct.pack(">HHQ", section.kind, 0, section.size))
+            if section.kind == SECTION_RAMDISK:
+                measurer.start_ramdisk()
+            written = 0
+            for chunk in section.chunks():
+                written += len(chunk)
+                output.write(chunk)
+                if section.kind in (SECTION_KERNEL, SECTION_CMDLINE):
+                    measurer.feed_boot(chunk)
+                elif section.kind == SECTION_RAMDISK:
+                    measurer.feed_ramdisk(chunk)
+                if progress:
+                    progress(len(chunk))
+            if written != section.size:
+                raise ValueError(f"{SECTION_NAMES[section.kind]} section: wrote {written} bytes, "
+                                 f"declared {section.size}")
+    except BaseException:
+        output.abandon()
+        raise
+    output.close()
+    crc = output.crc
+    end = start + output.written
     out.seek(start + HEADER_SIZE - 4)
     out.write(struct.pack(">I", crc))
     out.seek(end)
