@@ -13,19 +13,22 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 #: Chunks waiting per worker: with the 4 MiB reads of eif/rootfs.py, at most 32 MiB each, and the
 #: workers share the chunks they hold.
 DEPTH = 8
 
 
-class Worker:
+class Worker(Generic[T]):
     """Runs `job(chunk)` for every chunk `put`, in order, in one thread. After the job raised, the
     rest are dropped (never blocking the producer) and `put`/`close` raise that error."""
 
-    def __init__(self, name: str, job: Callable[[bytes], object], depth: int = DEPTH) -> None:
+    def __init__(self, name: str, job: Callable[[T], object], depth: int = DEPTH) -> None:
         self._job = job
-        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._queue: queue.Queue[T | None] = queue.Queue(depth)
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -39,7 +42,7 @@ class Worker:
             except BaseException as e:  # noqa: BLE001 - handed to the producer's thread by put/close
                 self.error = e
 
-    def put(self, chunk: bytes) -> None:
+    def put(self, chunk: T) -> None:
         """Queue a chunk, which nobody may change afterwards (the job reads it later)."""
         if self.error is not None:
             raise self.error
