@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from enclaver_rules.eif.format import SECTION_KERNEL, SECTION_RAMDISK, SectionSource, read_eif, write_eif
+from enclaver_rules.eif.format import (
+    SECTION_KERNEL,
+    SECTION_RAMDISK,
+    SectionSource,
+    SerialOutput,
+    read_eif,
+    write_eif,
+)
 from enclaver_rules.eif.output import Output
 from enclaver_rules.eif.pipeline import Worker
 from enclaver_rules.eif.writeback import Writeback
@@ -59,7 +66,7 @@ def test_write_eif_to_a_real_file_syncs_and_reads_back(tmp_path: Path) -> None:
         SectionSource(SECTION_RAMDISK, len(r), lambda r=r: iter([r[:4096], r[4096:]])) for r in ramdisks]
     path = tmp_path / "x.eif"
     with open(path, "w+b") as f:
-        crc, _, size = write_eif(f, "x86_64", sections)
+        crc, _, size = write_eif(f, "x86_64", sections, output=Output)
     parsed = read_eif(str(path))
     assert parsed.crc_ok and parsed.crc == crc and path.stat().st_size == size
 
@@ -75,13 +82,26 @@ def test_write_eif_failing_write_is_raised() -> None:
     chunks = [data[i:i + 4096] for i in range(0, len(data), 4096)]
     before = threading.active_count()
     with pytest.raises(OSError, match="No space"):
-        write_eif(Full(), "x86_64", [SectionSource(SECTION_KERNEL, len(data), lambda: iter(chunks))])
+        write_eif(Full(), "x86_64", [SectionSource(SECTION_KERNEL, len(data), lambda: iter(chunks))], output=Output)
     assert threading.active_count() <= before + 2  # the output's workers are gone (the PCR ones may linger)
 
 
-def test_section_size_mismatch_still_raises() -> None:
+@pytest.mark.parametrize("output", [Output, SerialOutput])
+def test_section_size_mismatch_still_raises(output: type[Output] | type[SerialOutput]) -> None:
     with pytest.raises(ValueError, match="declared"):
-        write_eif(io.BytesIO(), "x86_64", [SectionSource(SECTION_KERNEL, 10, lambda: iter([b"short"]))])
+        write_eif(io.BytesIO(), "x86_64", [SectionSource(SECTION_KERNEL, 10, lambda: iter([b"short"]))], output=output)
+
+
+def test_threaded_and_serial_outputs_write_the_same_eif() -> None:
+    parts = [(SECTION_KERNEL, os.urandom(70000)), (SECTION_RAMDISK, os.urandom(3 << 20)),
+             (SECTION_RAMDISK, os.urandom(5 << 20))]
+    results = []
+    for output in (Output, SerialOutput):
+        buffer = io.BytesIO()
+        crc, measurements, size = write_eif(buffer, "x86_64", [
+            SectionSource(k, len(d), lambda d=d: iter([d[:1000], d[1000:]])) for k, d in parts], output=output)
+        results.append((buffer.getvalue(), crc, measurements, size))
+    assert results[0] == results[1]
 
 
 def test_writeback_keeps_a_sync_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -20,10 +20,9 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from enclaver_rules.eif.measure import Measurements, Measurer
-from enclaver_rules.eif.output import Output
 from enclaver_rules.errors import InvalidInput, OperationFailed
 
 MAGIC = b".eif"
@@ -67,25 +66,59 @@ def pack_header(arch: str, sizes: list[int], crc: int = 0) -> bytes:
                        DEFAULT_CPUS, 0, len(sizes), *offsets, *pad, *sizes, *pad, 0, crc)
 
 
+class EifOutput(Protocol):
+    """Where `write_eif` sends the EIF's bytes: written in order, CRC'd, counted."""
+
+    crc: int
+    written: int
+
+    def write(self, chunk: bytes, *, crc: bool = True) -> None: ...
+    def close(self) -> None: ...
+    def abandon(self) -> None: ...
+
+
+class SerialOutput:
+    """Writes and CRCs in the calling thread. The builder passes eif/output.py's threaded one
+    instead; this one keeps format.py (staged alone into enclaver-run, which only reads EIFs) free
+    of threads."""
+
+    def __init__(self, out: BinaryIO, crc: int = 0) -> None:
+        self._out, self.crc, self.written = out, crc, 0
+
+    def write(self, chunk: bytes, *, crc: bool = True) -> None:
+        self._out.write(chunk)
+        self.written += len(chunk)
+        if crc:
+            self.crc = zlib.crc32(chunk, self.crc)
+
+    def close(self) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
+
 def write_eif(out: BinaryIO, arch: str, sections: list[SectionSource], *,
-              progress: Callable[[int], None] | None = None) -> tuple[int, Measurements, int]:
-    """Write an EIF to a seekable `out`; returns (CRC, measurements, total size)."""
+              progress: Callable[[int], None] | None = None,
+              output: Callable[[BinaryIO, int], EifOutput] = SerialOutput) -> tuple[int, Measurements, int]:
+    """Write an EIF to a seekable `out`; returns (CRC, measurements, total size). `output` makes
+    what the bytes go through, from `out` and the header's CRC (eif/output.py: in worker threads)."""
     if len(sections) > MAX_SECTIONS:
         raise ValueError("too many sections")
     header = pack_header(arch, [s.size for s in sections])
     start = out.tell()
-    output = Output(out, zlib.crc32(header[:HEADER_SIZE - 4]))
+    sink = output(out, zlib.crc32(header[:HEADER_SIZE - 4]))
     measurer = Measurer()
     try:
-        output.write(header, crc=False)  # the CRC covers the header without its own last 4 bytes (above)
+        sink.write(header, crc=False)  # the CRC covers the header without its own last 4 bytes (above)
         for section in sections:
-            output.write(struct.pack(">HHQ", section.kind, 0, section.size))
+            sink.write(struct.pack(">HHQ", section.kind, 0, section.size))
             if section.kind == SECTION_RAMDISK:
                 measurer.start_ramdisk()
             written = 0
             for chunk in section.chunks():
                 written += len(chunk)
-                output.write(chunk)
+                sink.write(chunk)
                 if section.kind in (SECTION_KERNEL, SECTION_CMDLINE):
                     measurer.feed_boot(chunk)
                 elif section.kind == SECTION_RAMDISK:
@@ -96,11 +129,11 @@ def write_eif(out: BinaryIO, arch: str, sections: list[SectionSource], *,
                 raise ValueError(f"{SECTION_NAMES[section.kind]} section: wrote {written} bytes, "
                                  f"declared {section.size}")
     except BaseException:
-        output.abandon()
+        sink.abandon()
         raise
-    output.close()
-    crc = output.crc
-    end = start + output.written
+    sink.close()
+    crc = sink.crc
+    end = start + sink.written
     out.seek(start + HEADER_SIZE - 4)
     out.write(struct.pack(">I", crc))
     out.seek(end)

@@ -10,9 +10,9 @@ releases the GIL), so the two chains over the customer ramdisk cost one pass of 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from dataclasses import dataclass
-
-from enclaver_rules.eif.pipeline import Worker
 
 ZERO = bytes(48)
 HASH_ALGORITHM = "Sha384 { ... }"  # what nitro-cli prints (the Debug text of its hasher)
@@ -42,17 +42,24 @@ class Measurements:
 
 
 class ThreadedHash:
-    """A SHA-384 fed through a bounded queue by one worker thread (pipeline.py)."""
+    """A SHA-384 fed through a bounded queue by one worker thread."""
 
-    def __init__(self, start: hashlib._Hash | None = None) -> None:
+    def __init__(self, start: hashlib._Hash | None = None, depth: int = 8) -> None:
         self._hash = start if start is not None else hashlib.sha384()
-        self._worker = Worker("sha384", self._hash.update)
+        self._queue: queue.Queue[bytes | None] = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name="sha384", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._hash.update(chunk)
 
     def update(self, chunk: bytes) -> None:
-        self._worker.put(chunk)
+        self._queue.put(chunk)
 
     def digest(self) -> bytes:
-        self._worker.close()
+        self._queue.put(None)
+        self._thread.join()
         return self._hash.digest()
 
 
