@@ -1,14 +1,21 @@
-"""EIF build from a 1 GiB synthetic image, side by side with one plain SHA-384 pass over the same bytes.
+"""EIF build from a 1 GiB synthetic image against the floor: the hashing the build must do, run in parallel.
 
     .venv/bin/python benchmarks/eif_build.py [--size-mb 1024] [--layers 4] [--rounds 3]
 
-The floor: every byte of the image must be hashed at least once, so `hashlib.sha384` over the
-layer bytes is what an EIF build cannot beat. The build runs twice per round, writing the EIF to
-tmpfs (the builder's own cost) and to the disk (adds the disk's write speed; a plain write of the
-same size, fsynced like the EIF, is printed for context). Everything runs as child processes in
-the same session, in alternating order; printed are medians, ratios and enclaver's peak RSS
-(from wait4). The image is random data (incompressible) in uncompressed layers, written to a
-store in a temporary directory; the blob set is the development one.
+The floor is what `build_eif` cannot avoid computing over an image's bytes, done as well as this
+machine allows, in one process, over the same bytes: every layer blob's SHA-256 (the store's digest,
+checked before the EIF is kept), two SHA-384 chains over the customer ramdisk (PCR0 continues from
+the kernel, PCR2 starts fresh: both see every byte) and the EIF's CRC32. One reader fills a ring of
+preallocated buffers (`readinto`) and four threads hash each buffer in place (hashlib and zlib
+release the GIL), so on N cores the floor is about max(one SHA-384 pass, all four / N). The EIF's
+own SHA-256, which the `eif` rule records, is computed after `build_eif` returns and is not part of
+this build or this floor. One plain SHA-384 pass over the same bytes is printed as context (the old
+yardstick). The build runs twice per round, writing the EIF to tmpfs (the builder's own cost) and
+to the disk (adds the disk's write speed and the fsync; a plain write of the same size, fsynced like
+the EIF, is printed for context). Everything runs as child processes in the same session, in
+alternating order; printed are medians, ratios and peak RSS (from wait4) beside each time. The image
+is random data (incompressible) in uncompressed layers, written to a store in a temporary directory;
+the blob set is the development one.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import run  # noqa: E402
 
 FILE_MB = 16
+GOAL_RATIO = 1.2
+GOAL_RSS_MIB = 256
 
 HASH = """
 import hashlib, sys
@@ -38,6 +47,59 @@ for path in sys.argv[1:]:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
 print(h.hexdigest())
+"""
+
+FLOOR = """
+import hashlib, queue, sys, threading, zlib
+CHUNK, DEPTH = 8 << 20, 4
+buffers = [bytearray(CHUNK) for _ in range(DEPTH)]
+free: queue.Queue = queue.Queue()
+for i in range(DEPTH):
+    free.put(i)
+pcr0, pcr2, crc = hashlib.sha384(), hashlib.sha384(), [0]
+left, lock = [0] * DEPTH, threading.Lock()
+
+def crc32(view):
+    crc[0] = zlib.crc32(view, crc[0])
+
+def worker(q, kind):
+    while (item := q.get()) is not None:
+        i, n, blob = item
+        view = memoryview(buffers[i])[:n]
+        if kind == "sha256":
+            blob.update(view)
+        elif kind == "crc32":
+            crc32(view)
+        else:
+            kind.update(view)
+        with lock:
+            left[i] -= 1
+            if not left[i]:
+                free.put(i)
+
+queues = [queue.Queue() for _ in range(4)]
+threads = [threading.Thread(target=worker, args=(q, k)) for q, k in zip(queues, ("sha256", pcr0, pcr2, "crc32"))]
+for t in threads:
+    t.start()
+digests = []
+for path in sys.argv[1:]:
+    blob = hashlib.sha256()
+    digests.append(blob)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            i = free.get()
+            n = f.readinto(buffers[i])
+            if not n:
+                free.put(i)
+                break
+            left[i] = len(queues)
+            for q in queues:
+                q.put((i, n, blob))
+for q in queues:
+    q.put(None)
+for t in threads:
+    t.join()
+print(pcr0.hexdigest(), pcr2.hexdigest(), crc[0], [d.hexdigest() for d in digests])
 """
 
 WRITE = """
@@ -127,8 +189,8 @@ def main() -> int:
         layer_files = sorted(str(p) for p in (root / "store" / "blobs" / "sha256").iterdir()
                              if p.stat().st_size > 1 << 20)
         shm = Path(tempfile.mkdtemp(prefix="enclaver-eif-bench-", dir="/dev/shm")) if Path("/dev/shm").is_dir() else root
-        times: dict[str, list[float]] = {"tmpfs": [], "disk": [], "sha384": [], "write": []}
-        rss = 0
+        times: dict[str, list[float]] = {"tmpfs": [], "disk": [], "floor": [], "sha384": [], "write": []}
+        peaks: dict[str, int] = dict.fromkeys(times, 0)
         try:
             for round_ in range(args.rounds):
                 steps = list(times) if round_ % 2 == 0 else list(reversed(times))
@@ -137,23 +199,32 @@ def main() -> int:
                         out = (shm if step == "tmpfs" else root) / "app.eif"
                         elapsed, peak = run([sys.executable, "-c", BUILD, str(root / "store"), str(root / "blobs"),
                                              str(out)])
-                        rss = max(rss, peak)
                         out.unlink()
-                    elif step == "sha384":
-                        elapsed = run([sys.executable, "-c", HASH, *layer_files])[0]
+                    elif step in ("floor", "sha384"):
+                        elapsed, peak = run([sys.executable, "-c", FLOOR if step == "floor" else HASH, *layer_files])
                     else:
-                        elapsed = run([sys.executable, "-c", WRITE, str(root / "zeros"), str(args.size_mb)])[0]
+                        elapsed, peak = run([sys.executable, "-c", WRITE, str(root / "zeros"), str(args.size_mb)])
                         (root / "zeros").unlink()
                     times[step].append(elapsed)
+                    peaks[step] = max(peaks[step], peak)
         finally:
             shutil.rmtree(shm, ignore_errors=True) if shm != root else None
     m = {k: statistics.median(v) for k, v in times.items()}
+
+    def line(label: str, step: str, extra: str = "") -> None:
+        print(f"  {label:<58} {m[step]:6.2f} s  peak RSS {peaks[step] / 1024:6.1f} MiB{extra}")
+
+    floor, one = m["floor"], m["sha384"]
+    verdict = "met" if max(m["tmpfs"], m["disk"]) / floor <= GOAL_RATIO and max(peaks["tmpfs"], peaks["disk"]) \
+        <= GOAL_RSS_MIB * 1024 else "MISS"
     print(f"image: {args.size_mb} MiB in {args.layers} layers of {FILE_MB} MiB files; {args.rounds} rounds, medians")
-    print(f"  hashlib.sha384 over the image's bytes (the floor):  {m['sha384']:6.2f} s")
-    print(f"  enclaver eif build, EIF on tmpfs:                    {m['tmpfs']:6.2f} s   ratio {m['tmpfs'] / m['sha384']:.2f}")
-    print(f"  enclaver eif build, EIF on disk:                     {m['disk']:6.2f} s   ratio {m['disk'] / m['sha384']:.2f}")
-    print(f"  writing {args.size_mb} MiB of zeros to the same disk (context):  {m['write']:6.2f} s")
-    print(f"  peak RSS of the build: {rss / 1024:.1f} MiB   (goals: ratio <= 1.3, RSS <= 256 MiB)")
+    line("floor: sha256 + 2 x sha384 + crc32, parallel threads", "floor", f"   ({floor / one:.2f} x one sha384 pass)")
+    line("one hashlib.sha384 pass over the same bytes (context)", "sha384")
+    for where in ("tmpfs", "disk"):
+        line(f"enclaver eif build, EIF on {where}", where,
+             f"   ratio {m[where] / floor:.2f} x floor  ({m[where] / one:.2f} x one sha384 pass)")
+    line(f"writing {args.size_mb} MiB of zeros to the same disk (context)", "write")
+    print(f"  goal: build <= {GOAL_RATIO} x floor on tmpfs and on disk, RSS <= {GOAL_RSS_MIB} MiB: {verdict}")
     return 0
 
 

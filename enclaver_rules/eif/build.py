@@ -29,6 +29,7 @@ from enclaver_rules.eif.format import (
 )
 from enclaver_rules.eif.measure import Measurements, extend
 from enclaver_rules.eif.metadata import kernel_info, metadata_json
+from enclaver_rules.eif.output import Output
 from enclaver_rules.eif.ramdisk import bootstrap, command_files, customer
 from enclaver_rules.eif.rootfs import build_tree
 from enclaver_rules.eif.sign import Signer, measure_sections, signature_section
@@ -113,7 +114,7 @@ def build_eif(image: StoredImage, store: Store, blobs: BlobSet, output: str | os
             pcr8 = signer.pcr8
         with atomic_file(target) as out:
             try:
-                crc, measurements, size = write_eif(out, arch, sections, progress=progress)
+                crc, measurements, size = write_eif(out, arch, sections, progress=progress, output=Output)
             finally:  # every layer blob matched its digest, or the EIF is not kept
                 tree.checks.wait()
     if pcr8:

@@ -20,7 +20,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from enclaver_rules.eif.measure import Measurements, Measurer
 from enclaver_rules.errors import InvalidInput, OperationFailed
@@ -66,36 +66,74 @@ def pack_header(arch: str, sizes: list[int], crc: int = 0) -> bytes:
                        DEFAULT_CPUS, 0, len(sizes), *offsets, *pad, *sizes, *pad, 0, crc)
 
 
+class EifOutput(Protocol):
+    """Where `write_eif` sends the EIF's bytes: written in order, CRC'd, counted."""
+
+    crc: int
+    written: int
+
+    def write(self, chunk: bytes, *, crc: bool = True) -> None: ...
+    def close(self) -> None: ...
+    def abandon(self) -> None: ...
+
+
+class SerialOutput:
+    """Writes and CRCs in the calling thread. The builder passes eif/output.py's threaded one
+    instead; this one keeps format.py (staged alone into enclaver-run, which only reads EIFs) free
+    of threads."""
+
+    def __init__(self, out: BinaryIO, crc: int = 0) -> None:
+        self._out, self.crc, self.written = out, crc, 0
+
+    def write(self, chunk: bytes, *, crc: bool = True) -> None:
+        self._out.write(chunk)
+        self.written += len(chunk)
+        if crc:
+            self.crc = zlib.crc32(chunk, self.crc)
+
+    def close(self) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
+
 def write_eif(out: BinaryIO, arch: str, sections: list[SectionSource], *,
-              progress: Callable[[int], None] | None = None) -> tuple[int, Measurements, int]:
-    """Write an EIF to a seekable `out`; returns (CRC, measurements, total size)."""
+              progress: Callable[[int], None] | None = None,
+              output: Callable[[BinaryIO, int], EifOutput] = SerialOutput) -> tuple[int, Measurements, int]:
+    """Write an EIF to a seekable `out`; returns (CRC, measurements, total size). `output` makes
+    what the bytes go through, from `out` and the header's CRC (eif/output.py: in worker threads)."""
     if len(sections) > MAX_SECTIONS:
         raise ValueError("too many sections")
     header = pack_header(arch, [s.size for s in sections])
-    crc = zlib.crc32(header[:HEADER_SIZE - 4])
     start = out.tell()
-    out.write(header)
+    sink = output(out, zlib.crc32(header[:HEADER_SIZE - 4]))
     measurer = Measurer()
-    for section in sections:
-        section_header = struct.pack(">HHQ", section.kind, 0, section.size)
-        out.write(section_header)
-        crc = zlib.crc32(section_header, crc)
-        if section.kind == SECTION_RAMDISK:
-            measurer.start_ramdisk()
-        written = 0
-        for chunk in section.chunks():
-            written += len(chunk)
-            out.write(chunk)
-            crc = zlib.crc32(chunk, crc)
-            if section.kind in (SECTION_KERNEL, SECTION_CMDLINE):
-                measurer.feed_boot(chunk)
-            elif section.kind == SECTION_RAMDISK:
-                measurer.feed_ramdisk(chunk)
-            if progress:
-                progress(len(chunk))
-        if written != section.size:
-            raise ValueError(f"{SECTION_NAMES[section.kind]} section: wrote {written} bytes, declared {section.size}")
-    end = out.tell()
+    try:
+        sink.write(header, crc=False)  # the CRC covers the header without its own last 4 bytes (above)
+        for section in sections:
+            sink.write(struct.pack(">HHQ", section.kind, 0, section.size))
+            if section.kind == SECTION_RAMDISK:
+                measurer.start_ramdisk()
+            written = 0
+            for chunk in section.chunks():
+                written += len(chunk)
+                sink.write(chunk)
+                if section.kind in (SECTION_KERNEL, SECTION_CMDLINE):
+                    measurer.feed_boot(chunk)
+                elif section.kind == SECTION_RAMDISK:
+                    measurer.feed_ramdisk(chunk)
+                if progress:
+                    progress(len(chunk))
+            if written != section.size:
+                raise ValueError(f"{SECTION_NAMES[section.kind]} section: wrote {written} bytes, "
+                                 f"declared {section.size}")
+    except BaseException:
+        sink.abandon()
+        raise
+    sink.close()
+    crc = sink.crc
+    end = start + sink.written
     out.seek(start + HEADER_SIZE - 4)
     out.write(struct.pack(">I", crc))
     out.seek(end)

@@ -39,9 +39,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from enclaver_rules.eif.layercheck import LayerChecks
 from enclaver_rules.errors import InvalidInput, OperationFailed
 from enclaver_rules.oci.flatten import OPAQUE, WHITEOUT, UnsafeLayer
-from enclaver_rules.oci.store import BackgroundCheck
 
 CHUNK = 4 << 20  # big reads: fewer hand-offs to the hashing threads
 MAX_SYMLINKS = 40
@@ -153,7 +153,7 @@ class Tree:
         self._next_inode = 1
         self.nodes = 0  # built so far (replaced ones included): bounded by MAX_NODES
         self.steps = 0  # path components walked so far: bounded by MAX_TOTAL_STEPS
-        self.checks = BackgroundCheck()  # every store blob read here is verified beside the build
+        self.checks = LayerChecks()  # every store blob read here is verified before the EIF is kept
 
     def _count(self, where: str, n: int = 1) -> None:
         self.nodes += n
@@ -224,7 +224,7 @@ class Tree:
 
     def add_layer(self, label: str, blob: Path, workdir: Path) -> None:
         """Apply one layer blob: a plain tar is read where it lies; gzip is inflated into `workdir`.
-        The blob's digest is checked in the background (`checks`); a broken layer is often a rotted
+        The blob's digest is checked before the EIF is kept (`checks`, layercheck.py); a broken layer is often a rotted
         blob, so then the check's CorruptBlob, which names the digest and the fix, wins."""
         self.checks.add(blob)
         try:
@@ -414,6 +414,10 @@ class Tree:
 
     def read(self, node: Node) -> Iterator[bytes]:
         if node.size == 0:
+            return
+        layer = self.checks.reader(self.layers[node.source])
+        if layer is not None:  # a plain store blob: its digest is hashed from these reads
+            yield from layer.read(node.offset, node.size)
             return
         with open(self.layers[node.source], "rb") as f:
             f.seek(node.offset)
