@@ -130,7 +130,11 @@ def copy_image(src: Registry, ref: Reference, dst: Registry, dest: Reference, st
     if dest.digest and dest.digest != manifest.digest:
         raise OperationFailed(f"{dest}: the image is {manifest.digest}, not the digest in the destination",
                               fix="drop @digest from the destination, or push the image it names")
-    raw, config = fetch_config(src, ref.repository, manifest, label)
+    if store.has(manifest.config.digest):  # verified as read: a rotted copy raises CorruptBlob, as a push does
+        raw = store.read(manifest.config.digest)
+        config = ImageConfig.parse(raw, f"{label} config")
+    else:
+        raw, config = fetch_config(src, ref.repository, manifest, label)
     if len(config.diff_ids) != len(manifest.layers):
         raise OperationFailed(f"{label}: {len(manifest.layers)} layers but {len(config.diff_ids)} diff_ids",
                               fix="the image is corrupt")
