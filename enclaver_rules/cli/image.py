@@ -220,7 +220,11 @@ def run_push(args: argparse.Namespace, out: Output) -> int:
     with reporter(out.err, not out.quiet) as progress:
         sources.reporter = progress
         try:
-            digest, where = _push(args.source, _fetch(args.source, sources, file="SRC"), dest, sources, progress)
+            src = location(args.source, file="SRC")
+            if isinstance(src, RegistryImage) and isinstance(dest, RegistryImage):
+                digest, where = _copy(args.source, src, dest, sources, progress)
+            else:
+                digest, where = _push(args.source, _fetch(args.source, sources, file="SRC"), dest, sources, progress)
         except CorruptBlob as e:  # read from the store, damaged: quarantined; fetch it again, once
             out.note(f"{e.diagnostics[0].message}: moved to quarantine; fetching {args.source} again", style="yellow")
             try:
@@ -233,6 +237,24 @@ def run_push(args: argparse.Namespace, out: Output) -> int:
     else:
         out.line(f"{where}  {digest}")
     return ExitCode.OK
+
+
+def _copy(text: str, src: RegistryImage, dest: RegistryImage, sources: Sources, progress: Any) -> tuple[Any, str]:
+    """Registry to registry, as `skopeo copy` does: blobs stream from the source into the
+    destination, verified as they pass, without a round trip through the store (which serves the
+    blobs it already keeps). A digest-pinned image the store holds complete needs no source."""
+    from enclaver_rules.oci.relay import copy_image
+    from enclaver_rules.oci.resolve import from_store, registry_manifest
+
+    store = sources.store.init()
+    stored = from_store(store, src.ref, sources.platform)
+    if stored is not None:
+        return _push(text, stored, dest, sources, progress)
+    registry = sources.registry(src.ref.api_host)
+    found, _ = registry_manifest(text, src.ref, sources, store, None)
+    digest = copy_image(registry, src.ref, sources.registry(dest.ref.api_host), dest.ref, store,
+                        platform=sources.platform, reporter=progress, found=found)
+    return digest, str(dest.ref)
 
 
 def _push(source: str, image: StoredImage, dest: RegistryImage | DaemonImage | OciLayoutImage, sources: Sources,

@@ -369,6 +369,17 @@ class Registry:
 
     def push_blob(self, repository: str, descriptor: Descriptor, open_blob: Callable[[], BinaryIO],
                   mount_from: str | None = None, progress: Progress | None = None) -> PushResult:
+        started = self.start_upload(repository, descriptor, mount_from, progress)
+        if isinstance(started, PushResult):
+            return started
+        with open_blob() as blob:
+            self.finish_upload(repository, descriptor, started, _Body(blob, descriptor.size, progress))
+        return PushResult(descriptor.digest, "uploaded")
+
+    def start_upload(self, repository: str, descriptor: Descriptor, mount_from: str | None = None,
+                     progress: Progress | None = None) -> PushResult | str:
+        """Skip (the blob exists), mount it from `mount_from`, or open an upload: its URL. Split from
+        the PUT so a caller can send a body it streams from elsewhere (`relay`)."""
         if self.has_blob(repository, descriptor.digest):
             if progress:
                 progress(descriptor.size)
@@ -380,11 +391,12 @@ class Registry:
             if progress:
                 progress(descriptor.size)
             return PushResult(descriptor.digest, "mounted")
-        location = urljoin(f"{self.scheme}://{self.host}/", response.headers["Location"])
+        return urljoin(f"{self.scheme}://{self.host}/", response.headers["Location"])
+
+    def finish_upload(self, repository: str, descriptor: Descriptor, location: str, body: Any) -> None:
+        """One monolithic PUT of the whole blob to the upload `location` (a sized iterable of chunks:
+        Content-Length, no chunked encoding); the registry checks it against `?digest=`."""
         separator = "&" if "?" in location else "?"
-        with open_blob() as blob:
-            self.request("PUT", f"{location}{separator}digest={descriptor.digest}", repository,
-                         headers={"Content-Type": "application/octet-stream"},
-                         data=_Body(blob, descriptor.size, progress), ok=(201, 204),
-                         what=f"upload {descriptor.digest.short}")
-        return PushResult(descriptor.digest, "uploaded")
+        self.request("PUT", f"{location}{separator}digest={descriptor.digest}", repository,
+                     headers={"Content-Type": "application/octet-stream"}, data=body, ok=(201, 204),
+                     what=f"upload {descriptor.digest.short}")
