@@ -65,7 +65,9 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
     p = command(group, common, "push", help="copy an image to a registry, an OCI layout or the engine",
                 codes=TRANSFER_CODES, run=run_push,
                 description="Copy SRC to DEST. " + IMAGE_HELP + " DEST is a registry reference, oci:PATH:TAG or "
-                            "docker-daemon:REF (loads it into the engine). Blobs the destination has are skipped.")
+                            "docker-daemon:REF (loads it into the engine). Blobs the destination has are skipped. "
+                            "From a registry to a registry, each blob streams from the source into the destination, "
+                            "verified as it passes (its last chunk held back until it is), with no copy in the store.")
     p.add_argument("source", metavar="SRC")
     p.add_argument("dest", metavar="DEST")
     _source_args(p)

@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -57,6 +58,13 @@ class NotFound(OperationFailed):
 
 class RegistryUnavailable(OperationFailed):
     """The registry could not be reached or did not answer in time."""
+
+
+#: What a response body's transfer raises when it fails midway (not a content problem), for modules
+#: that stream a body without importing the HTTP client themselves (tests/test_imports.py).
+TRANSFER_ERRORS: tuple[type[BaseException], ...] = (requests.exceptions.RequestException,
+                                                    urllib3.exceptions.HTTPError, OSError)
+Response = requests.Response  # the type of what `Registry.request` answers, for the same modules
 
 
 def is_local(host: str) -> bool:

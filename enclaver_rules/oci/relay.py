@@ -15,14 +15,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 
-import requests
-import urllib3
-
 from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci.digest import Digest, DigestMismatch
 from enclaver_rules.oci.model import Descriptor, ImageConfig, Manifest, Platform
 from enclaver_rules.oci.reference import Reference
-from enclaver_rules.oci.registry import PushResult, Registry, RegistryUnavailable
+from enclaver_rules.oci.registry import TRANSFER_ERRORS, PushResult, Registry, RegistryUnavailable, Response
 from enclaver_rules.oci.store import CHUNK, Progress, Store
 from enclaver_rules.oci.transfer import NullReporter, Reporter, fetch_manifest, parallel
 
@@ -35,7 +32,7 @@ class RelayBody:
     size and hashed as it passes. Sized (so requests sends Content-Length) and one-shot: it cannot
     be replayed, so a second send fails loudly instead of sending nothing."""
 
-    def __init__(self, response: requests.Response, descriptor: Descriptor, source: str,
+    def __init__(self, response: Response, descriptor: Descriptor, source: str,
                  progress: Progress | None) -> None:
         self.response, self.descriptor, self.source, self.progress = response, descriptor, source, progress
         self.sent = False
@@ -64,7 +61,7 @@ class RelayBody:
                     if self.progress:
                         self.progress(len(held))
                 held = chunk
-        except requests.exceptions.RequestException as e:
+        except TRANSFER_ERRORS as e:
             raise RegistryUnavailable(f"{self.source}: transfer failed: {e}", fix="try again; nothing was kept") from None
         if count != size:
             raise DigestMismatch(f"{self.source}: got {count} of {size} bytes",
@@ -109,7 +106,7 @@ def fetch_config(registry: Registry, repository: str, manifest: Manifest, label:
     with response:
         try:
             raw = response.raw.read(descriptor.size + 1, decode_content=True)
-        except (urllib3.exceptions.HTTPError, OSError) as e:  # the transfer failed, not the content
+        except TRANSFER_ERRORS as e:  # the transfer failed, not the content
             raise RegistryUnavailable(f"{registry.host}: config of {label}: transfer failed: {e}",
                                       fix="try again") from None
     if len(raw) != descriptor.size or Digest.of(raw) != descriptor.digest:
