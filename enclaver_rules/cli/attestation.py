@@ -18,17 +18,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.text import Text
-
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, command, command_group
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import EnclaverError, InvalidInput
 
 if TYPE_CHECKING:
     from cryptography import x509
 
     from enclaver_rules.attestation.verify import Report
+    from enclaver_rules.cli.output import Output
 
 #: Hooks adding more `enclaver attestation` sub-commands: each gets the group's sub-parsers and the
 #: common flags parser, like `add_parser` does.
@@ -211,6 +209,8 @@ def run_verify(args: argparse.Namespace, out: Output) -> int:
 
 
 def _print(report: Report, source: str, at_flag: str, out: Output) -> None:
+    from rich.text import Text
+
     from enclaver_rules.attestation.document import iso
 
     failure = report.failure

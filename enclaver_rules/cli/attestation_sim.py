@@ -7,7 +7,6 @@ this module adds both sub-commands to the `attestation` group (`EXTRA_SUBCOMMAND
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -19,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 from enclaver_rules.cli import attestation as attestation_cmd
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, command
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import InvalidInput
 
 if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
     from enclaver_rules.runtime.sim_nsm import CertificateAuthority, SimulatedNsm
 
 MAX_MEASUREMENTS = 1 << 20
@@ -132,6 +131,8 @@ def _measurements(path: str) -> dict[int, bytes]:
 
 
 def run_sim_nsm(args: argparse.Namespace, out: Output) -> int:
+    import asyncio
+
     from enclaver_rules.runtime.sim_nsm import SimulatedNsm
 
     measurements = _measurements(args.measurements)
@@ -143,6 +144,8 @@ def run_sim_nsm(args: argparse.Namespace, out: Output) -> int:
 
 
 async def _serve(nsm: SimulatedNsm, path: str, as_json: bool, out: Output) -> None:
+    import asyncio
+
     from enclaver_rules.runtime.sim_nsm import serve
 
     server = await serve(nsm, path)

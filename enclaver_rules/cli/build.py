@@ -9,14 +9,14 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
-
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, epilog
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import InvalidInput, OperationFailed
+
+if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
 
 CODES = {
     ExitCode.OK: "built (or already up to date); the summary was printed",
@@ -140,6 +140,8 @@ def run_rule_set(path: Path, name: str, cache: Path, task: str, out: Output, env
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    from rich.text import Text
+
     from enclaver_rules.manifest import resolve as resolve_config
     from enclaver_rules.oci.store import default_cache_dir
     from enclaver_rules.rules.common import BUILD, POLICY, latest_dir

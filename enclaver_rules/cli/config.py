@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import (
@@ -22,9 +21,11 @@ from enclaver_rules.cli.options import (
     command_group,
     overrides_from,
 )
-from enclaver_rules.cli.output import Output
 from enclaver_rules.manifest import resolve
 from enclaver_rules.manifest.config import report_conflicts
+
+if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
 
 SHOW_CODES = {
     ExitCode.OK: "the effective configuration is valid",
@@ -51,6 +52,8 @@ def _cell(value: object) -> str:
 
 
 def run_show(args: argparse.Namespace, out: Output) -> int:
+    from rich.text import Text
+
     config = resolve(args.file, overrides_from(args), os.environ)
     report_conflicts(config)
     if args.json:

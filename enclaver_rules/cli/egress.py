@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
-
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import add_json, add_manifest_file, command, command_group
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import Diagnostic, InvalidInput
 from enclaver_rules.manifest import resolve
-from enclaver_rules.policy import Destination, EgressPolicy, PolicyError, parse_destination, review
+
+if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
+    from enclaver_rules.policy import Destination, EgressPolicy
 
 TEST_CODES = {
     ExitCode.OK: "every destination is allowed",
@@ -37,6 +38,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], co
 
 
 def _policy(args: argparse.Namespace) -> tuple[EgressPolicy, str]:
+    from enclaver_rules.policy import EgressPolicy, review
+
     if args.allow or args.deny:
         allow, deny = args.allow or [], args.deny or []
         problems = [Diagnostic(f.message, file=f"--{f.list_name}", field=f"{f.list_name}[{f.index}]", fix=f.fix,
@@ -50,6 +53,10 @@ def _policy(args: argparse.Namespace) -> tuple[EgressPolicy, str]:
 
 
 def run_test(args: argparse.Namespace, out: Output) -> int:
+    from rich.text import Text
+
+    from enclaver_rules.policy import PolicyError, parse_destination
+
     destinations: list[Destination] = []
     problems = []
     for text in args.destinations:

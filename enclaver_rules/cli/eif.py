@@ -8,18 +8,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.text import Text
-
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.image import _source_args, _sources
 from enclaver_rules.cli.options import Subparsers, add_json, command, command_group
-from enclaver_rules.cli.output import Output
-from enclaver_rules.cli.progress import reporter
-from enclaver_rules.eif.blobs import DEFAULT_BLOBS, KERNEL_NAMES, BlobSet, load_blobs, write_dev_blobs
+from enclaver_rules.eif.blobs import DEFAULT_BLOBS, KERNEL_NAMES  # the parser's default and choices
 from enclaver_rules.errors import InvalidInput
-from enclaver_rules.oci.digest import Digest
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the rest loads in the commands that use it: every `enclaver` start builds this parser
+    from enclaver_rules.cli.output import Output
+    from enclaver_rules.eif.blobs import BlobSet
     from enclaver_rules.oci.resolve import Sources
 
 BUILD_CODES = {
@@ -79,6 +76,9 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
 
 
 def _blobs(args: argparse.Namespace, arch: str, out: Output) -> BlobSet:
+    from enclaver_rules.eif.blobs import load_blobs
+    from enclaver_rules.oci.digest import Digest
+
     expect = None
     if args.blobs_digest:
         try:
@@ -118,6 +118,9 @@ def _build_defaults(args: argparse.Namespace) -> None:
 
 
 def run_build(args: argparse.Namespace, out: Output) -> int:
+    from rich.text import Text
+
+    from enclaver_rules.cli.progress import reporter
     from enclaver_rules.eif.blobs import image_arch
     from enclaver_rules.eif.build import build_eif
     from enclaver_rules.eif.sign import Signer
@@ -156,6 +159,9 @@ def run_build(args: argparse.Namespace, out: Output) -> int:
 
 def _build_with_nitro_cli(args: argparse.Namespace, out: Output, sources: Sources) -> int:
     """Upstream's path: the image goes into the engine under a build tag, nitro-cli builds from it."""
+    from rich.text import Text
+
+    from enclaver_rules.cli.progress import reporter
     from enclaver_rules.eif import nitro_cli
     from enclaver_rules.oci.resolve import resolve
 
@@ -177,6 +183,8 @@ def _build_with_nitro_cli(args: argparse.Namespace, out: Output, sources: Source
 
 
 def run_describe(args: argparse.Namespace, out: Output) -> int:
+    from rich.text import Text
+
     from enclaver_rules.eif.describe import describe
 
     info = describe(args.file)
@@ -195,6 +203,8 @@ def run_describe(args: argparse.Namespace, out: Output) -> int:
 
 
 def run_dev(args: argparse.Namespace, out: Output) -> int:
+    from enclaver_rules.eif.blobs import write_dev_blobs
+
     blobs = write_dev_blobs(args.output, args.arch)
     if args.json:
         out.json(blobs.to_json())

@@ -9,20 +9,18 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.text import Text
-
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, command, command_group
-from enclaver_rules.cli.output import Output
-from enclaver_rules.cli.progress import reporter
 from enclaver_rules.errors import InvalidInput, OperationFailed
-from enclaver_rules.oci.engine import Engine
-from enclaver_rules.oci.model import ImageConfig, Manifest, Platform
-from enclaver_rules.oci.reference import DaemonImage, OciLayoutImage, RegistryImage
-from enclaver_rules.oci.store import Store, default_cache_dir
 
+# Only what the parser needs loads with this module (every `enclaver` start builds the whole parser):
+# the OCI modules, the progress bars and rich load in the commands that use them.
 if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
+    from enclaver_rules.oci.model import ImageConfig, Manifest
+    from enclaver_rules.oci.reference import DaemonImage, OciLayoutImage, RegistryImage
     from enclaver_rules.oci.resolve import Sources
+    from enclaver_rules.oci.store import Store
     from enclaver_rules.oci.transfer import StoredImage
 
 TRANSFER_CODES = {
@@ -106,10 +104,13 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
 
 
 def _store(args: argparse.Namespace) -> Store:
+    from enclaver_rules.oci.store import Store, default_cache_dir
+
     return Store(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
 
 
 def _sources(args: argparse.Namespace, out: Output, *, use_engine: bool) -> Sources:
+    from enclaver_rules.oci.model import Platform
     from enclaver_rules.oci.resolve import Sources  # requests and friends load only for image commands
 
     platform = Platform.parse(args.platform) if args.platform else None
@@ -126,6 +127,7 @@ def _fetch(text: str, sources: Sources, *, again: bool = False, file: str = "IMA
     """`text` in the store; `again`: from its source even if the store holds it (a damaged blob
     of it was just moved to quarantine: a digest-pinned registry image would else be looked up
     in the store, found incomplete, and not fetched)."""
+    from enclaver_rules.oci.reference import RegistryImage
     from enclaver_rules.oci.resolve import location, resolve
     from enclaver_rules.oci.transfer import pull
 
@@ -189,6 +191,11 @@ def _pull_checked(text: str, sources: Sources, out: Output) -> StoredImage:
 
 
 def run_pull(args: argparse.Namespace, out: Output) -> int:
+    from rich.text import Text
+
+    from enclaver_rules.cli.progress import reporter
+    from enclaver_rules.oci.engine import Engine
+    from enclaver_rules.oci.reference import RegistryImage
     from enclaver_rules.oci.resolve import location
 
     sources = _sources(args, out, use_engine=False)
@@ -211,6 +218,8 @@ def run_pull(args: argparse.Namespace, out: Output) -> int:
 
 
 def run_push(args: argparse.Namespace, out: Output) -> int:
+    from enclaver_rules.cli.progress import reporter
+    from enclaver_rules.oci.reference import DaemonImage, OciLayoutImage, RegistryImage
     from enclaver_rules.oci.resolve import location
     from enclaver_rules.oci.store import CorruptBlob
 
@@ -263,7 +272,10 @@ def _push(source: str, image: StoredImage, dest: RegistryImage | DaemonImage | O
           progress: Any) -> tuple[Any, str]:
     """Every blob read from the store is verified as it goes out (CorruptBlob: nothing is kept
     under its name at the destination: a registry and `put` check the digest)."""
+    from enclaver_rules.oci.engine import Engine
+    from enclaver_rules.oci.reference import DaemonImage, RegistryImage
     from enclaver_rules.oci.resolve import location
+    from enclaver_rules.oci.store import Store
     from enclaver_rules.oci.transfer import docker_archive, push
 
     store = sources.store
@@ -285,6 +297,9 @@ def _push(source: str, image: StoredImage, dest: RegistryImage | DaemonImage | O
 
 
 def run_inspect(args: argparse.Namespace, out: Output) -> int:
+    from rich.text import Text
+
+    from enclaver_rules.cli.progress import reporter
     from enclaver_rules.oci.resolve import describe
 
     sources = _sources(args, out, use_engine=True)
@@ -317,6 +332,10 @@ def _inspect_doc(name: str, source: str, manifest: Manifest, config: ImageConfig
 
 
 def run_verify(args: argparse.Namespace, out: Output) -> int:
+    from rich.text import Text
+
+    from enclaver_rules.cli.progress import reporter
+
     store = _store(args)
     total = 0
     for blob in store.blobs.iterdir() if store.blobs.is_dir() else []:

@@ -10,12 +10,15 @@ import ipaddress
 import signal
 import threading
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from enclaver_rules import redact
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, command, command_group
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import InvalidInput, OperationFailed
+
+if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
 
 SERVE_CODES = {
     ExitCode.OK: "served until SIGTERM or SIGINT (Ctrl-C), then stopped",

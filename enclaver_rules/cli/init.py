@@ -12,11 +12,14 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, epilog
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import Diagnostic, InvalidInput, OperationFailed
+
+if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
 
 CODES = {
     ExitCode.OK: "the files were written",

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enclaver_rules import redact
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, command, command_group
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import Diagnostic, InvalidInput, OperationFailed
+
+if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
 
 CODES = {
     ExitCode.OK: "the Deployment was written (on stdout, or to -o FILE)",
@@ -132,6 +133,8 @@ def image_for(args: argparse.Namespace, runnable: Any, store: Any) -> tuple[str,
 
 
 def run_manifest(args: argparse.Namespace, out: Output) -> int:
+    import tempfile
+
     from enclaver_rules.k8s import Options, deployment, render, sizing
     from enclaver_rules.oci.store import Store, atomic_file, default_cache_dir
     from enclaver_rules.runtime.runnable import resolve

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, command, command_group
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import InvalidInput, OperationFailed
 
 if TYPE_CHECKING:
     from cryptography import x509
 
+    from enclaver_rules.cli.output import Output
     from enclaver_rules.kms.sigv4 import Identity
 
 MAX_ROOTS_FILE = 1 << 20

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, epilog
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
 
 CODES = {
     ExitCode.OK: "the lock was written, or already matches",

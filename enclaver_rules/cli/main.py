@@ -9,7 +9,7 @@ import traceback
 from collections.abc import Sequence
 from typing import TextIO
 
-from enclaver_rules import __version__
+import enclaver_rules
 from enclaver_rules.cli import attestation as attestation_cmd
 from enclaver_rules.cli import attestation_sim  # noqa: F401 - adds `attestation ca` and `attestation sim-nsm`
 from enclaver_rules.cli import build as build_cmd
@@ -28,8 +28,11 @@ from enclaver_rules.cli import run as run_cmd
 from enclaver_rules.cli import trust as trust_cmd
 from enclaver_rules.cli.exit_codes import ExitCode, code_for
 from enclaver_rules.cli.options import add_common
-from enclaver_rules.cli.output import Output, setup_logging
 from enclaver_rules.errors import EnclaverError
+
+# Start-up: every command module is imported here, since the parser is made whole (`--help`, the
+# README's command docs); each keeps its heavy imports (rich, the OCI client, jsonschema, asyncio, ...)
+# inside the functions that use them. tests/test_startup.py checks what `import` of this module loads.
 
 COMMAND_GROUPS = (init_cmd, manifest_cmd, config_cmd, egress_cmd, image_cmd, eif_cmd, build_cmd, lock_cmd, trust_cmd, reproduce_cmd, run_cmd, attestation_cmd,
                   kms_cmd, imds_cmd, k8s_cmd)
@@ -45,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes:\n" + "\n".join(f"  {int(c):<3} {c.doc}" for c in ExitCode),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"enclaver {__version__}")
+    parser.add_argument("--version", action="version", version=f"enclaver {enclaver_rules.__version__}")
     add_common(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in COMMAND_GROUPS:
@@ -61,6 +64,8 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help/--version (0) or a usage error (2)
         return int(e.code or 0)
+    from enclaver_rules.cli.output import Output, setup_logging  # rich: only once a command runs
+
     out = Output(stdout, stderr, quiet=args.quiet)
     setup_logging(args.verbose, args.quiet, out.err)
     try:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import add_json, command, command_group
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import Diagnostic, InvalidInput
-from enclaver_rules.manifest import DEFAULT_MANIFEST, check_file, load_manifest
-from enclaver_rules.manifest.explain import explain, render_text
+from enclaver_rules.manifest import DEFAULT_MANIFEST
+
+if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
 
 CHECK_CODES = {
     ExitCode.OK: "every file is valid (warnings allowed, unless --strict)",
@@ -43,6 +43,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser], co
 
 
 def run_check(args: argparse.Namespace, out: Output) -> int:
+    from rich.text import Text
+
+    from enclaver_rules.manifest import check_file
+
     results = [check_file(f) for f in args.files]
 
     def failed(r: object) -> bool:
@@ -70,6 +74,11 @@ def run_check(args: argparse.Namespace, out: Output) -> int:
 
 
 def run_explain(args: argparse.Namespace, out: Output) -> int:
+    from rich.text import Text
+
+    from enclaver_rules.manifest import load_manifest
+    from enclaver_rules.manifest.explain import explain, render_text
+
     explained = []
     problems: list[Diagnostic] = []
     for f in args.files:

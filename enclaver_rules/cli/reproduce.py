@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
-
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json, epilog
-from enclaver_rules.cli.output import Output
 from enclaver_rules.cli.trust import is_eif
 from enclaver_rules.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
 
 CODES = {
     ExitCode.OK: "the rebuild gave the same PCRs",
@@ -94,6 +94,10 @@ def _eif_from_release(ref: str, cache_dir: str | None, work: Path) -> Path | Non
 
 
 def run(args: argparse.Namespace, out: Output) -> int:
+    import tempfile
+
+    from rich.text import Text
+
     from enclaver_rules.cli.build import run_rule_set
     from enclaver_rules.cli.trust import measurements_of
     from enclaver_rules.eif.diff import explain

@@ -5,12 +5,10 @@ nitro_cli, allocator, systemd)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +148,8 @@ def _status_note(out: Output) -> Any:
 
 
 def run_cmd(args: argparse.Namespace, out: Output) -> int:
+    import tempfile
+
     from enclaver_rules.attestation.pcrs import parse_measurements
     from enclaver_rules.oci.store import Store, default_cache_dir
     from enclaver_rules.runtime.run import LinePrefixer, Publish, check_publish
@@ -233,6 +233,8 @@ def run_cmd(args: argparse.Namespace, out: Output) -> int:
 
 def _simulate(args: argparse.Namespace, out: Output, runnable: Any, store: Any, side_options: dict[str, Any],
               memory: int, cpus: int, sim_hosts: dict[str, tuple[str, int]]) -> int:
+    import asyncio
+
     from enclaver_rules.oci.engine import Engine
     from enclaver_rules.runtime.simulator import SimOptions, simulate
 
@@ -267,6 +269,8 @@ def check_sim_service_egress(manifest: Any, static_hosts: dict[str, tuple[str, i
 
 
 def _start_sim_services(args: argparse.Namespace, out: Output, manifest: Any, ca_state: Path | None) -> Any:
+    import tempfile
+
     from enclaver_rules.runtime.sim_nsm import CertificateAuthority
     from enclaver_rules.runtime.simulator import IMDS_ADDRESS, sim_kms_target, start_sim_services
 
@@ -303,6 +307,8 @@ class NitroEnclave:
 
 def _nitro(args: argparse.Namespace, out: Output, runnable: Any, side_options: dict[str, Any],
            memory: int, cpus: int) -> int:
+    import asyncio
+
     from enclaver_rules.link.transport import VsockTransport
     from enclaver_rules.runtime import allocator
     from enclaver_rules.runtime.egress_host import HostEgress

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from enclaver_rules.cli.exit_codes import ExitCode
 from enclaver_rules.cli.options import Subparsers, add_json
-from enclaver_rules.cli.output import Output
 from enclaver_rules.errors import InvalidInput, OperationFailed
-from enclaver_rules.oci.enclave import label_disagreements, label_pcrs
+
+if TYPE_CHECKING:
+    from enclaver_rules.cli.output import Output
 
 CODES = {
     ExitCode.OK: "the measurements (and the policy, if asked for) were printed",
@@ -157,6 +156,7 @@ def _from_image(ref: str, cache_dir: str | None, recompute: bool = False,
     """A release image's PCRs: from the store when it is there, else from its registry; from its
     labels, else its measurements referrer; with `recompute`, from the EIF inside, checked against
     the labels."""
+    from enclaver_rules.oci.enclave import label_disagreements, label_pcrs
     from enclaver_rules.oci.model import ImageConfig, Manifest
     from enclaver_rules.oci.store import Store, default_cache_dir
 
@@ -210,6 +210,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
     measurements. Everything for people (the source, the measurements beside a policy, a diff)
     goes to stderr."""
     import os
+
+    from rich.text import Text
 
     from enclaver_rules.policy import kms
 

@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from enclaver_rules.errors import InvalidInput
 from enclaver_rules.oci.digest import Digest
-from enclaver_rules.oci.flatten import OPAQUE, WHITEOUT, UnsafeLayer, member_parts, read_layer, show
-from enclaver_rules.oci.stamps import Stamps, stamp
-from enclaver_rules.oci.store import Store, atomic_write
 
+# The layer reader, the stamps and the store load when a blob set is read: `enclaver` builds its parser
+# (KERNEL_NAMES, DEFAULT_BLOBS) on every start.
 if TYPE_CHECKING:
+    from enclaver_rules.oci.stamps import Stamps
+    from enclaver_rules.oci.store import Store
     from enclaver_rules.oci.transfer import StoredImage
 
 KERNEL_NAMES = {"x86_64": "bzImage", "aarch64": "Image"}
@@ -156,6 +157,8 @@ def load_blobs_stamped(path: str | Path, arch: str, stamps: Stamps | None) -> Bl
     since (each file's stamp, taken before it was hashed, still matches; an absent one is still
     absent: see `enclaver_rules.oci.stamps`), that result without hashing the files again. A build
     that reads the files calls `load_blobs` with the recorded digest, which hashes them again."""
+    from enclaver_rules.oci.stamps import stamp
+
     if stamps is None:
         return load_blobs(path, arch)
     root = Path(path)
@@ -183,6 +186,8 @@ SMALL_FILE = 64 << 10
 
 
 def _load_at(dir_fd: int, root: Path, arch: str, expect: Digest | None) -> BlobSet:
+    from enclaver_rules.oci.flatten import show
+
     kernel = KERNEL_NAMES[arch]
     present: set[str] = set()
     for name in _names(arch):
@@ -280,6 +285,8 @@ class _ImageReader:
             self._drop(key)
 
     def layer(self, label: str, stream: Any) -> None:
+        from enclaver_rules.oci.flatten import read_layer
+
         added: set[str] = set()
 
         def visit(tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
@@ -288,6 +295,8 @@ class _ImageReader:
         read_layer(label, stream, visit)
 
     def member(self, label: str, tar: tarfile.TarFile, m: tarfile.TarInfo, added: set[str]) -> None:
+        from enclaver_rules.oci.flatten import OPAQUE, WHITEOUT, UnsafeLayer, member_parts, show
+
         parts = member_parts(m.name, label)
         if not parts:
             return
@@ -337,6 +346,8 @@ class _ImageReader:
         self.state[path] = seen
 
     def _link_error(self, seen: _Seen, what: str) -> InvalidInput:
+        from enclaver_rules.oci.flatten import show
+
         kind = "a symbolic" if seen.kind == "symlink" else "a hard"
         return InvalidInput(f"{seen.where} is {kind} link to {show(seen.target)}; a blob set is read from the "
                             f"image's own files and directories, never through a link", file=self.ref,
@@ -454,6 +465,8 @@ def load_image_blobs(store: Store, image: StoredImage, arch: str, expect: Digest
 
     A link at any of its files or directories, an entry that is not a regular file, or a file over
     MAX_BLOB_FILE is an InvalidInput naming the layer and the entry. A failure leaves no staging."""
+    from enclaver_rules.oci.store import atomic_write
+
     if arch not in KERNEL_NAMES:
         raise InvalidInput(f"{arch!r} is not an enclave architecture", fix="use x86_64 or aarch64")
     ref = ref or image.name
@@ -506,6 +519,8 @@ def _filler(label: bytes, size: int) -> bytes:
 
 def write_dev_blobs(out: str | Path, arch: str) -> BlobSet:
     """A deterministic development blob set: same bytes on every machine, never bootable."""
+    from enclaver_rules.oci.store import atomic_write
+
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     kernel_name = KERNEL_NAMES[arch]

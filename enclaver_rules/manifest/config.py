@@ -25,25 +25,21 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from enclaver_rules import redact
 from enclaver_rules.errors import Diagnostic, InvalidInput
 from enclaver_rules.manifest import schema as sch
-from enclaver_rules.manifest._yaml import Path
-from enclaver_rules.manifest.load import (
-    check_referenced_files,
-    get_path,
-    manifest_dir,
-    normalise,
-    parse_manifest,
-    read_manifest,
-    validate,
-)
-from enclaver_rules.manifest.model import Manifest
-from enclaver_rules.manifest.validate import FileLocator, OverlayLocator
+
+if TYPE_CHECKING:
+    from enclaver_rules.manifest._yaml import Path
+    from enclaver_rules.manifest.model import Manifest
+    from enclaver_rules.manifest.validate import OverlayLocator
 
 Origin = Literal["flag", "env", "file", "default"]
+#: The manifest a command reads when not given one (`load` has it too): here, so the CLI's flags, which
+#: `settings()` lists from the schema, are made without loading YAML, the policy model or jsonschema.
+DEFAULT_MANIFEST = "enclaver.yaml"
 ENV_PREFIX = "ENC_"
 _INT = re.compile(r"^[+-]?[0-9]+$")
 log = logging.getLogger("enclaver.config")
@@ -250,6 +246,18 @@ def _from_environment(environ: Mapping[str, str]) -> tuple[dict[str, tuple[str, 
 def resolve(path: str, flags: Mapping[str, str | None] | None = None,
             environ: Mapping[str, str] | None = None) -> Config:
     """Apply the precedence rules to one manifest; report every problem, of every source."""
+    from enclaver_rules.manifest.load import (
+        check_referenced_files,
+        get_path,
+        manifest_dir,
+        normalise,
+        parse_manifest,
+        read_manifest,
+        validate,
+    )
+    from enclaver_rules.manifest.model import Manifest
+    from enclaver_rules.manifest.validate import FileLocator, OverlayLocator
+
     given_flags = {k: v for k, v in (flags or {}).items() if v is not None}
     raw = read_manifest(path)
     doc = normalise(parse_manifest(raw, path))

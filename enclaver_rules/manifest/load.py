@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 
 from enclaver_rules.errors import Diagnostic, InvalidInput
 from enclaver_rules.manifest._yaml import Path, YamlDocument, load_yaml
+from enclaver_rules.manifest.config import DEFAULT_MANIFEST as DEFAULT_MANIFEST  # defined there; named here too
 from enclaver_rules.manifest.model import Manifest
 from enclaver_rules.manifest.semantic import RENAMED_SOURCES, semantic_diagnostics
 from enclaver_rules.manifest.validate import FileLocator, Locator, diagnostic, schema_diagnostics
 
 T = TypeVar("T")
-DEFAULT_MANIFEST = "enclaver.yaml"
 #: No real manifest is anywhere near this; a larger file is a mistake (or an attack on the parser).
 MAX_MANIFEST_BYTES = 1 << 20
 

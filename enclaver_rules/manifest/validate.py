@@ -11,13 +11,14 @@ import difflib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-from jsonschema import ValidationError
+from typing import TYPE_CHECKING, Any, Protocol
 
 from enclaver_rules.errors import Diagnostic
 from enclaver_rules.manifest import schema as sch
 from enclaver_rules.manifest._yaml import Path, YamlDocument, format_path
+
+if TYPE_CHECKING:  # a type only: jsonschema loads when a manifest is validated (schema.validator)
+    from jsonschema import ValidationError
 
 
 class Locator(Protocol):
