@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import stat
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,8 @@ from enclaver_rules.oci.digest import Digest
 # The layer reader, the stamps and the store load when a blob set is read: `enclaver` builds its parser
 # (KERNEL_NAMES, DEFAULT_BLOBS) on every start.
 if TYPE_CHECKING:
+    import tarfile
+
     from enclaver_rules.oci.stamps import Stamps
     from enclaver_rules.oci.store import Store
     from enclaver_rules.oci.transfer import StoredImage
