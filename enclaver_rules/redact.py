@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hashlib
 import json
 import re
 import threading
@@ -121,6 +120,8 @@ def forget_all() -> None:
 def fingerprint(material: str | bytes) -> str:
     """`sha256:` and 16 hex digits. For PEM, of the DER bytes (the same however the PEM is wrapped,
     indented or escaped), else of the bytes given."""
+    import hashlib  # here: every `enclaver` start imports this module, few fingerprint
+
     data = material.encode() if isinstance(material, str) else material
     m = _PEM.search(data.decode("utf-8", "replace"))
     if m:

@@ -14,7 +14,6 @@ import json
 import re
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,8 @@ from enclaver_rules.cli.options import Subparsers, add_json, command, command_gr
 from enclaver_rules.errors import EnclaverError, InvalidInput
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from cryptography import x509
 
     from enclaver_rules.attestation.verify import Report
@@ -106,6 +107,8 @@ def read_document(source: str) -> bytes:
 
 
 def _at(value: str, out: Output) -> datetime | str:
+    from datetime import UTC, datetime
+
     if value in ("now", "document"):
         return datetime.now(UTC) if value == "now" else value
     try:
@@ -188,6 +191,8 @@ def _measurements(source: str) -> Any:
 
 
 def run_verify(args: argparse.Namespace, out: Output) -> int:
+    from datetime import datetime
+
     from enclaver_rules.attestation.verify import verify
 
     at = _at(args.at, out)

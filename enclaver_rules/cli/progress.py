@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
 
-from enclaver_rules.oci.store import Progress as Advance
+    from enclaver_rules.oci.store import Progress as Advance
 
 
 class RichReporter:
@@ -36,10 +30,25 @@ class RichReporter:
             self.progress.update(task_id, completed=task.total or task.completed)
 
 
+class SilentReporter:
+    """What a disabled rich `Progress` shows (nothing), without loading rich.progress (~8 ms of a
+    start: `enclaver image push … | cat`, `-q`, CI logs)."""
+
+    def task(self, description: str, total: int | None) -> Advance:
+        return lambda n: None
+
+    def done(self, description: str) -> None:
+        pass
+
+
 @contextmanager
-def reporter(console: Console, enabled: bool = True) -> Iterator[RichReporter]:
+def reporter(console: Console, enabled: bool = True) -> Iterator[RichReporter | SilentReporter]:
+    if not enabled or not console.is_terminal:
+        yield SilentReporter()
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                        TimeRemainingColumn(), console=console, transient=True,
-                        disable=not enabled or not console.is_terminal)
+                        TimeRemainingColumn(), console=console, transient=True)
     with progress:
         yield RichReporter(progress)
