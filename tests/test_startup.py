@@ -20,7 +20,7 @@ import enclaver_rules.manifest
 
 #: Nothing of these may load to parse a command line (or to print the version or a command's help).
 HEAVY = ("jsonschema", "requests", "urllib3", "oras", "docker", "asyncio", "cryptography", "cbor2", "yaml", "rich",
-         "doit", "importlib.metadata", "email", "tarfile",
+         "doit", "importlib.metadata", "email", "tarfile", "hashlib",
          "enclaver_rules.oci.store", "enclaver_rules.oci.registry", "enclaver_rules.oci.resolve",
          "enclaver_rules.oci.flatten", "enclaver_rules.manifest.load", "enclaver_rules.manifest.validate",
          "enclaver_rules.manifest.model", "enclaver_rules.policy", "enclaver_rules.attestation",

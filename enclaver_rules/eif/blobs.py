@@ -20,7 +20,6 @@ error naming the layer and the entry; nothing in the image is ever resolved on t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,13 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from enclaver_rules.errors import InvalidInput
-from enclaver_rules.oci.digest import Digest
 
 # The layer reader, the stamps and the store load when a blob set is read: `enclaver` builds its parser
 # (KERNEL_NAMES, DEFAULT_BLOBS) on every start.
 if TYPE_CHECKING:
     import tarfile
 
+    from enclaver_rules.oci.digest import Digest
     from enclaver_rules.oci.stamps import Stamps
     from enclaver_rules.oci.store import Store
     from enclaver_rules.oci.transfer import StoredImage
@@ -112,6 +111,8 @@ def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
 def _read_at(dir_fd: int, name: str, path: Path, *, keep: int = 0) -> tuple[str, bytes]:
     """The sha256 of the regular file `name` (opened without following a link, and without
     blocking on a FIFO), and its bytes when `keep` (their most) is given."""
+    import hashlib
+
     fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
     hasher = hashlib.sha256()
     kept: list[bytes] = []
@@ -158,6 +159,7 @@ def load_blobs_stamped(path: str | Path, arch: str, stamps: Stamps | None) -> Bl
     since (each file's stamp, taken before it was hashed, still matches; an absent one is still
     absent: see `enclaver_rules.oci.stamps`), that result without hashing the files again. A build
     that reads the files calls `load_blobs` with the recorded digest, which hashes them again."""
+    from enclaver_rules.oci.digest import Digest
     from enclaver_rules.oci.stamps import stamp
 
     if stamps is None:
@@ -187,6 +189,7 @@ SMALL_FILE = 64 << 10
 
 
 def _load_at(dir_fd: int, root: Path, arch: str, expect: Digest | None) -> BlobSet:
+    from enclaver_rules.oci.digest import Digest
     from enclaver_rules.oci.flatten import show
 
     kernel = KERNEL_NAMES[arch]
@@ -510,6 +513,8 @@ def load_image_blobs(store: Store, image: StoredImage, arch: str, expect: Digest
 
 
 def _filler(label: bytes, size: int) -> bytes:
+    import hashlib
+
     out = bytearray()
     counter = 0
     while len(out) < size:
