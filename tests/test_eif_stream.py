@@ -4,6 +4,7 @@ bound to the bytes it was fed (`landed`)."""
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 from pathlib import Path
@@ -93,14 +94,16 @@ def test_the_result_is_bound_to_the_bytes_fed(eifs: dict[str, bytes]) -> None:
     data = eifs["unsigned"]
     digest = Digest.of(data)
     whole = streamed(data)
-    whole.landed(digest, len(data))
+    whole.landed(digest, len(data), os.stat(__file__))
     assert (whole.digest, whole.size) == (digest, len(data))
+    assert whole.describes(digest, os.stat(__file__)) and not whole.describes(Digest.of(b""), os.stat(__file__))
+    assert not whole.describes(digest, os.stat(os.path.dirname(__file__)))  # another file
     short = streamed(data[:-1])  # the fetcher kept more bytes than it showed here
-    short.landed(digest, len(data))
+    short.landed(digest, len(data), os.stat(__file__))
     assert short.digest is None and short.size is None
     closed = streamed(data)
     closed.close()
-    closed.landed(digest, len(data))
+    closed.landed(digest, len(data), os.stat(__file__))
     assert closed.digest is None
     with pytest.raises(EifError):
         closed.describe()

@@ -9,15 +9,18 @@ are kept; `describe()` then builds the same dictionary `describe.describe` would
 raises the `EifError` it would (the message names the stream, not a path). File writes, hashlib and
 zlib release the GIL for large buffers, so on two cores a fetch costs about one pass of wall time.
 
-Trust: the result is about the bytes fed, nothing else. The fetcher says which blob those bytes
-were (`landed`, with the digest it verified and the byte count); the result carries that digest
-and the count only when the count is what this object saw, so a caller compares them with the
-file it uses (see `rules/eif.check_fetched`) and reads the file itself when they differ.
+Trust: the result is about the bytes fed, nothing else. The fetcher (`rules/remote_cache.Landing`)
+writes the very chunks it feeds here, verifies their SHA-256, renames the file into place and then
+says so (`landed`: the digest, the byte count, the file's stat); that is recorded only when the
+count is what this object saw. A caller uses the result for a file only when `describes` says it
+is that file, with that digest, unchanged since it landed (`rules/eif.check_fetched`), and reads
+the file itself otherwise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 import zlib
 from typing import Any
@@ -47,6 +50,10 @@ _HEADER = struct.Struct(f">4sHHQQHH{MAX_SECTIONS}Q{MAX_SECTIONS}QII")
 _SECTION = struct.Struct(">HHQ")
 
 
+def file_stamp(stat: os.stat_result) -> tuple[int, int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 class _Crc:
     def __init__(self, start: int) -> None:
         self.value = start
@@ -66,6 +73,7 @@ class StreamedEif:
         #: set by `landed`: the digest the fetcher verified for exactly the bytes fed, and their count
         self.digest: Digest | None = None
         self.size: int | None = None
+        self.stamp: tuple[int, int, int, int, int] | None = None
         self._error: EifError | None = None
         self._pending = b""  # a header not yet complete
         self._header: tuple[Any, ...] | None = None
@@ -102,10 +110,17 @@ class StreamedEif:
             self._error = e
             self._stop_workers()
 
-    def landed(self, digest: Digest, size: int) -> None:
-        """The fetcher verified `digest` over the `size` bytes it fed here and kept exactly those."""
+    def landed(self, digest: Digest, size: int, stat: os.stat_result) -> None:
+        """The fetcher verified `digest` over the `size` bytes it fed here and kept exactly those,
+        in the file whose stat is `stat` (just after it was renamed into place)."""
         if size == self.count and not self._finished:
-            self.digest, self.size = digest, size
+            self.digest, self.size, self.stamp = digest, size, file_stamp(stat)
+
+    def describes(self, digest: Digest, stat: os.stat_result) -> bool:
+        """Whether this is about the file with `digest` whose stat is now `stat`: landed under that
+        digest, in that file (same inode and size), unchanged since (same mtime and ctime)."""
+        return self.digest is not None and self.digest == digest and self.stamp == file_stamp(stat) \
+            and self.size == stat.st_size
 
     def _bad(self, message: str) -> EifError:
         return EifError(f"{self.name}: {message}", fix="this is not a valid EIF (built by nitro-cli or enclaver)")
@@ -223,7 +238,7 @@ class StreamedEif:
         if not self._finished:
             self._finished = True
             self._stop_workers()
-            self.digest = self.size = None
+            self.digest = self.size = self.stamp = None
 
     def describe(self) -> dict[str, Any]:
         """What `describe.describe` gives for the bytes fed, or the EifError it raises."""

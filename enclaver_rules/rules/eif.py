@@ -151,8 +151,9 @@ def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[st
     as that can be known without rebuilding (see `remote_cache`). `digests` are the files' digests,
     verified as they were downloaded. `streamed`: the EIF as read while it downloaded (its PCRs,
     CRC, signature and metadata, computed beside its SHA-256), used instead of reading the file
-    again only when it was landed under the EIF's verified digest with the file's size, i.e. over
-    exactly the bytes in the file; otherwise the file is read. Raises Poisoned."""
+    again only when it describes exactly this file: landed under the EIF's verified digest, same
+    inode and size, unchanged since (`StreamedEif.describes`); otherwise the file is read. Raises
+    Poisoned."""
     from enclaver_rules.eif.blobs import load_blobs
     from enclaver_rules.eif.build import boot_pcr1
     from enclaver_rules.eif.describe import describe
@@ -183,8 +184,7 @@ def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[st
     if digests[EIF_FILE] != Digest("sha256", recorded_digest):
         raise refuse("the EIF's digest is not the one its record gives")
     try:
-        if streamed is not None and streamed.digest == digests[EIF_FILE] and \
-                streamed.size == (work / EIF_FILE).stat().st_size:
+        if streamed is not None and streamed.describes(digests[EIF_FILE], (work / EIF_FILE).stat()):
             described = streamed.describe()
         else:
             described = describe(str(work / EIF_FILE))

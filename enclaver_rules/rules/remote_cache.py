@@ -190,11 +190,12 @@ class RemoteCache:
 
 class Tap(Protocol):
     """Sees a fetched file's bytes as they stream (`update`, the very chunks written), then is told
-    (`landed`) the digest verified over them and their count, once the file is in place under its
-    name; nothing is landed after a failure. `close` ends what it runs (threads), idempotent."""
+    (`landed`) the digest verified over them, their count and the file's stat, once the file is in
+    place under its name; nothing is landed after a failure. `close` ends what it runs (threads),
+    idempotent."""
 
     def update(self, chunk: bytes) -> None: ...
-    def landed(self, digest: Digest, size: int) -> None: ...
+    def landed(self, digest: Digest, size: int, stat: os.stat_result) -> None: ...
     def close(self) -> None: ...
 
 
@@ -265,13 +266,14 @@ class Landing(Store):
                 raise DigestMismatch(f"{source}: content is {got}, expected {expect} ({count} bytes)",
                                      fix="the source holds tampered or corrupt data; nothing was kept")
             os.replace(tmp, self.target)
+            stat = os.stat(self.target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         self.landed = True
         if self.tap is not None:
-            self.tap.landed(got, count)
+            self.tap.landed(got, count, stat)
         return got
 
 
