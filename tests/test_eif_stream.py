@@ -90,20 +90,26 @@ def _write(path: Path, data: bytes) -> str:
     return str(path)
 
 
-def test_the_result_is_bound_to_the_bytes_fed(eifs: dict[str, bytes]) -> None:
+def test_the_result_is_bound_to_the_bytes_fed(tmp_path: Path, eifs: dict[str, bytes]) -> None:
     data = eifs["unsigned"]
     digest = Digest.of(data)
+    path = tmp_path / "landed.eif"
+    path.write_bytes(data)
     whole = streamed(data)
-    whole.landed(digest, len(data), os.stat(__file__))
+    whole.landed(digest, len(data), path.stat())
     assert (whole.digest, whole.size) == (digest, len(data))
-    assert whole.describes(digest, os.stat(__file__)) and not whole.describes(Digest.of(b""), os.stat(__file__))
-    assert not whole.describes(digest, os.stat(os.path.dirname(__file__)))  # another file
+    assert whole.describes(digest, path.stat()) and not whole.describes(Digest.of(b""), path.stat())
+    copy = tmp_path / "copy.eif"
+    copy.write_bytes(data)
+    assert not whole.describes(digest, copy.stat())  # another file with the same bytes
+    os.utime(path, ns=(0, 0))
+    assert not whole.describes(digest, path.stat())  # touched since it landed
     short = streamed(data[:-1])  # the fetcher kept more bytes than it showed here
-    short.landed(digest, len(data), os.stat(__file__))
-    assert short.digest is None and short.size is None
+    short.landed(digest, len(data), copy.stat())
+    assert short.digest is None and short.size is None and not short.describes(digest, copy.stat())
     closed = streamed(data)
     closed.close()
-    closed.landed(digest, len(data), os.stat(__file__))
+    closed.landed(digest, len(data), copy.stat())
     assert closed.digest is None
     with pytest.raises(EifError):
         closed.describe()
