@@ -88,12 +88,16 @@ def doit(root: Path, *args: str, remote: str | None = None) -> tuple[float, str]
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     key = f"{args[0]}{' remote' if remote else ''}"
     PEAK_RSS[key] = max(PEAK_RSS.get(key, 0), usage.ru_maxrss)
+    CPU.setdefault(key, []).append(usage.ru_utime + usage.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"doit {' '.join(args)} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     return elapsed, stdout
 
 
 PEAK_RSS: dict[str, int] = {}
+#: CPU seconds (user + system, from wait4) of each run, by the same key: with the wall time, how
+#: much of a side's work ran in parallel threads (the registry's own CPU is not in it).
+CPU: dict[str, list[float]] = {}
 
 
 def clone(template: Path, where: Path) -> Path:
@@ -138,6 +142,7 @@ def main() -> int:
             print("first build, filling the remote cache ...", file=sys.stderr)
             first = clone(template, base / "first")
             first_s, out = doit(first, f"eif:{NAME}", remote=location)
+            PEAK_RSS.pop(f"eif:{NAME} remote"), CPU.pop(f"eif:{NAME} remote")  # a build and an upload: not (b)
             if STORED not in out:
                 raise SystemExit(f"the first build did not fill the remote cache:\n{out[-3000:]}")
             expected = record(first)
@@ -163,13 +168,15 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"remote cache: `doit eif:{NAME}` in a fresh clone, app image {args.size_mib} MiB of random bytes "
           f"in {FILES} files; {args.repeat} runs each, alternating order; {os.cpu_count()} CPUs")
-    print(f"  {'':46} {'median':>8} {'best':>8} {'ratio':>6} {'EIF MiB/s':>10} {'peak RSS':>10}")
+    print(f"  {'':46} {'median':>8} {'best':>8} {'ratio':>6} {'EIF MiB/s':>10} {'peak RSS':>10} {'CPU':>7}")
     for how, label, rss in (("built", "(a) doit eif: built locally, no remote cache", f"eif:{NAME}"),
                             ("fetched", "(b) doit eif: fetched from a local registry", f"eif:{NAME} remote")):
         print(f"  {label:46} {med[how]:7.2f}s {min(times[how]):7.2f}s {med[how] / med['built']:5.2f}x "
-              f"{eif_mib / med[how]:10.1f} {PEAK_RSS[rss] / 1024:6.1f} MiB")
-    print(f"  {'context: doit layer (resolve + enclave image)':46} {med['layer']:7.2f}s {min(times['layer']):7.2f}s")
-    print(f"  ratio = median / (a) median; EIF {eif_mib:.1f} MiB; MiB/s = EIF size / median")
+              f"{eif_mib / med[how]:10.1f} {PEAK_RSS[rss] / 1024:6.1f} MiB {statistics.median(CPU[rss]):6.2f}s")
+    print(f"  {'context: doit layer (resolve + enclave image)':46} {med['layer']:7.2f}s {min(times['layer']):7.2f}s"
+          f"{'':29} {statistics.median(CPU[f'layer:{NAME}']):6.2f}s")
+    print(f"  ratio = median / (a) median; EIF {eif_mib:.1f} MiB; MiB/s = EIF size / median; "
+          "CPU = median user + system seconds of the doit process")
     built, fetched = med["built"] - med["layer"], med["fetched"] - med["layer"]
     print(f"  fetched/built: {med['fetched'] / med['built']:.2f}; without the steps before the EIF (both sides "
           f"pay them): {fetched:.2f} s / {built:.2f} s = {fetched / built if built > 0 else float('nan'):.2f}")
