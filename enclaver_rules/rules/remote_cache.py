@@ -11,7 +11,8 @@ Trust. Every byte fetched is verified against the digest that names it (the mani
 the digest the registry serves for the tag, each blob as it streams), but the registry itself
 chooses which manifest a tag points at. So an entry is a claim, and the caller (`eif`) checks
 what it can without rebuilding before it uses one, refusing it otherwise: the key and the
-inputs the entry records, the EIF's digest, its PCRs recomputed from its bytes, PCR1 against the
+inputs the entry records, the EIF's digest, its CRC and PCRs recomputed from its bytes (as they
+stream, beside the SHA-256, in worker threads: `Landing`, `eif/stream.py`), PCR1 against the
 local blob set and PCR8 and the signature against the local certificate. What those checks
 cannot prove is that the application ramdisk (PCR2) came from these inputs: only a rebuild can.
 Give write access to the cache repository to trusted CI only, read access to developers
