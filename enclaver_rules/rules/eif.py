@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enclaver_rules.errors import OperationFailed
 from enclaver_rules.oci.digest import Digest
@@ -38,6 +38,9 @@ from enclaver_rules.rules.common import (
 )
 from enclaver_rules.rules.layer import read_resolved
 from enclaver_rules.rules.remote_cache import OutputFile, Poisoned, RemoteCache
+
+if TYPE_CHECKING:
+    from enclaver_rules.eif.stream import StreamedEif
 
 #: Facts of this copy only, never in a remote entry: the EIF's size, mtime, inode and ctime (for the
 #: quick up-to-date check) and where the entry came from ("built", or "remote cache <location>").
@@ -143,10 +146,14 @@ def _build_with_nitro_cli(work: Path, store: Store, image: Any, settings: dict[s
 
 
 def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[str, Any],
-                  digests: dict[str, Digest]) -> None:
+                  digests: dict[str, Digest], streamed: StreamedEif | None = None) -> None:
     """Refuse a fetched entry unless it is what a build of these inputs would have recorded, as far
     as that can be known without rebuilding (see `remote_cache`). `digests` are the files' digests,
-    verified as they were downloaded. Raises Poisoned."""
+    verified as they were downloaded. `streamed`: the EIF as read while it downloaded (its PCRs,
+    CRC, signature and metadata, computed beside its SHA-256), used instead of reading the file
+    again only when it describes exactly this file: landed under the EIF's verified digest, same
+    inode and size, unchanged since (`StreamedEif.describes`); otherwise the file is read. Raises
+    Poisoned."""
     from enclaver_rules.eif.blobs import load_blobs
     from enclaver_rules.eif.build import boot_pcr1
     from enclaver_rules.eif.describe import describe
@@ -177,7 +184,10 @@ def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[st
     if digests[EIF_FILE] != Digest("sha256", recorded_digest):
         raise refuse("the EIF's digest is not the one its record gives")
     try:
-        described = describe(str(work / EIF_FILE))
+        if streamed is not None and streamed.describes(digests[EIF_FILE], (work / EIF_FILE).stat()):
+            described = streamed.describe()
+        else:
+            described = describe(str(work / EIF_FILE))
     except (OperationFailed, ValueError, OSError) as e:
         raise refuse(f"the EIF cannot be read: {e}") from None
     actual = {k: v for k, v in described["Measurements"].items() if k.startswith("PCR")}
@@ -238,16 +248,21 @@ def eif_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]
     epoch = resolved["settings"]["epoch"]
     fetched = False
     if remote is not None:
-        try:
-            digests = remote.fetch("eif", key, work, OUTPUTS)
+        from enclaver_rules.eif.stream import StreamedEif
+
+        streamed = StreamedEif(str(work / EIF_FILE))
+        try:  # the EIF's PCRs, CRC, metadata and signature are read as it downloads, not afterwards
+            digests = remote.fetch("eif", key, work, OUTPUTS, {EIF_FILE: streamed})
             if digests is not None:
-                check_fetched(work, key, resolved, layer, digests)
+                check_fetched(work, key, resolved, layer, digests, streamed)
                 fetched = True
                 print(f"{name}: EIF {key} fetched from the remote cache {remote.location}")
         except Poisoned as e:
             print(f"{name}: refused: {e}")
             for f in OUTPUTS:
                 (work / f.name).unlink(missing_ok=True)
+        finally:
+            streamed.close()
     if not fetched:
         pcrs = _build(work, cache_dir, name, resolved, layer)
         (work / MEASUREMENTS).write_bytes(_measurements_json(pcrs))

@@ -11,7 +11,8 @@ Trust. Every byte fetched is verified against the digest that names it (the mani
 the digest the registry serves for the tag, each blob as it streams), but the registry itself
 chooses which manifest a tag points at. So an entry is a claim, and the caller (`eif`) checks
 what it can without rebuilding before it uses one, refusing it otherwise: the key and the
-inputs the entry records, the EIF's digest, its PCRs recomputed from its bytes, PCR1 against the
+inputs the entry records, the EIF's digest, its CRC and PCRs recomputed from its bytes (as they
+stream, beside the SHA-256, in worker threads: `Landing`, `eif/stream.py`), PCR1 against the
 local blob set and PCR8 and the signature against the local certificate. What those checks
 cannot prove is that the application ramdisk (PCR2) came from these inputs: only a rebuild can.
 Give write access to the cache repository to trusted CI only, read access to developers
@@ -23,21 +24,21 @@ is reported and the step builds locally, and a failed upload is reported and the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
-import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from enclaver_rules.errors import InvalidInput, OperationFailed
 from enclaver_rules.oci import mediatypes as mt
 from enclaver_rules.oci.digest import Digest
 from enclaver_rules.oci.model import Descriptor
 from enclaver_rules.oci.mutate import canonical_json, rfc3339
-from enclaver_rules.oci.store import Store
+from enclaver_rules.oci.store import Progress, Store
 from enclaver_rules.rules.common import insecure_registries, progress
 
 if TYPE_CHECKING:  # the registry client (requests, ~70 ms) is imported only when a cache is used: doit
@@ -116,11 +117,12 @@ class RemoteCache:
                                fix="give REGISTRY/REPO, e.g. registry.example.com:5000/enclaver-cache") from None
         return Registry(ref.registry, insecure=ref.registry in insecure_registries()), ref.repository
 
-    def fetch(self, step: str, key: str, into: Path, expect: Sequence[OutputFile]) -> dict[str, Digest] | None:
+    def fetch(self, step: str, key: str, into: Path, expect: Sequence[OutputFile],
+              taps: Mapping[str, Tap] | None = None) -> dict[str, Digest] | None:
         """Download the entry for (step, key) into the directory `into`, each file verified against
         its digest as it streams; the files' digests, or None when there is none or the cache cannot
         be reached (said on stdout). Raises Poisoned when the entry is not what an entry for this
-        key must look like."""
+        key must look like. `taps`, by file name: fed that file's bytes as they stream (`Tap`)."""
         from enclaver_rules.oci.referrers import TITLE, parse_artifact
         from enclaver_rules.oci.registry import NotFound, RegistryUnavailable
 
@@ -146,18 +148,17 @@ class RemoteCache:
                            fix="the entry is incomplete or was tampered with")
         if sum(d.size for d in parsed.layers) > MAX_ENTRY_BYTES:
             raise Poisoned(f"{where}: declares more than {MAX_ENTRY_BYTES >> 30} GiB", fix="not an enclaver entry")
-        blobs = Store(into / ".remote-blobs").init()  # verified as it streams, then moved into place
         try:
             for f in expect:
                 descriptor = titles[f.name]
+                landing = Landing(into / f.name, (taps or {}).get(f.name))
                 with progress(f"fetch {f.name}", descriptor.size) as advance:
-                    registry.fetch_blob(repository, descriptor, blobs, progress=advance)
-                os.replace(blobs.path(descriptor.digest), into / f.name)
+                    registry.fetch_blob(repository, descriptor, landing, progress=advance)
+                if not landing.landed:
+                    raise OperationFailed(f"{where}: {f.name} was not written", fix="a bug: report it")
         except RegistryUnavailable as e:
             print(f"remote cache {self.location}: download failed, building locally: {e}")
             return None
-        finally:
-            shutil.rmtree(into / ".remote-blobs", ignore_errors=True)
         return {f.name: titles[f.name].digest for f in expect}
 
     def upload(self, step: str, key: str, directory: Path, files: Sequence[OutputFile], created: int,
@@ -186,6 +187,95 @@ class RemoteCache:
         except OperationFailed as e:
             print(f"remote cache {self.location}: upload of {step} {key} failed, the local build stands: {e}")
             return None
+
+
+class Tap(Protocol):
+    """Sees a fetched file's bytes as they stream (`update`, the very chunks written), then is told
+    (`landed`) the digest verified over them, their count and the file's stat, once the file is in
+    place under its name; nothing is landed after a failure. `close` ends what it runs (threads),
+    idempotent."""
+
+    def update(self, chunk: bytes) -> None: ...
+    def landed(self, digest: Digest, size: int, stat: os.stat_result) -> None: ...
+    def close(self) -> None: ...
+
+
+class Landing(Store):
+    """Where `Registry.fetch_blob` streams one file of an entry: straight to `target` (under a temp
+    name in its directory, renamed once its digest and size are verified; deleted otherwise),
+    without a store's layout, index or lock. The SHA-256 and the file write run in worker threads,
+    the disk's writeback is started as the bytes come (eif/writeback.py) so the last fsync is short,
+    and `tap` is fed the same chunks in the same order, so the reading thread only reads."""
+
+    def __init__(self, target: Path, tap: Tap | None = None) -> None:
+        super().__init__(target.parent, quarantine=False)
+        self.target, self.tap = target, tap
+        self.landed = False
+
+    def has(self, digest: Digest) -> bool:
+        return False  # always streamed: a tap sees every byte, and fetch_blob never skips the download
+
+    def put(self, chunks: Iterable[bytes], expect: Digest | None = None, size: int | None = None,
+            source: str = "", progress: Progress | None = None, *, hashed_by: Any = None) -> Digest:
+        import hashlib
+
+        from enclaver_rules.eif.pipeline import Worker
+        from enclaver_rules.eif.writeback import Writeback
+        from enclaver_rules.oci.digest import DigestMismatch
+
+        if expect is None or expect.algorithm != "sha256" or size is None:
+            raise OperationFailed(f"{source}: a fetched file needs a sha256 digest and a size", fix="a bug: report it")
+        tmp = self.target.with_name(f".{self.target.name}.fetch-{os.getpid()}")
+        hasher = hashlib.sha256()
+        count = 0
+        try:
+            with open(tmp, "wb") as f:
+                writeback = Writeback(f.fileno())
+
+                def write(chunk: bytes) -> None:
+                    f.write(chunk)
+                    writeback.wrote(len(chunk))
+
+                writer, sha = Worker("fetch-write", write), Worker("fetch-sha256", hasher.update)
+                try:
+                    for chunk in chunks:
+                        count += len(chunk)
+                        if count > size:
+                            raise DigestMismatch(f"{source}: more than the declared {size} bytes",
+                                                 fix="the source is corrupt or tampered with; nothing was kept")
+                        sha.put(chunk)
+                        writer.put(chunk)
+                        if self.tap is not None:
+                            self.tap.update(chunk)
+                        if progress:
+                            progress(len(chunk))
+                finally:  # both workers stopped whatever happened; the first error raised
+                    try:
+                        writer.close()
+                    finally:
+                        try:
+                            sha.close()
+                        finally:
+                            writeback.close()
+                f.flush()
+                os.fsync(f.fileno())
+            got = Digest("sha256", hasher.hexdigest())
+            if count != size:
+                raise DigestMismatch(f"{source}: got {count} of {size} bytes of {expect}",
+                                     fix="the transfer was cut short; try again (nothing was kept)")
+            if got != expect:
+                raise DigestMismatch(f"{source}: content is {got}, expected {expect} ({count} bytes)",
+                                     fix="the source holds tampered or corrupt data; nothing was kept")
+            os.replace(tmp, self.target)
+            stat = os.stat(self.target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self.landed = True
+        if self.tap is not None:
+            self.tap.landed(got, count, stat)
+        return got
 
 
 def _open(path: Path) -> BinaryIO:
