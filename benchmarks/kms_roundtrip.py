@@ -75,7 +75,7 @@ from typing import Any, NamedTuple
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _measure import Terminated, percentile, terminate_cleanly  # noqa: E402  (benchmarks/)
+from _measure import Terminated, percentile, status_kib, terminate_cleanly  # noqa: E402  (benchmarks/)
 
 REGION = "us-east-1"
 ACCOUNT = "111122223333"
@@ -142,10 +142,9 @@ class Children:
         """VmHWM of each child still running (read before `stop`)."""
         peaks = {}
         for name, proc in self.procs.items():
-            with contextlib.suppress(OSError, StopIteration, ValueError):
-                with open(f"/proc/{proc.pid}/status") as f:
-                    line = next(x for x in f if x.startswith("VmHWM:"))
-                peaks[name] = int(line.split()[1])
+            with contextlib.suppress(OSError, ValueError):
+                if kib := status_kib(proc.pid):  # 0: a zombie, no VmHWM
+                    peaks[name] = kib
         return peaks
 
     def stop(self) -> None:

@@ -5,7 +5,8 @@
 Every component is its own process, so the client (this process, blocking sockets) shares no event
 loop with a relay: the "app" (sink / source / echo server on 127.0.0.1, threads), a real odyn
 (`python -m odyn --no-bootstrap --transport unix:DIR -- sleep …`, manifest with one ingress port
-and egress), the host side of egress (`HostEgress`, CID 2 on the same DIR), and the socat baselines.
+and egress), the host side of egress (`HostEgress`, CID 2 on the same DIR), and the socat baselines
+(all of them, and their set-up: benchmarks/_proxy_peers.py; the client and the report are here).
 
   ingress   client → Unix socket DIR/16.P.sock → odyn → TCP 127.0.0.1:P (the app)
             socat:  UNIX-LISTEN:DIR/socat-ingress.sock → TCP:127.0.0.1:P
@@ -41,264 +42,44 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
-import random
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _measure import Terminated, percentile, terminate_cleanly  # noqa: E402  (benchmarks/)
+from _measure import (  # benchmarks/
+    CHUNK,
+    PATTERN_LEN,
+    Terminated,
+    pattern,
+    percentile,
+    receive_checked,
+    status_kib,
+    terminate_cleanly,
+)
+from _proxy_peers import (  # benchmarks/
+    Children,
+    Connect,
+    reap,
+    recv_exact,
+    serve_app,
+    serve_host_egress,
+    start_everything,
+)
 
-PATTERN_LEN = (1 << 20) + 13  # odd, so no chunk size lines up with it
-CHUNK = 1 << 20
 ECHO_SIZE = 64
 SETTLE = 0.05
 WARMUP = 100
-READY_TIMEOUT = 20.0
 GOAL_RATIO = 0.8
 GOAL_P99_ADDED_MS = 1.0
-EGRESS_PORT = 17002  # enclaver_rules.ports.EGRESS_PORT; the host side listens on DIR/2.17002.sock
-ENCLAVE_CID = 16
 
 
-def pattern() -> bytes:
-    """The stream's content, twice over: any window of up to PATTERN_LEN bytes is one slice of it."""
-    block = random.Random(0x656E636C).randbytes(PATTERN_LEN)
-    return block + block
-
-
-# -- the app: a sink, a source and an echo server on one port (child process) ----------------------
-
-
-def serve_app() -> int:
-    """First byte of each connection: S (sink: read to EOF, check, answer "<count> <ok>"),
-    O + 8-byte length (source: send that many bytes, then EOF), E (echo to EOF)."""
-    data = pattern()
-    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-    print(listener.getsockname()[1], flush=True)
-
-    def sink(conn: socket.socket) -> None:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        count = offset = 0
-        ok = True
-        while n := conn.recv_into(buf):
-            ok = ok and data.startswith(view[:n], offset)
-            count += n
-            offset = (offset + n) % PATTERN_LEN
-        conn.sendall(f"{count} {int(ok)}\n".encode())
-
-    def source(conn: socket.socket, size: int) -> None:
-        view = memoryview(data)
-        offset = 0
-        while size:
-            n = min(CHUNK, size)
-            conn.sendall(view[offset:offset + n])
-            offset = (offset + n) % PATTERN_LEN
-            size -= n
-
-    def echo(conn: socket.socket) -> None:
-        while chunk := conn.recv(65536):
-            conn.sendall(chunk)
-
-    def handle(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                mode = conn.recv(1)
-                if mode == b"C":  # the socat egress client's CONNECT, passed on by both socats: answer it
-                    head = b"C"
-                    while not head.endswith(b"\r\n\r\n"):
-                        head += recv_exact(conn, 1)
-                    conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                    mode = conn.recv(1)
-                if mode == b"S":
-                    sink(conn)
-                elif mode == b"O":
-                    size = int.from_bytes(recv_exact(conn, 8), "big")
-                    source(conn, size)
-                elif mode == b"E":
-                    echo(conn)
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # readiness probes and aborted runs
-
-    while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=handle, args=(conn,), daemon=True).start()
-
-
-def serve_host_egress(directory: str) -> int:
-    """The host side of egress on DIR (CID 2), as `enclaver run` would start it (child process)."""
-    import asyncio
-
-    sys.path.insert(0, str(REPO))
-    from enclaver_rules.link.transport import UnixTransport
-    from enclaver_rules.policy import EgressPolicy
-    from enclaver_rules.runtime.egress_host import HostEgress
-
-    async def main() -> None:
-        server = await HostEgress(EgressPolicy.from_lists(["127.0.0.1", "host"]), UnixTransport(directory, 2)).serve()
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
-    return 0
-
-
-# -- child processes --------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the benchmark dies, however it dies (odyn forwards it)."""
-    with contextlib.suppress(OSError, AttributeError, ImportError):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{current}/task"):
-                with open(f"/proc/{current}/task/{task}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-                found += kids
-                todo += kids
-    return found
-
-
-@dataclass
-class Children:
-    logs: Path
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
-    oneshot: set[int] = field(default_factory=set)  # reaped by `reap` (wait4), not polled by `check`
-
-    def start(self, name: str, cmd: list[str], stdout: int | None = None, oneshot: bool = False) -> subprocess.Popen[bytes]:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (closed below, once the child has it)
-        with log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout if stdout is not None else log,
-                                    stderr=log, start_new_session=True, preexec_fn=_die_with_parent, cwd=REPO)
-        self.procs.append((name, proc))
-        if oneshot:
-            self.oneshot.add(proc.pid)
-        return proc
-
-    def forget(self, proc: subprocess.Popen[bytes]) -> None:
-        self.procs = [(n, p) for n, p in self.procs if p is not proc]
-        self.oneshot.discard(proc.pid)
-
-    def check(self) -> None:
-        for name, proc in self.procs:
-            if proc.pid not in self.oneshot and proc.poll() is not None:
-                raise SystemExit(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
-
-    def tail(self, name: str) -> str:
-        with contextlib.suppress(OSError):
-            return (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
-        return ""
-
-    def stop(self) -> None:
-        """SIGTERM to each child's process group (socat's forks, odyn, which passes it to its app),
-        then SIGKILL to whatever is left, descendants included."""
-        everyone: list[int] = []
-        for _, proc in self.procs:
-            everyone += _descendants(proc.pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for _, proc in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.0, deadline - time.monotonic()))
-        for _, proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for pid in everyone:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_ready(children: Children, what: str, connect: Callable[[], socket.socket]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        children.check()
-        try:
-            connect().close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{what} did not come up in {READY_TIMEOUT:.0f} s") from None
-            time.sleep(0.02)
-
-
-# -- the client ---------------------------------------------------------------------------------------
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"end of stream after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-def tcp(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def unix(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def via_connect(proxy_port: int, target_port: int) -> socket.socket:
-    """A tunnel through odyn's egress proxy; nothing follows the 200 until we send."""
-    sock = tcp(proxy_port)
-    sock.sendall(f"CONNECT 127.0.0.1:{target_port} HTTP/1.1\r\nHost: 127.0.0.1:{target_port}\r\n\r\n".encode())
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        byte = sock.recv(1)
-        if not byte:
-            raise ConnectionError(f"the proxy closed the connection: {head!r}")
-        head += byte
-    if not head.startswith(b"HTTP/1.1 200"):
-        sock.close()
-        raise ConnectionError(f"the proxy refused: {head.decode(errors='replace').strip()}")
-    return sock
-
-
-Connect = Callable[[], socket.socket]
+# -- the client (the app, odyn, socat and their set-up: _proxy_peers.py) ----------------------------------
 
 
 def upload(connect: Connect, size: int, data: bytes) -> float:
@@ -325,16 +106,10 @@ def upload(connect: Connect, size: int, data: bytes) -> float:
 
 def download(connect: Connect, size: int, data: bytes) -> float:
     buf = bytearray(CHUNK)
-    view = memoryview(buf)
     start = time.perf_counter()
     with connect() as sock:
         sock.sendall(b"O" + size.to_bytes(8, "big"))
-        count = offset = 0
-        ok = True
-        while n := sock.recv_into(buf):
-            ok = ok and data.startswith(view[:n], offset)
-            count += n
-            offset = (offset + n) % PATTERN_LEN
+        count, ok = receive_checked(sock, data, buf)
     elapsed = time.perf_counter() - start
     if count != size or not ok:
         raise SystemExit(f"download broken: got {count} of {size} bytes, content {'ok' if ok else 'WRONG'}")
@@ -359,18 +134,7 @@ def round_trips(connect: Connect, count: int) -> list[float]:
     return samples
 
 
-
 # -- the run ------------------------------------------------------------------------------------------
-
-
-
-@dataclass
-class Route:
-    connect: Connect
-    relays: list[int] = field(default_factory=list)  # long-running relay processes (odyn, the host side)
-    #: socat: one process per hop, started for each connection (no `fork`), so that wait4 gives its CPU
-    #: to the microsecond; returns the processes, each listening already
-    spawn: Callable[[], list[subprocess.Popen[bytes]]] | None = None
 
 
 def cpu_ns(pids: list[int]) -> int:
@@ -382,131 +146,6 @@ def cpu_ns(pids: list[int]) -> int:
             with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/schedstat") as f:
                 total += int(f.read().split()[0])
     return total
-
-
-def peak_rss_kib(pid: int) -> int:
-    """The process's peak resident set so far (VmHWM)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
-
-
-@dataclass
-class Reaped:
-    cpu: float = 0.0  # seconds, user + system, from rusage (microseconds)
-    peak_rss_kib: int = 0
-
-
-def reap(procs: list[subprocess.Popen[bytes]], children: Children, timeout: float = 10.0) -> Reaped:
-    """Wait for single-shot socats; their CPU and peak RSS from wait4."""
-    out = Reaped()
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit(f"socat {proc.args!r} did not exit after its connection ended")
-            time.sleep(0.001)
-        children.forget(proc)
-        out.cpu += usage.ru_utime + usage.ru_stime
-        out.peak_rss_kib = max(out.peak_rss_kib, usage.ru_maxrss)
-    return out
-
-
-def listening_tcp(port: int) -> bool:
-    with open("/proc/net/tcp") as f:
-        return any(int(cols[1].split(":")[1], 16) == port and cols[3] == "0A"
-                   for cols in (line.split() for line in list(f)[1:]))
-
-
-def listening_unix(path: Path) -> bool:
-    """Bound is not enough (connect is refused until listen): /proc/net/unix flags __SO_ACCEPTCON."""
-    with open("/proc/net/unix") as f:
-        return any(len(cols) > 7 and cols[7] == str(path) and int(cols[3], 16) & 0x10000
-                   for cols in (line.split() for line in list(f)[1:]))
-
-
-def wait_listening(children: Children, what: str, ready: Callable[[], bool]) -> None:
-    """Without connecting: a single-shot socat serves the first connection only."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while not ready():
-        children.check()
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{what} did not come up in {READY_TIMEOUT:.0f} s")
-        time.sleep(0.001)
-
-
-def socat_spawner(children: Children, base: Path, variant: str, flags: list[str], app_port: int,
-                  path: str) -> Callable[[], list[subprocess.Popen[bytes]]]:
-    def spawn() -> list[subprocess.Popen[bytes]]:
-        into, mid = base / f"{variant}-ingress.sock", base / f"{variant}-egress.sock"
-        for stale in (into, mid):
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
-        if path == "ingress":
-            proc = children.start(f"{variant}-ingress", ["socat", *flags, f"UNIX-LISTEN:{into}",
-                                                          f"TCP:127.0.0.1:{app_port},nodelay"], oneshot=True)
-            wait_listening(children, f"{variant} (ingress)", functools.partial(listening_unix, into))
-            return [proc]
-        host = children.start(f"{variant}-egress-host", ["socat", *flags, f"UNIX-LISTEN:{mid}",
-                                                          f"TCP:127.0.0.1:{app_port},nodelay"], oneshot=True)
-        enclave = children.start(f"{variant}-egress-enclave", ["socat", *flags, f"TCP-LISTEN:{SOCAT_EGRESS_PORT[variant]},"
-                                 "bind=127.0.0.1,reuseaddr,nodelay", f"UNIX-CONNECT:{mid}"], oneshot=True)
-        wait_listening(children, f"{variant} (egress, host side)", functools.partial(listening_unix, mid))
-        wait_listening(children, f"{variant} (egress)", lambda: listening_tcp(SOCAT_EGRESS_PORT[variant]))
-        return [host, enclave]
-
-    return spawn
-
-
-SOCAT_EGRESS_PORT: dict[str, int] = {}
-
-
-def start_everything(children: Children, base: Path, socat_buffer: int) -> tuple[dict[str, dict[str, Route]], int]:
-    """Start the app, odyn and the host side; return path → variant → route, and odyn's pid."""
-    app = children.start("app", [sys.executable, __file__, "--serve-app"], stdout=subprocess.PIPE)
-    assert app.stdout is not None
-    line = app.stdout.readline()
-    if not line:
-        children.check()
-    app_port = int(line)
-
-    sockets, config = base / "vsock", base / "config"
-    sockets.mkdir()
-    config.mkdir()
-    proxy_port = free_port()
-    (config / "enclaver.yaml").write_text(
-        f"version: v1\nname: bench\ntarget: t\nsources: {{app: a}}\n"
-        f"ingress:\n  - listen_port: {app_port}\n"
-        f"egress:\n  proxy_port: {proxy_port}\n  allow: [\"127.0.0.1\", host]\n")
-    host = children.start("host-egress", [sys.executable, __file__, "--serve-host-egress", str(sockets)])
-    odyn = children.start("odyn", [sys.executable, "-m", "odyn", "--no-bootstrap", "--config-dir", str(config), "--transport",
-                            f"unix:{sockets}", "--cid", str(ENCLAVE_CID), "--linger", "0", "--", "sleep", "100000"])
-
-    odyn_ingress = sockets / f"{ENCLAVE_CID}.{app_port}.sock"
-    wait_ready(children, "the app", lambda: tcp(app_port))
-    wait_ready(children, "the host side of egress", lambda: unix(sockets / f"2.{EGRESS_PORT}.sock"))
-    wait_ready(children, "odyn's ingress", lambda: unix(odyn_ingress))
-    wait_ready(children, "odyn's egress proxy", lambda: via_connect(proxy_port, app_port))
-    direct = Route(functools.partial(tcp, app_port))
-    paths = {
-        "ingress": {"direct": direct, "odyn": Route(functools.partial(unix, odyn_ingress), [odyn.pid])},
-        "egress": {"direct": direct, "odyn": Route(functools.partial(via_connect, proxy_port, app_port),
-                                                   [odyn.pid, host.pid])},
-    }
-    for variant, flags in (("socat", []), ("socat-b", ["-b", str(socat_buffer)])):
-        into, port = base / f"{variant}-ingress.sock", free_port()
-        SOCAT_EGRESS_PORT[variant] = port
-        paths["ingress"][variant] = Route(functools.partial(unix, into),
-                                          spawn=socat_spawner(children, base, variant, flags, app_port, "ingress"))
-        paths["egress"][variant] = Route(functools.partial(via_connect, port, app_port),  # the app answers CONNECT
-                                         spawn=socat_spawner(children, base, variant, flags, app_port, "egress"))
-    return paths, odyn.pid
 
 
 VARIANTS = ("direct", "socat", "socat-b", "odyn")
@@ -551,7 +190,7 @@ def main() -> int:
     with terminate_cleanly(), tempfile.TemporaryDirectory(prefix="enclaver-proxy-bench-") as tmp:
         children = Children(Path(tmp))
         try:
-            paths, odyn_pid = start_everything(children, Path(tmp), args.socat_buffer)
+            paths, odyn_pid = start_everything(children, Path(tmp), args.socat_buffer, __file__)
             print(f"{args.repeat} × ({len(PATHS)} paths × {len(DIRECTIONS)} directions × {len(VARIANTS)} variants "
                   f"of {args.mib} MiB, {args.round_trips} round trips each) ...", file=sys.stderr)
             for r in range(args.repeat):
@@ -576,7 +215,7 @@ def main() -> int:
                         p50.setdefault((path, variant), []).append(percentile(samples, 0.50))
                         p99.setdefault((path, variant), []).append(percentile(samples, 0.99))
                 children.check()
-            rss["odyn"] = peak_rss_kib(odyn_pid)
+            rss["odyn"] = status_kib(odyn_pid)
         except (KeyboardInterrupt, Terminated):
             raise
         except BaseException:  # a child failed or a relay broke the bytes: its log says why

@@ -37,8 +37,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from services import start_registry  # noqa: E402
+from _measure import wait_usage  # noqa: E402  (benchmarks/)
+
+from services import start_registry  # type: ignore[import-not-found]  # noqa: E402  (tests/)
 
 PY = sys.executable
 NAME = "bench"
@@ -82,14 +85,13 @@ def doit(root: Path, *args: str, remote: str | None = None) -> tuple[float, str]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         proc = subprocess.Popen([PY, "-m", "doit", *args], cwd=root, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+        usage = wait_usage(proc)
         elapsed = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     key = f"{args[0]}{' remote' if remote else ''}"
-    PEAK_RSS[key] = max(PEAK_RSS.get(key, 0), usage.ru_maxrss)
-    CPU.setdefault(key, []).append(usage.ru_utime + usage.ru_stime)
+    PEAK_RSS[key] = max(PEAK_RSS.get(key, 0), usage.peak_rss_kib)
+    CPU.setdefault(key, []).append(usage.cpu)
     if proc.returncode != 0:
         raise SystemExit(f"doit {' '.join(args)} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     return elapsed, stdout

@@ -60,7 +60,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
 import signal
 import socket
 import statistics
@@ -77,7 +76,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from _measure import Terminated, percentile, terminate_cleanly  # noqa: E402  (benchmarks/)
+from _measure import (  # noqa: E402  (benchmarks/)
+    CHUNK,
+    PATTERN_LEN,
+    Terminated,
+    pattern,
+    percentile,
+    receive_checked,
+    status_kib,
+    terminate_cleanly,
+    wait_usage,
+)
 
 from services import Dockerd, start_dockerd  # type: ignore[import-not-found]  # noqa: E402  (tests/)
 
@@ -88,8 +97,6 @@ MEMORY_MB = 512  # the hello example's defaults
 CPU_COUNT = 2
 BUSYBOX = Path("/bin/busybox")
 PAGE = b"<!doctype html><title>hello</title><p>Hello from an enclave.</p>\n"  # examples/images.py's
-PATTERN_LEN = (1 << 20) + 13  # odd, so no read size lines up with it
-CHUNK = 1 << 20  # < PATTERN_LEN: any chunk is one slice of pattern()
 SIM_LABEL = "dev.enclaver.simulator"  # enclaver_rules.runtime.simulator.LABEL
 DIRECT_LABEL = "dev.enclaver.bench.direct"
 READY_TIMEOUT = 180.0  # a bound so a broken start fails the run instead of hanging it
@@ -107,12 +114,6 @@ HTTPD_DIRECT_RSS = "httpd direct (VmHWM)"
 def app_command(listen: str) -> tuple[str, ...]:
     """The app's command; the image has `8080`, the direct container `127.0.0.1:Q`."""
     return ("/bin/busybox", "httpd", "-f", "-p", listen, "-h", "/www")
-
-
-def pattern() -> bytes:
-    """The big file's content, twice over: any window of up to PATTERN_LEN bytes is one slice of it."""
-    block = random.Random(0x656E636C).randbytes(PATTERN_LEN)
-    return block + block
 
 
 def big_file(size: int) -> bytes:
@@ -229,17 +230,12 @@ def get_page(port: int) -> float:
 def get_big(port: int, size: int, data: bytes) -> float:
     """GET /big.bin: seconds from connect to EOF; every byte compared with the pattern."""
     buf = bytearray(CHUNK)
-    view = memoryview(buf)
     start = time.perf_counter()
     with _connect(port) as sock:
         sock.sendall(_request("/big.bin"))
         length, first = _head(sock, "GET /big.bin")
-        ok = data.startswith(first)
-        count = offset = len(first)
-        while n := sock.recv_into(buf):
-            ok = ok and data.startswith(view[:n], offset)
-            count += n
-            offset = (offset + n) % PATTERN_LEN
+        rest, ok = receive_checked(sock, data, buf, len(first))
+        count, ok = len(first) + rest, ok and data.startswith(first)
     elapsed = time.perf_counter() - start
     if length != size or count != size or not ok:
         raise Broken(f"GET /big.bin: Content-Length {length}, got {count} of {size} bytes, "
@@ -293,11 +289,11 @@ def comm(pid: int) -> str:
 
 
 def vm_kib(pids: list[int], what: str = "VmHWM") -> int:
-    """The sum of `what` (VmHWM: peak RSS; VmRSS: RSS now) of these processes."""
+    """The sum of `what` (VmHWM: peak RSS; VmRSS: RSS now) of these processes; those gone count 0."""
     total = 0
     for pid in pids:
-        with contextlib.suppress(OSError, StopIteration, ValueError), open(f"/proc/{pid}/status") as f:
-            total += int(next(x for x in f if x.startswith(f"{what}:")).split()[1])
+        with contextlib.suppress(OSError, ValueError):
+            total += status_kib(pid, what)
     return total
 
 
@@ -407,21 +403,15 @@ class Bench:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGTERM)
         start = time.perf_counter()
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                proc.returncode = os.waitstatus_to_exitcode(status)
-                break
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise SystemExit(f"enclaver run did not stop in {STOP_TIMEOUT:.0f} s:\n{self.enclaver_log()}")
-            time.sleep(0.02)
+        usage = wait_usage(proc, time.monotonic() + STOP_TIMEOUT, 0.02)
+        if usage is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise SystemExit(f"enclaver run did not stop in {STOP_TIMEOUT:.0f} s:\n{self.enclaver_log()}")
         if results is not None:
             results.stop_s.append(time.perf_counter() - start)
-            results.peak(HOST_RSS, usage.ru_maxrss)
+            results.peak(HOST_RSS, usage.peak_rss_kib)
             if proc.returncode != 109:  # EXIT_INTERRUPTED: stopped by a signal, final status drained
                 raise SystemExit(f"enclaver run ended with {proc.returncode}, not 109:\n{self.enclaver_log()}")
 
