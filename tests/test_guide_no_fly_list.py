@@ -11,7 +11,6 @@ Never skipped: without Docker, mmdebstrap or moto the fixtures fail with the rea
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from guide_helpers import checkout, guide, simulator_containers
+from guide_helpers import checkout, guide, refused_policy, simulator_containers, trusted_policy
 from services import Dockerd, free_port
 
 pytestmark = pytest.mark.services
@@ -41,10 +40,7 @@ def test_the_enclave_answers_lookups_with_the_list_it_decrypted(built: tuple[Any
                                                                  dockerd: Dockerd) -> None:
     the_guide, build_dir = built
     started = time.monotonic()
-    policy = the_guide.key_policy(build_dir)
-    pcr0 = json.loads((build_dir / "measurements.json").read_text())["Measurements"]["PCR0"]
-    allow = next(s for s in policy["Statement"] if s["Sid"].startswith("EnclaveMayDecrypt"))
-    assert allow["Condition"]["StringEqualsIgnoreCase"]["kms:RecipientAttestation:ImageSha384"] == pcr0
+    policy = trusted_policy(the_guide, build_dir)
     key_id = the_guide.provision(policy, s3[0], guide.read_names())
     port = free_port()
     with the_guide.enclave(build_dir, s3[1], port) as enclave:
@@ -71,10 +67,7 @@ def test_a_key_policy_for_other_pcrs_keeps_the_list_sealed(built: tuple[Any, Pat
     """Another build's PCR0 in the policy: KMS's attestation condition fails, the explicit deny
     backstop answers, the app says so and exits 3, and `enclaver run` exits with the app's code."""
     the_guide, build_dir = built
-    other = guide.other_measurements(build_dir, tmp_path / "other-measurements.json")
-    policy = the_guide.key_policy(other)
-    pcr0 = json.loads((build_dir / "measurements.json").read_text())["Measurements"]["PCR0"]
-    assert pcr0 not in json.dumps(policy)
+    policy = refused_policy(the_guide, guide, build_dir, tmp_path)
     the_guide.provision(policy, s3[0], guide.read_names())
     with the_guide.enclave(build_dir, s3[1], free_port()) as enclave:
         code = enclave.wait()

@@ -21,63 +21,27 @@ Never skipped: without Docker, mmdebstrap or pip's index the fixtures fail with 
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import docker
 import pytest
 
 from conftest import REPO
+from guide_helpers import checkout, load, refused_policy, simulator_containers, trusted_policy
 from services import Dockerd
 
 pytestmark = pytest.mark.services
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-guide = _load("vault_guide", REPO / "examples" / "vault" / "run.py")
+guide = load("vault_guide", REPO / "examples" / "vault" / "run.py")
 
 
 @pytest.fixture(scope="module")
 def built(template: Path, dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
-    """A checkout (dodo.py, examples/, the session's cache with odyn built) in which the guide's first
-    step ran: the Guide and the build directory."""
-    root = tmp_path_factory.mktemp("vault-guide") / "repo"
-    root.mkdir()
-    shutil.copy(REPO / "dodo.py", root / "dodo.py")
-    shutil.copytree(REPO / "examples", root / "examples",
-                    ignore=shutil.ignore_patterns("image", "blobs-dev", "__pycache__"))
-    shutil.copytree(template / "cache", root / "cache")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENC_")}
-    env.update(DOCKER_HOST=dockerd.host, SOURCE_DATE_EPOCH="1700000000")  # the template's odyn: not rebuilt
-    started = time.monotonic()
-    the_guide = guide.Guide(repo=root, work=root / "cache" / "vault-guide", env=env)
-    build_dir = the_guide.build()
-    print(f"the guide's build step took {time.monotonic() - started:.0f} s")
-    yield the_guide, build_dir
-
-
-def _containers(dockerd: Dockerd) -> list[object]:
-    client = docker.DockerClient(base_url=dockerd.host, version="auto")
-    try:
-        return list(client.containers.list(all=True, filters={"label": "dev.enclaver.simulator"}))
-    finally:
-        client.close()
+    """A checkout in which the guide's first step ran: the Guide and the build directory."""
+    yield checkout(template, dockerd, tmp_path_factory.mktemp("vault-guide") / "repo", guide, "vault-guide")
 
 
 RELEASED = "vault-start: seal key kms-1 released by KMS key arn:aws:kms:us-east-1:111122223333:key/"
@@ -87,10 +51,7 @@ def test_two_enclaves_form_a_cluster_that_unseals_itself_and_survives_a_restart(
                                                                                dockerd: Dockerd) -> None:
     the_guide, build_dir = built
     started = time.monotonic()
-    policy = the_guide.key_policy(build_dir)
-    pcr0 = json.loads((build_dir / "measurements.json").read_text())["Measurements"]["PCR0"]
-    allow = next(s for s in policy["Statement"] if s["Sid"].startswith("EnclaveMayDecrypt"))
-    assert allow["Condition"]["StringEqualsIgnoreCase"]["kms:RecipientAttestation:ImageSha384"] == pcr0
+    policy = trusted_policy(the_guide, build_dir)
     with the_guide.services() as services:
         ciphertext = the_guide.seal_key(services, policy)
         nodes = guide.make_nodes(2)
@@ -126,7 +87,7 @@ def test_two_enclaves_form_a_cluster_that_unseals_itself_and_survives_a_restart(
     assert seen.status_after["initialized"] is True and seen.status_after["sealed"] is False
     assert seen.status_after["type"] == "static"
     assert len(cluster.settings["vault-2"].asked) == 2  # its settings fetched through egress at each start
-    assert not _containers(dockerd)
+    assert not simulator_containers(dockerd)
 
 
 def test_a_key_policy_for_other_pcrs_keeps_the_node_sealed(built: tuple[Any, Path], dockerd: Dockerd,
@@ -134,10 +95,7 @@ def test_a_key_policy_for_other_pcrs_keeps_the_node_sealed(built: tuple[Any, Pat
     """Another build's PCR0 in the policy: KMS's attestation condition fails, the explicit deny answers,
     the node says so, never starts bao, and `enclaver run` exits with the app's code, 3."""
     the_guide, build_dir = built
-    other = guide.other_measurements(build_dir, tmp_path / "other-measurements.json")
-    policy = the_guide.key_policy(other)
-    pcr0 = json.loads((build_dir / "measurements.json").read_text())["Measurements"]["PCR0"]
-    assert pcr0 not in json.dumps(policy)
+    policy = refused_policy(the_guide, guide, build_dir, tmp_path)
     with the_guide.services() as services:
         ciphertext = the_guide.seal_key(services, policy)
         [node] = guide.make_nodes(1)
@@ -151,4 +109,4 @@ def test_a_key_policy_for_other_pcrs_keeps_the_node_sealed(built: tuple[Any, Pat
     assert not any("starting bao server" in line for line in enclave.stdout)
     assert "enclave: exited code 3" in enclave.stderr and "exit code 3" in enclave.stderr
     assert "refused: AccessDeniedException" in (the_guide.work / "kms.log").read_text()
-    assert not _containers(dockerd)
+    assert not simulator_containers(dockerd)

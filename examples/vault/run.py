@@ -41,86 +41,63 @@ tests/test_guide_vault.py runs the same functions.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import json
 import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE / "app"))
+sys.path.insert(0, str(HERE.parent))
 import vault_start  # noqa: E402  (the app's settings format and seal context)
+from _guide import (  # noqa: E402  (what the guides share)
+    ACCOUNT,
+    ADMIN,
+    ENCLAVER,
+    PARENT,
+    PARENT_ROLE,
+    REGION,
+    TIMEOUT,
+    EnclaveProcess,
+    GuideError,
+    GuideSteps,
+    Service,
+    access_key,
+    add_work,
+    free_port,
+    guided,
+    kms_client,
+    kms_serve_argv,
+    other_measurements,
+    parser,
+    port_of,
+    run,
+    show,
+    step,
+    wait_kms,
+)
 
 BAO_VERSION = "2.7.2"  # examples/images.py's OPENBAO_VERSION: `doit examples:vault` leaves cache/downloads/bao-2.7.2
 
 MANIFEST = "examples/vault/enclaver.sim.yaml"
 SETTINGS_NAME = "settings.sim.internal"  # the `sim` image's VAULT_SETTINGS_URL host (examples/images.py)
 KMS_NAME, IMDS_ADDRESS = "kms.sim.internal", "169.254.169.254"  # enclaver.sim.yaml's KMS endpoint; IMDS
-ACCOUNT, REGION = "111122223333", "us-east-1"
-ADMIN = f"arn:aws:iam::{ACCOUNT}:role/enclaver-sim-admin"  # the key's administrator
-PARENT_ROLE = "enclaver-sim-parent"
-PARENT = f"arn:aws:iam::{ACCOUNT}:role/{PARENT_ROLE}"  # the instance role the IMDS hands out
 SEAL_KEY_ID = "kms-1"  # the seal key's name in bao's seal "static" stanza
 SECRET = {"username": "john", "password": "supersecret"}  # the guide's
-ENCLAVER = [sys.executable, "-m", "enclaver_rules.cli"]
-TIMEOUT = 300.0  # a bound for each wait, so a broken step fails instead of hanging
-
-
-class GuideError(Exception):
-    pass
-
-
-def step(text: str) -> None:
-    print(f"\n==> {text}", flush=True)
-
-
-def _shown(argv: Sequence[str]) -> list[str]:
-    """The command as a user would type it (`enclaver …`, `doit …`, `bao …`)."""
-    argv = [str(a) for a in argv]
-    if argv[:3] == ENCLAVER:
-        return ["enclaver", *argv[3:]]
-    if argv[:3] == [sys.executable, "-m", "doit"]:
-        return ["doit", *argv[3:]]
-    if argv and argv[0].endswith("/bao-" + BAO_VERSION):
-        return ["bao", *argv[1:]]
-    return argv
-
-
-def _run(argv: Sequence[str], cwd: Path, env: dict[str, str], *, echo: bool, data: bool = True,
-         check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a step; with `echo`, show it and what it says (stdout too, unless it is the step's `data`)."""
-    if echo:
-        print("$ " + " ".join(_shown(argv)), flush=True)
-    result = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
-    if echo and not data and result.stdout.strip():
-        print(result.stdout.rstrip(), flush=True)
-    if echo and result.stderr.strip():
-        print(result.stderr.rstrip(), flush=True)
-    if check and result.returncode != 0:
-        raise GuideError(f"{' '.join(_shown(argv))} exited {result.returncode}:\n{result.stdout}{result.stderr}")
-    return result
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# what tests/test_guide_vault.py uses (other_measurements from _guide, as this module's, as before)
+__all__ = ["SECRET", "Guide", "main", "make_nodes", "other_measurements", "walk"]
 
 
 # -- the settings each node fetches through egress -----------------------------------------------------
@@ -200,17 +177,20 @@ class Services:
 
 
 @dataclass
-class Guide:
+class Guide(GuideSteps):
     """The guide's steps in one checkout (`repo`: dodo.py and examples/), state under `work`."""
 
     repo: Path = REPO
     work: Path = REPO / "cache" / "vault-guide"
-    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
-    echo: bool = True
 
-    def __post_init__(self) -> None:
-        self.env = {k: v for k, v in self.env.items() if not k.startswith(("AWS_", "BAO_", "VAULT_"))}
-        self.work.mkdir(parents=True, exist_ok=True)
+    dropped_env: ClassVar[tuple[str, ...]] = ("AWS_", "BAO_", "VAULT_")
+    doit_tasks: ClassVar[tuple[str, ...]] = ("examples:vault", "examples:blobs")
+    manifest: ClassVar[str] = MANIFEST
+    # the administrator may make the seal key: GenerateDataKeyWithoutPlaintext returns only the ciphertext
+    # (enclaver's policy lets nobody outside the enclave have plaintext)
+    operator_statement: ClassVar[dict[str, Any]] = {
+        "Sid": "OperatorMayMakeTheSealKey", "Effect": "Allow", "Principal": {"AWS": ADMIN},
+        "Action": ["kms:GenerateDataKeyWithoutPlaintext"], "Resource": "*"}
 
     @property
     def bao(self) -> Path:
@@ -221,72 +201,31 @@ class Guide:
     def ca_state(self) -> Path:
         return self.work / "sim-ca"
 
-    # 1. build ------------------------------------------------------------------------------------------
-
-    def build(self) -> Path:
-        """The app image and blob set, then the enclave: its build directory (cache/out/NAME/…)."""
-        _run([sys.executable, "-m", "doit", "examples:vault", "examples:blobs"], self.repo, self.env, echo=self.echo,
-             data=False)
-        built = json.loads(_run([*ENCLAVER, "build", "-f", MANIFEST, "--json"], self.repo, self.env,
-                                echo=self.echo).stdout)
-        if self.echo:
-            for name, value in sorted(built["Measurements"].items()):
-                print(f"  {name} {value}")
-        return Path(built["outputs"]["directory"])
-
-    # 2. trust ------------------------------------------------------------------------------------------
-
-    def key_policy(self, source: Path) -> dict[str, Any]:
-        """`enclaver trust SOURCE --kms-policy` for the simulator's account and roles, plus one statement
-        letting the administrator make the seal key: GenerateDataKeyWithoutPlaintext returns only the
-        ciphertext (enclaver's policy lets nobody outside the enclave have plaintext)."""
-        made = _run([*ENCLAVER, "trust", str(source), "--kms-policy", "--account", ACCOUNT, "--admin", ADMIN,
-                     "--principal", PARENT], self.repo, self.env, echo=self.echo)
-        policy: dict[str, Any] = json.loads(made.stdout)
-        policy["Statement"].append({"Sid": "OperatorMayMakeTheSealKey", "Effect": "Allow", "Principal": {"AWS": ADMIN},
-                                    "Action": ["kms:GenerateDataKeyWithoutPlaintext"], "Resource": "*"})
-        (self.work / "policy.json").write_text(json.dumps(policy, indent=2) + "\n")
-        if self.echo:
-            print(f"  {self.work / 'policy.json'}:")
-            for line in describe_policy(policy):
-                print(f"    {line}")
-        return policy
-
     # 3. KMS, IMDS, the key and the seal key --------------------------------------------------------------
 
     @contextlib.contextmanager
     def services(self) -> Iterator[Services]:
         """The simulator's CA (made if missing), `enclaver kms serve` trusting its root (a fresh state) and
         `enclaver imds serve` with the parent role, until the block ends."""
-        root = json.loads(_run([*ENCLAVER, "attestation", "ca", "--state", str(self.ca_state), "--json"], self.repo,
-                               self.env, echo=self.echo).stdout)["root"]
+        root = json.loads(run([*ENCLAVER, "attestation", "ca", "--state", str(self.ca_state), "--json"], self.repo,
+                              self.env, echo=self.echo).stdout)["root"]
         shutil.rmtree(self.work / "kms", ignore_errors=True)
-        admin = ("AKIAGUIDE" + secrets.token_hex(6).upper(), secrets.token_urlsafe(30))
-        parent = ("AKIAPARENT" + secrets.token_hex(5).upper(), secrets.token_urlsafe(30))
-        kms_argv = [*ENCLAVER, "kms", "serve", "-v", "--state", str(self.work / "kms"), "--port", "0", "--region", REGION,
-                    "--account", ACCOUNT, "--identity", f"{admin[0]}:{admin[1]}={ADMIN}",
-                    "--identity", f"{parent[0]}:{parent[1]}={PARENT}", "--attestation-root", root, "--no-aws-root"]
+        admin, parent = access_key("AKIAGUIDE", 6), access_key("AKIAPARENT", 5)
+        kms_argv = kms_serve_argv(self.work / "kms", [(admin, ADMIN), (parent, PARENT)], verbose=True,
+                                  extra=["--attestation-root", root, "--no-aws-root"])
         imds_argv = [*ENCLAVER, "imds", "serve", "--port", "0", "--role", PARENT_ROLE, "--identity",
                      f"{parent[0]}:{parent[1]}", "--region", REGION, "--account", ACCOUNT, "--json"]
         if self.echo:
             for argv in (kms_argv, imds_argv):
-                shown = " ".join(_shown(argv))
-                for secret in (admin[1], parent[1]):
-                    shown = shown.replace(secret, "***")
-                print(f"$ {shown} &", flush=True)
-        with _Service(kms_argv, self.work / "kms.log", self.env) as kms, \
-                _Service(imds_argv, self.work / "imds.log", self.env) as imds:
-            kms_line = kms.wait_line(lambda text: text.startswith("ready "), "the local KMS")
+                show(argv, [admin[1], parent[1]], background=True)
+        with Service(kms_argv, self.work / "kms.log", self.env) as kms, \
+                Service(imds_argv, self.work / "imds.log", self.env) as imds:
+            kms_line, kms_url = wait_kms(kms)
             imds.wait_line(lambda text: text == "}", "the local IMDS")  # the end of its --json document
             imds_url = str(json.loads(imds.out.read_text())["url"])
-            kms_url = kms_line.split()[1]
             if self.echo:
                 print(f"  {kms_line}\n  IMDSv2 at {imds_url}, role {PARENT_ROLE}")
-            import boto3
-
-            client = boto3.client("kms", endpoint_url=kms_url, region_name=REGION, aws_access_key_id=admin[0],
-                                  aws_secret_access_key=admin[1])
-            yield Services(_port(kms_url), _port(imds_url), client)
+            yield Services(port_of(kms_url), port_of(imds_url), kms_client(kms_url, admin))
 
     def seal_key(self, services: Services, policy: dict[str, Any]) -> bytes:
         """A key under `policy`, and the seal key made under it: its ciphertext (the plaintext never
@@ -342,7 +281,7 @@ class Guide:
         shown = self.echo if echo is None else echo
         if shown:
             print(f"$ BAO_ADDR={node.api} bao {' '.join(args)}", flush=True)
-        result = _run([str(self.bao), *args], self.repo, env, echo=False, check=False)
+        result = run([str(self.bao), *args], self.repo, env, echo=False, check=False)
         if shown and (result.stdout.strip() or result.stderr.strip()):
             print((result.stdout + result.stderr).rstrip(), flush=True)
         if check and result.returncode != 0:
@@ -366,16 +305,6 @@ class Guide:
                   "the seal unseals")
         return answer
 
-    def check_docker(self) -> None:
-        """Fail now, not after the build, when there is no Docker engine."""
-        import docker
-
-        try:
-            client = docker.from_env()
-            client.ping()
-            client.close()
-        except Exception as e:  # whatever the SDK raises, the fix is the same
-            raise GuideError(f"no Docker engine ({e}): start one (systemctl start docker) or set DOCKER_HOST") from e
 
 
 @dataclass
@@ -392,7 +321,7 @@ class Cluster:
         node = self.nodes[name]
         argv = self.guide.run_argv(self.build_dir, node, self.services, self.settings[name].port)
         if self.guide.echo:
-            print("$ " + " ".join(_shown(argv)) + " &", flush=True)
+            show(argv, background=True)
         process = subprocess.Popen(argv, cwd=self.guide.repo, env=self.guide.env, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)
         enclave = Enclave(process, node, self.guide.echo)
@@ -422,31 +351,13 @@ class Cluster:
                                            "unsealed", timeout)
 
 
-class Enclave:
-    """A running `enclaver run`: its output collected (and echoed) line by line."""
+class Enclave(EnclaveProcess):
+    """The running `enclaver run` of one node (SIGTERM: odyn passes it to the app, which passes it to bao)."""
 
     def __init__(self, process: subprocess.Popen[bytes], node: Node, echo: bool) -> None:
-        self.process, self.node, self.echo = process, node, echo
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        self.code: int | None = None
+        self.node = node
         tag = node.name
-        self._pumps = [threading.Thread(target=self._pump, args=(stream, into, prefix), daemon=True)
-                       for stream, into, prefix in ((process.stdout, self.stdout, f"  {tag} | "),
-                                                    (process.stderr, self.stderr, f"  {tag} run | "))]
-        for pump in self._pumps:
-            pump.start()
-
-    def _pump(self, stream: Any, into: list[str], prefix: str) -> None:
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip("\n")
-            into.append(line)
-            if self.echo:
-                print(prefix + line, flush=True)
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.stdout) + "\n" + "\n".join(self.stderr)
+        super().__init__(process, echo, f"  {tag} | ", f"  {tag} run | ")
 
     def seal_status(self) -> dict[str, Any] | None:
         """GET /v1/sys/seal-status on the published API port; None while nothing answers."""
@@ -457,7 +368,9 @@ class Enclave:
         except (OSError, ValueError):
             return None
 
-    def wait_status(self, done: Any, what: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+    def wait_status(self, done: Callable[[dict[str, Any]], bool], what: str,
+                    timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The node's seal status once `done` holds for it; GuideError if `enclaver run` ends first."""
         deadline = time.monotonic() + timeout
         status = None
         while time.monotonic() < deadline:
@@ -470,85 +383,6 @@ class Enclave:
                 return status
             time.sleep(0.5)
         raise GuideError(f"{self.node.name} was not {what} within {timeout:.0f} s (last: {status}):\n{self.output}")
-
-    def wait(self, timeout: float = TIMEOUT) -> int:
-        """`enclaver run`'s exit code, once it ended by itself."""
-        self.code = self.process.wait(timeout)
-        for pump in self._pumps:
-            pump.join(30)
-        return self.code
-
-    def signal(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # odyn passes it to the app, which passes it to bao
-
-    def stop(self) -> int:
-        self.signal()
-        try:
-            return self.wait()
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.wait()
-
-
-class _Service:
-    """A child process whose stdout is collected in a file; terminated (then killed) at the end."""
-
-    def __init__(self, argv: Sequence[str], log: Path, env: dict[str, str]) -> None:
-        self.argv, self.log, self.env = list(argv), log, env
-        self.out = log.with_suffix(".out")
-
-    def __enter__(self) -> _Service:
-        with open(self.out, "wb") as out, open(self.log, "ab") as err:
-            self.process = subprocess.Popen(self.argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env)
-        return self
-
-    def wait_line(self, done: Any, what: str) -> str:
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            for line in self.out.read_text(errors="replace").splitlines():
-                if done(line):
-                    return line
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise GuideError(f"{what} did not start (exit {self.process.poll()}): "
-                         f"{self.log.read_text(errors='replace')[-2000:]}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def _port(url: str) -> int:
-    return int(url.rstrip("/").rsplit(":", 1)[1])
-
-
-def other_measurements(build_dir: Path, where: Path) -> Path:
-    """The build's measurements with another PCR0, as another build of the app would have."""
-    measurements = json.loads((build_dir / "measurements.json").read_text())
-    pcr0 = measurements["Measurements"]["PCR0"]
-    measurements["Measurements"]["PCR0"] = ("0" if pcr0[0] != "0" else "1") + pcr0[1:]
-    where.write_text(json.dumps(measurements, indent=2) + "\n")
-    return where
-
-
-def describe_policy(policy: dict[str, Any]) -> list[str]:
-    """One line per statement: who may (or may not) do what, and when."""
-    lines = []
-    for statement in policy["Statement"]:
-        principal = statement["Principal"]
-        who = "everyone" if principal == "*" else principal["AWS"]
-        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
-        when = "".join(f" when {key} {operator} {value if isinstance(value, str) else ' or '.join(value)}"
-                       for operator, keys in statement.get("Condition", {}).items() for key, value in keys.items())
-        lines.append(f"{statement['Sid']}: {statement['Effect']} {', '.join(actions)} for {who}{when}")
-    return lines
 
 
 def read_secret(guide: Guide, node: Node, token: str, timeout: float = 60.0) -> dict[str, str]:
@@ -629,28 +463,19 @@ def wait_voters(guide: Guide, node: Node, token: str, names: Sequence[str], vote
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, default=2, help="how many nodes (default 2; 3 or more: all voters)")
-    parser.add_argument("--work", type=Path, default=REPO / "cache" / "vault-guide",
-                        help="where the guide keeps its state (default: cache/vault-guide)")
-    parser.add_argument("--serve", action="store_true", help="keep the cluster up until Ctrl-C")
-    parser.add_argument("--refused", action="store_true",
-                        help="use a key policy for other PCRs: the node is refused the seal key and stays sealed")
-    args = parser.parse_args(argv)
+    parser_ = parser(__doc__)
+    parser_.add_argument("--nodes", type=int, default=2, help="how many nodes (default 2; 3 or more: all voters)")
+    add_work(parser_, "vault-guide")
+    parser_.add_argument("--serve", action="store_true", help="keep the cluster up until Ctrl-C")
+    parser_.add_argument("--refused", action="store_true",
+                         help="use a key policy for other PCRs: the node is refused the seal key and stays sealed")
+    args = parser_.parse_args(argv)
     if args.nodes < 2 and not args.refused:
-        parser.error("--nodes: at least 2")
+        parser_.error("--nodes: at least 2")
     guide = Guide(work=args.work.resolve())
-    started = time.monotonic()
-    try:
-        guide.check_docker()
-        step("1. build the app image and the enclave")
-        build_dir = guide.build()
-        step("2. the KMS key policy that lets only this enclave decrypt")
-        source = other_measurements(build_dir, guide.work / "other-measurements.json") if args.refused else build_dir
-        if args.refused:
-            print(f"  (--refused: the policy is written for {source}, whose PCR0 is not this build's)")
-        policy = guide.key_policy(source)
+
+    def steps() -> int | None:
+        build_dir, policy = guide.build_and_trust(args.refused)
         step("3. a local KMS and IMDS; the key, and the seal key made under it")
         with guide.services() as services:
             ciphertext = guide.seal_key(services, policy)
@@ -672,12 +497,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 step("8. stop the cluster (SIGTERM)")
             codes = ", ".join(f"{e.node.name} {e.code}" for e in cluster.ended)
             print(f"enclaver run exited (in the order they stopped): {codes} (109: stopped by a signal)")
-    except GuideError as e:
-        print(f"\nrun.py: {e}", file=sys.stderr)
-        return 1
-    print(f"\ndone in {time.monotonic() - started:.0f} s")
-    return 0
+        return None
 
+    return guided(steps)
 
 if __name__ == "__main__":
     sys.exit(main())
