@@ -1,8 +1,10 @@
 """Where the EIF's bytes go: the file and the CRC32, each in its own worker thread.
 
 `write_eif` produces the EIF chunk by chunk; this takes each chunk to a writer thread and a CRC
-thread (pipeline.py says why threads), and for a real file starts the disk's writeback as it goes
-(writeback.py), so reading, hashing, CRC and writing overlap instead of adding up.
+thread (pipeline.py says why threads). A file on a disk is written with O_DIRECT (direct.py: the
+disk's DMA moves the bytes, not the CPU that is busy hashing); where that is not to be had, through
+the page cache, starting the disk's writeback as it goes (writeback.py). Either way reading,
+hashing, CRC and writing overlap instead of adding up.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import contextlib
 import zlib
 from typing import BinaryIO
 
+from enclaver_rules.eif.direct import FileSink
 from enclaver_rules.eif.pipeline import Worker
-from enclaver_rules.eif.writeback import Writeback
 
 
 class Output:
@@ -22,16 +24,17 @@ class Output:
         self._out = out
         self.crc = crc
         self.written = 0
-        self._writeback: Writeback | None = None
-        with contextlib.suppress(OSError, AttributeError):  # an in-memory file (UnsupportedOperation): no sync
-            self._writeback = Writeback(out.fileno())
+        self._sink: FileSink | None = None
+        with contextlib.suppress(OSError, AttributeError):  # an in-memory file (UnsupportedOperation): as it is
+            self._sink = FileSink(out)
         self._writer = Worker("eif-write", self._write)
         self._crc = Worker("eif-crc32", self._checksum)
 
     def _write(self, chunk: bytes) -> None:
-        self._out.write(chunk)
-        if self._writeback is not None:
-            self._writeback.wrote(len(chunk))
+        if self._sink is not None:
+            self._sink.write(chunk)
+        else:
+            self._out.write(chunk)
 
     def _checksum(self, chunk: bytes) -> None:
         self.crc = zlib.crc32(chunk, self.crc)
@@ -48,9 +51,11 @@ class Output:
         try:
             self._writer.close()
             self._crc.close()
+            if self._sink is not None:
+                self._sink.close()
         finally:
-            if self._writeback is not None:
-                self._writeback.close()
+            if self._sink is not None:
+                self._sink.release()
 
     def abandon(self) -> None:
         """Stop the workers after the caller failed; their own errors no longer matter."""

@@ -204,8 +204,7 @@ class Landing(Store):
     """Where `Registry.fetch_blob` streams one file of an entry: straight to `target` (under a temp
     name in its directory, renamed once its digest and size are verified; deleted otherwise),
     without a store's layout, index or lock. The SHA-256 and the file write run in worker threads,
-    the disk's writeback is started as the bytes come (eif/writeback.py) so the last fsync is short,
-    and `tap` is fed the same chunks in the same order, so the reading thread only reads."""
+    the write with O_DIRECT where the disk allows it (eif/direct.py: the CPU is busy hashing), and `tap` is fed the same chunks in the same order, so the reading thread only reads."""
 
     def __init__(self, target: Path, tap: Tap | None = None) -> None:
         super().__init__(target.parent, quarantine=False)
@@ -219,8 +218,8 @@ class Landing(Store):
             source: str = "", progress: Progress | None = None, *, hashed_by: Any = None) -> Digest:
         import hashlib
 
+        from enclaver_rules.eif.direct import FileSink
         from enclaver_rules.eif.pipeline import Worker
-        from enclaver_rules.eif.writeback import Writeback
         from enclaver_rules.oci.digest import DigestMismatch
 
         if expect is None or expect.algorithm != "sha256" or size is None:
@@ -230,13 +229,8 @@ class Landing(Store):
         count = 0
         try:
             with open(tmp, "wb") as f:
-                writeback = Writeback(f.fileno())
-
-                def write(chunk: bytes) -> None:
-                    f.write(chunk)
-                    writeback.wrote(len(chunk))
-
-                writer, sha = Worker("fetch-write", write), Worker("fetch-sha256", hasher.update)
+                sink = FileSink(f)
+                writer, sha = Worker("fetch-write", sink.write), Worker("fetch-sha256", hasher.update)
                 try:
                     for chunk in chunks:
                         count += len(chunk)
@@ -256,7 +250,7 @@ class Landing(Store):
                         try:
                             sha.close()
                         finally:
-                            writeback.close()
+                            sink.close()
                 f.flush()
                 os.fsync(f.fileno())
             got = Digest("sha256", hasher.hexdigest())
