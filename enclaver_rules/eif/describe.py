@@ -3,6 +3,7 @@ describe it as `nitro-cli describe-eif` does (same keys, same order)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from enclaver_rules.eif.format import (
@@ -13,6 +14,7 @@ from enclaver_rules.eif.format import (
     SECTION_SIGNATURE,
     EifError,
     EifFile,
+    Section,
     read_eif,
 )
 from enclaver_rules.eif.measure import Measurements, Measurer
@@ -46,7 +48,18 @@ def measure(eif: EifFile) -> tuple[Measurements, SignatureInfo | None]:
 def describe(path: str) -> dict[str, Any]:
     eif = read_eif(path)
     measurements, signature = measure(eif)
-    out: dict[str, Any] = {"EifVersion": eif.version, "Measurements": measurements.to_json(),
+    metadata = eif.of(SECTION_METADATA)
+    raw = (eif.read(metadata[0], MAX_METADATA_SECTION), f"{path}: the metadata section at offset "
+           f"{metadata[0].offset}") if metadata else None
+    return description(eif.version, measurements, signature, eif.crc_ok, eif.arch, eif.sections, raw)
+
+
+def description(version: int, measurements: Measurements, signature: SignatureInfo | None, crc_ok: bool,
+                arch: str, sections: Sequence[Section], metadata: tuple[bytes, str] | None) -> dict[str, Any]:
+    """describe-eif's document from what was read, in its key order: one place for the file
+    (`describe`) and for a stream (eif/stream.py). `metadata` is the section's bytes and where
+    they are (for the error). Pure."""
+    out: dict[str, Any] = {"EifVersion": version, "Measurements": measurements.to_json(),
                            "IsSigned": signature is not None}
     if signature is not None:
         out["SigningCertificate"] = {
@@ -56,17 +69,16 @@ def describe(path: str) -> dict[str, Any]:
             "NotAfter": signature.not_after,
             "Signature": signature.certificate_signature,
         }
-    out["CheckCRC"] = eif.crc_ok
+    out["CheckCRC"] = crc_ok
     if signature is not None:
         out["SignatureCheck"] = signature.valid and signature.signed_pcr0 == measurements.pcr0
-    metadata = eif.of(SECTION_METADATA)
-    if metadata:
-        section = metadata[0]
+    if metadata is not None:
+        raw, where = metadata
         try:
-            out.update(read_metadata(eif.read(section, MAX_METADATA_SECTION)))
+            out.update(read_metadata(raw))
         except ValueError as e:
-            raise EifError(f"{path}: the metadata section at offset {section.offset} is malformed: {str(e)[:200]}",
+            raise EifError(f"{where} is malformed: {str(e)[:200]}",
                            fix="the EIF is corrupt or malicious: rebuild it") from None
-    out["Arch"] = eif.arch
-    out["Sections"] = [{"Type": s.name, "Offset": s.offset, "Size": s.size} for s in eif.sections]
+    out["Arch"] = arch
+    out["Sections"] = [{"Type": s.name, "Offset": s.offset, "Size": s.size} for s in sections]
     return out

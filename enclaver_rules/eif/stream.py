@@ -25,7 +25,7 @@ import struct
 import zlib
 from typing import Any
 
-from enclaver_rules.eif.describe import MAX_METADATA_SECTION
+from enclaver_rules.eif.describe import MAX_METADATA_SECTION, description
 from enclaver_rules.eif.format import (
     HEADER_SIZE,
     MAGIC,
@@ -41,7 +41,6 @@ from enclaver_rules.eif.format import (
     Section,
 )
 from enclaver_rules.eif.measure import Measurements, Measurer
-from enclaver_rules.eif.metadata import read_metadata
 from enclaver_rules.eif.pipeline import Worker
 from enclaver_rules.eif.sign import MAX_SIGNATURE_SECTION, read_signature
 from enclaver_rules.oci.digest import Digest
@@ -267,32 +266,15 @@ class StreamedEif:
         assert measurements is not None
         if signature is not None:
             measurements = Measurements(measurements.pcr0, measurements.pcr1, measurements.pcr2, signature.pcr8)
-        out: dict[str, Any] = {"EifVersion": self._version, "Measurements": measurements.to_json(),
-                               "IsSigned": signature is not None}
-        if signature is not None:
-            out["SigningCertificate"] = {
-                "IssuerName": signature.issuer,
-                "Algorithm": signature.algorithm,
-                "NotBefore": signature.not_before,
-                "NotAfter": signature.not_after,
-                "Signature": signature.certificate_signature,
-            }
-        out["CheckCRC"] = self._crc.value == self._crc_expected
-        if signature is not None:
-            out["SignatureCheck"] = signature.valid and signature.signed_pcr0 == measurements.pcr0
         metadata = [s for s in self._sections if s.kind == SECTION_METADATA]
+        raw = None
         if metadata:
             if SECTION_METADATA in self._oversized:
                 raise self._too_big(metadata[0], MAX_METADATA_SECTION)
             assert self._metadata is not None
-            try:
-                out.update(read_metadata(self._metadata))
-            except ValueError as e:
-                raise EifError(f"{self.name}: the metadata section at offset {metadata[0].offset} is malformed: "
-                               f"{str(e)[:200]}", fix="the EIF is corrupt or malicious: rebuild it") from None
-        out["Arch"] = self._arch
-        out["Sections"] = [{"Type": s.name, "Offset": s.offset, "Size": s.size} for s in self._sections]
-        return out
+            raw = (self._metadata, f"{self.name}: the metadata section at offset {metadata[0].offset}")
+        return description(self._version, measurements, signature, self._crc.value == self._crc_expected,
+                           self._arch, self._sections, raw)
 
     def _too_big(self, section: Section, limit: int) -> EifError:
         return EifError(f"{self.name}: the {section.name} section at offset {section.offset} is {section.size:,} "
