@@ -8,13 +8,16 @@ import io
 import os
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from enclaver_rules.eif.describe import describe
 from enclaver_rules.eif.format import (
     SECTION_KERNEL,
     SECTION_RAMDISK,
+    EifError,
     SectionSource,
     SerialOutput,
     read_eif,
@@ -83,7 +86,33 @@ def test_write_eif_failing_write_is_raised() -> None:
     before = threading.active_count()
     with pytest.raises(OSError, match="No space"):
         write_eif(Full(), "x86_64", [SectionSource(SECTION_KERNEL, len(data), lambda: iter(chunks))], output=Output)
-    assert threading.active_count() <= before + 2  # the output's workers are gone (the PCR ones may linger)
+    assert threading.active_count() <= before  # the output's workers are gone, and so are the PCR chains'
+
+
+def test_a_failure_inside_the_app_ramdisk_leaves_no_thread_behind(tmp_path: Path) -> None:
+    """The PCR0/PCR2 chains run in threads from the second ramdisk on; a write or a read that fails
+    there (a full disk, a layer that does not match its digest) must end them, or a long-lived
+    process (doit building many enclaves) collects two idle threads per failure."""
+    def failing() -> Iterator[bytes]:
+        yield os.urandom(1 << 20)
+        raise ValueError("the layer does not match its digest")
+
+    before = {t.ident for t in threading.enumerate()}
+    sections = [SectionSource(SECTION_KERNEL, 10, lambda: iter([bytes(10)])),
+                SectionSource(SECTION_RAMDISK, 10, lambda: iter([bytes(10)])),
+                SectionSource(SECTION_RAMDISK, 2 << 20, failing)]
+    for output in (Output, SerialOutput):
+        with open(tmp_path / "app.eif", "wb") as f, pytest.raises(ValueError, match="does not match"):
+            write_eif(f, "x86_64", sections, output=output)
+    good = tmp_path / "good.eif"
+    with open(good, "wb") as f:
+        write_eif(f, "x86_64", sections[:2] + [SectionSource(SECTION_RAMDISK, 1 << 20, lambda: iter([bytes(1 << 20)]))])
+    data = good.read_bytes()
+    (tmp_path / "cut.eif").write_bytes(data[:-1000])  # ends inside the app ramdisk
+    with pytest.raises(EifError):
+        describe(str(tmp_path / "cut.eif"))
+    left = [t.name for t in threading.enumerate() if t.ident not in before]
+    assert left == [], f"threads left running: {left}"
 
 
 @pytest.mark.parametrize("output", [Output, SerialOutput])

@@ -26,23 +26,24 @@ MAX_METADATA_SECTION = 1 << 20
 
 
 def measure(eif: EifFile) -> tuple[Measurements, SignatureInfo | None]:
-    measurer = Measurer()
-    for section in eif.sections:
-        if section.kind == SECTION_RAMDISK:
-            measurer.start_ramdisk()
-        if section.kind in (SECTION_KERNEL, SECTION_CMDLINE, SECTION_RAMDISK):
-            for chunk in eif.chunks(section):
-                if section.kind == SECTION_RAMDISK:
-                    measurer.feed_ramdisk(chunk)
-                else:
-                    measurer.feed_boot(chunk)
+    with Measurer() as measurer:
+        for section in eif.sections:
+            if section.kind == SECTION_RAMDISK:
+                measurer.start_ramdisk()
+            if section.kind in (SECTION_KERNEL, SECTION_CMDLINE, SECTION_RAMDISK):
+                for chunk in eif.chunks(section):
+                    if section.kind == SECTION_RAMDISK:
+                        measurer.feed_ramdisk(chunk)
+                    else:
+                        measurer.feed_boot(chunk)
+        found = measurer.result()
     signatures = eif.of(SECTION_SIGNATURE)
     signature = None
     if signatures:
         section = signatures[0]
         signature = read_signature(eif.read(section, MAX_SIGNATURE_SECTION),
                                    f"{eif.path}: the signature section at offset {section.offset}")
-    return measurer.result(signature.pcr8 if signature else None), signature
+    return Measurements(found.pcr0, found.pcr1, found.pcr2, signature.pcr8 if signature else None), signature
 
 
 def describe(path: str) -> dict[str, Any]:

@@ -128,10 +128,11 @@ def write_eif(out: BinaryIO, arch: str, sections: list[SectionSource], *,
             if written != section.size:
                 raise ValueError(f"{SECTION_NAMES[section.kind]} section: wrote {written} bytes, "
                                  f"declared {section.size}")
+        sink.close()
     except BaseException:
         sink.abandon()
+        measurer.close()  # its threads would wait for bytes forever
         raise
-    sink.close()
     crc = sink.crc
     end = start + sink.written
     out.seek(start + HEADER_SIZE - 4)

@@ -58,19 +58,36 @@ class ThreadedHash:
         self._queue.put(chunk)
 
     def digest(self) -> bytes:
-        self._queue.put(None)
-        self._thread.join()
+        self.close()
         return self._hash.digest()
+
+    def close(self) -> None:
+        """End the worker (idempotent): a reader that fails half-way must not leave it waiting forever."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 class Measurer:
-    """Feeds each section's bytes to the chains that measure it, as the EIF is written."""
+    """Feeds each section's bytes to the chains that measure it, as the EIF is written. A context
+    manager: leaving it ends the worker threads, whether or not `result` was reached."""
 
     def __init__(self) -> None:
         self.boot = hashlib.sha384()  # kernel ‖ cmdline ‖ ramdisk 0: small, hashed inline
         self.all: ThreadedHash | None = None
         self.app: ThreadedHash | None = None
         self.ramdisks = 0
+
+    def __enter__(self) -> Measurer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for chain in (self.all, self.app):
+            if chain is not None:
+                chain.close()
 
     def start_ramdisk(self) -> None:
         self.ramdisks += 1

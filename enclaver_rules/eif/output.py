@@ -27,6 +27,7 @@ class Output:
         self._sink: FileSink | None = None
         with contextlib.suppress(OSError, AttributeError):  # an in-memory file (UnsupportedOperation): as it is
             self._sink = FileSink(out)
+        self._closed = False
         self._writer = Worker("eif-write", self._write)
         self._crc = Worker("eif-crc32", self._checksum)
 
@@ -47,10 +48,16 @@ class Output:
             self._crc.put(chunk)
 
     def close(self) -> None:
-        """Wait for every chunk to be written and CRC'd; raises what a worker hit (a full disk)."""
+        """Wait for every chunk to be written and CRC'd; raises what a worker hit (a full disk).
+        Once: `abandon` after a failed close has nothing left to do."""
+        if self._closed:
+            return
+        self._closed = True
         try:
-            self._writer.close()
-            self._crc.close()
+            try:
+                self._writer.close()
+            finally:
+                self._crc.close()  # ended even when the writer failed
             if self._sink is not None:
                 self._sink.close()
         finally:

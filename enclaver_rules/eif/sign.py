@@ -86,16 +86,16 @@ def signature_section(signer: Signer, pcr0_hex: str) -> bytes:
 
 def measure_sections(sections: list[SectionSource]) -> Measurements:
     """PCRs of sections without writing them (a signature needs PCR0 before the EIF is written)."""
-    measurer = Measurer()
-    for section in sections:
-        if section.kind == SECTION_RAMDISK:
-            measurer.start_ramdisk()
-        for chunk in section.chunks():
-            if section.kind in (SECTION_KERNEL, SECTION_CMDLINE):
-                measurer.feed_boot(chunk)
-            elif section.kind == SECTION_RAMDISK:
-                measurer.feed_ramdisk(chunk)
-    return measurer.result()
+    with Measurer() as measurer:
+        for section in sections:
+            if section.kind == SECTION_RAMDISK:
+                measurer.start_ramdisk()
+            for chunk in section.chunks():
+                if section.kind in (SECTION_KERNEL, SECTION_CMDLINE):
+                    measurer.feed_boot(chunk)
+                elif section.kind == SECTION_RAMDISK:
+                    measurer.feed_ramdisk(chunk)
+        return measurer.result()
 
 
 @dataclass(frozen=True, slots=True)
