@@ -105,8 +105,9 @@ def test_a_failure_inside_the_app_ramdisk_leaves_no_thread_behind(tmp_path: Path
         with open(tmp_path / "app.eif", "wb") as f, pytest.raises(ValueError, match="does not match"):
             write_eif(f, "x86_64", sections, output=output)
     good = tmp_path / "good.eif"
+    app: list[bytes] = [bytes(1 << 20)]
     with open(good, "wb") as f:
-        write_eif(f, "x86_64", sections[:2] + [SectionSource(SECTION_RAMDISK, 1 << 20, lambda: iter([bytes(1 << 20)]))])
+        write_eif(f, "x86_64", [*sections[:2], SectionSource(SECTION_RAMDISK, 1 << 20, app.__iter__)])
     data = good.read_bytes()
     (tmp_path / "cut.eif").write_bytes(data[:-1000])  # ends inside the app ramdisk
     with pytest.raises(EifError):
