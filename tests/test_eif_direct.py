@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,23 +31,27 @@ def _chunks(total: int) -> list[bytes]:
     return out
 
 
-def _disk_dir(tmp_path: Path) -> Path:
-    """A directory on a real disk: pytest's tmp_path, unless that is tmpfs, then beside the tests."""
+@pytest.fixture
+def where(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a real disk: pytest's tmp_path, unless that is tmpfs, then one beside the tests."""
     probe = tmp_path / "probe"
     with open(probe, "wb") as f:
         try:
             DirectWriter(f.fileno(), 0).release()
-            return tmp_path
+            yield tmp_path
+            return
         except Unsupported:
             pass
     here = Path(__file__).resolve().parent / f".direct-{os.getpid()}"
     here.mkdir(exist_ok=True)
-    return here
+    try:
+        yield here
+    finally:
+        shutil.rmtree(here, ignore_errors=True)
 
 
 @pytest.mark.parametrize("total", [0, 1, ALIGN - 1, ALIGN, BUFFER - 1, BUFFER, BUFFER + 1, 3 * BUFFER + 12345])
-def test_sink_writes_exactly_the_bytes(tmp_path: Path, total: int) -> None:
-    where = _disk_dir(tmp_path)
+def test_sink_writes_exactly_the_bytes(where: Path, total: int) -> None:
     chunks = _chunks(total)
     target = where / f"out-{total}"
     with open(target, "wb") as f:
@@ -76,8 +82,7 @@ def test_tmpfs_falls_back_to_the_page_cache() -> None:
         target.unlink(missing_ok=True)
 
 
-def test_an_unaligned_start_falls_back_and_keeps_what_was_there(tmp_path: Path) -> None:
-    where = _disk_dir(tmp_path)
+def test_an_unaligned_start_falls_back_and_keeps_what_was_there(where: Path) -> None:
     target = where / "unaligned"
     with open(target, "wb") as f:
         f.write(b"head")  # the sink starts at byte 4: O_DIRECT cannot write there
@@ -89,8 +94,7 @@ def test_an_unaligned_start_falls_back_and_keeps_what_was_there(tmp_path: Path) 
     target.unlink()
 
 
-def test_a_write_error_is_raised_and_nothing_hangs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    where = _disk_dir(tmp_path)
+def test_a_write_error_is_raised_and_nothing_hangs(where: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = os.pwrite
 
@@ -122,9 +126,8 @@ def test_a_write_error_is_raised_and_nothing_hangs(tmp_path: Path, monkeypatch: 
     (where / "full").unlink()
 
 
-def test_a_short_unaligned_write_is_an_error_not_a_misplaced_byte(tmp_path: Path,
+def test_a_short_unaligned_write_is_an_error_not_a_misplaced_byte(where: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    where = _disk_dir(tmp_path)
     real = os.pwrite
     calls = []
 
