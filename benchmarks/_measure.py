@@ -11,8 +11,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import overload
 
@@ -110,3 +111,37 @@ def terminate_cleanly() -> Iterator[None]:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+# -- reaching the peers a benchmark starts ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def unix(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def wait_ready(check: Callable[[], None], what: str, connect: Callable[[], socket.socket], timeout: float) -> None:
+    """Until `connect` succeeds: a peer that is up. `check` raises when a child died meanwhile, so a
+    broken start fails at once instead of at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        check()
+        try:
+            connect().close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{what} did not come up in {timeout:.0f} s") from None
+            time.sleep(0.02)

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _measure import CHUNK, PATTERN_LEN, Usage, pattern, receive_checked, wait_usage
+from _measure import CHUNK, PATTERN_LEN, Usage, free_port, pattern, receive_checked, unix, wait_usage
+from _measure import wait_ready as _wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -175,23 +176,8 @@ class Children:
                 os.kill(pid, signal.SIGKILL)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_ready(children: Children, what: str, connect: Callable[[], socket.socket]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        children.check()
-        try:
-            connect().close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{what} did not come up in {READY_TIMEOUT:.0f} s") from None
-            time.sleep(0.02)
+    _wait_ready(children.check, what, connect, READY_TIMEOUT)
 
 
 # -- connecting (the client does it the same way) ---------------------------------------------------
@@ -210,16 +196,6 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
 def tcp(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def unix(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-    except OSError:
-        sock.close()
-        raise
     return sock
 
 

@@ -75,7 +75,8 @@ from typing import Any, NamedTuple
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from _measure import Terminated, percentile, status_kib, terminate_cleanly  # noqa: E402  (benchmarks/)
+from _measure import Terminated, free_port, percentile, status_kib, terminate_cleanly, unix  # noqa: E402  (benchmarks/)
+from _measure import wait_ready as _wait_ready  # noqa: E402
 
 REGION = "us-east-1"
 ACCOUNT = "111122223333"
@@ -203,36 +204,11 @@ def json_document(children: Children, name: str, proc: subprocess.Popen[bytes]) 
 
 
 def wait_ready(children: Children, what: str, connect: Callable[[], socket.socket]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while True:
-        children.check()
-        try:
-            connect().close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{what} did not come up in {READY_TIMEOUT:.0f} s") from None
-            time.sleep(0.02)
+    _wait_ready(children.check, what, connect, READY_TIMEOUT)
 
 
 def tcp(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=5)
-
-
-def unix(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(path))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve_host_egress(directory: str) -> int:

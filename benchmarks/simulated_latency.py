@@ -80,6 +80,7 @@ from _measure import (  # noqa: E402  (benchmarks/)
     CHUNK,
     PATTERN_LEN,
     Terminated,
+    free_port,
     pattern,
     percentile,
     receive_checked,
@@ -328,12 +329,6 @@ def unmount_below(base: Path) -> None:
     for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
         if libc.umount2(point.encode(), 2) != 0:  # MNT_DETACH
             print(f"cannot unmount {point}: {os.strerror(ctypes.get_errno())}", file=sys.stderr)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- one repeat: both sides up, measured, stopped -----------------------------------------------------------------
