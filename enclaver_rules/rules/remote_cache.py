@@ -204,7 +204,8 @@ class Landing(Store):
     """Where `Registry.fetch_blob` streams one file of an entry: straight to `target` (under a temp
     name in its directory, renamed once its digest and size are verified; deleted otherwise),
     without a store's layout, index or lock. The SHA-256 and the file write run in worker threads,
-    the write with O_DIRECT where the disk allows it (eif/direct.py: the CPU is busy hashing), and `tap` is fed the same chunks in the same order, so the reading thread only reads."""
+    the write with O_DIRECT where the disk allows it (eif/direct.py: the CPU is busy hashing), and
+    `tap` is fed the same chunks in the same order, so the reading thread only reads."""
 
     def __init__(self, target: Path, tap: Tap | None = None) -> None:
         super().__init__(target.parent, quarantine=False)
