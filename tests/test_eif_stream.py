@@ -113,3 +113,21 @@ def test_the_result_is_bound_to_the_bytes_fed(tmp_path: Path, eifs: dict[str, by
     assert closed.digest is None
     with pytest.raises(EifError):
         closed.describe()
+
+
+def test_without_the_app_ramdisk_chains_the_rest_is_described_as_the_file_is(tmp_path: Path,
+                                                                             eifs: dict[str, bytes]) -> None:
+    """`pcrs=False` (a default remote-cache fetch): PCR1, PCR8, CRC, signature and metadata as
+    `describe` gives them; PCR0, PCR2 and SignatureCheck (which needs PCR0) left out, not guessed."""
+    for name, data in eifs.items():
+        full = describe(_write(tmp_path / f"{name}.eif", data))
+        stream = StreamedEif(pcrs=False)
+        for i in range(0, len(data), 1 << 20):
+            stream.update(data[i:i + (1 << 20)])
+        got = stream.describe()
+        expected = {k: v for k, v in full.items() if k != "SignatureCheck"}
+        expected["Measurements"] = {k: v for k, v in full["Measurements"].items() if k not in ("PCR0", "PCR2")}
+        assert got == expected
+        assert (stream.signature is not None) == (name == "signed")
+        if stream.signature is not None:
+            assert stream.signature.valid and stream.signature.signed_pcr0 == full["Measurements"]["PCR0"]

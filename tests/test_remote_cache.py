@@ -58,7 +58,8 @@ def test_a_second_machine_fetches_the_eif_instead_of_building_it(template: Path,
     second = machine(template, tmp_path / "laptop")
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # as doit() does: part of the key
     result = cli("build", "-f", str(second / "services" / "alpha" / "enclaver.yaml"), "--cache-dir",
-                 str(second / "cache"), "--remote-cache", location, "--remote-cache-read-only", "--json")
+                 str(second / "cache"), "--remote-cache", location, "--remote-cache-read-only",
+                 "--remote-cache-check-pcrs", "--json")  # every PCR recomputed: the opt-in path, end to end
     assert result.code == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["eif_origin"] == f"remote cache {location}"
@@ -100,7 +101,7 @@ def _poison(source: Path, into: Path, how: str, other: Path) -> Path:
 
 POISONS = {
     "flipped byte": "the EIF's digest is not the one its record gives",
-    "claimed PCRs": "the PCRs recomputed from the EIF are not the ones it records",
+    "claimed PCRs": "its two records (eif.json, measurements.json) give different PCRs",
     "another enclave's EIF": "the EIF's metadata names another enclave image or blob set",
     "another key": "it records key '00000000000000000000000000000000'",
     "another app in the record": "it records app digest 'sha256:000000",

@@ -48,6 +48,10 @@ def add_parser(commands: Subparsers[argparse.ArgumentParser], common: argparse.A
                              "was built (or $ENC_REMOTE_CACHE)")
     parser.add_argument("--remote-cache-read-only", action="store_true",
                         help="fetch from the remote cache but never store into it (or $ENC_REMOTE_CACHE_READ_ONLY=1)")
+    parser.add_argument("--remote-cache-check-pcrs", action="store_true",
+                        help="also recompute a fetched EIF's PCR0 and PCR2 from its bytes (two SHA-384 passes over "
+                             "the application ramdisk; by default they are taken from the entry's record) "
+                             "(or $ENC_REMOTE_CACHE_CHECK_PCRS=1)")
     parser.add_argument("--cache-dir", metavar="DIR", help="the store and outputs (default: $ENC_CACHE_DIR, else "
                         "cache/ beside the nearest dodo.py, else ~/.cache/enclaver)")
     add_json(parser)
@@ -160,6 +164,8 @@ def run(args: argparse.Namespace, out: Output) -> int:
         env["ENC_REMOTE_CACHE"] = args.remote_cache
     if args.remote_cache_read_only:
         env["ENC_REMOTE_CACHE_READ_ONLY"] = "1"
+    if args.remote_cache_check_pcrs:
+        env["ENC_REMOTE_CACHE_CHECK_PCRS"] = "1"
     # the KMS key policy needs the account that owns the key, which has no default: without
     # ENC_KMS_ACCOUNT the build stops at the release image and says how to get the policy
     policy_wanted = args.push or bool(os.environ.get("ENC_KMS_ACCOUNT"))

@@ -71,7 +71,7 @@ def description(version: int, measurements: Measurements, signature: SignatureIn
             "Signature": signature.certificate_signature,
         }
     out["CheckCRC"] = crc_ok
-    if signature is not None:
+    if signature is not None and measurements.pcr0:  # PCR0 not measured: the caller checks the claim
         out["SignatureCheck"] = signature.valid and signature.signed_pcr0 == measurements.pcr0
     if metadata is not None:
         raw, where = metadata

@@ -35,9 +35,9 @@ class Measurements:
 
     def to_json(self) -> dict[str, str]:
         """nitro-cli's `Measurements` object (a BTreeMap: keys sorted)."""
-        out = {"HashAlgorithm": HASH_ALGORITHM, "PCR0": self.pcr0, "PCR1": self.pcr1, "PCR2": self.pcr2}
-        if self.pcr8:
-            out["PCR8"] = self.pcr8
+        out = {"HashAlgorithm": HASH_ALGORITHM}
+        out.update((k, v) for k, v in (("PCR0", self.pcr0), ("PCR1", self.pcr1), ("PCR2", self.pcr2),
+                                        ("PCR8", self.pcr8)) if v)  # "": not measured (`Measurer(app=False)`)
         return out
 
 
@@ -70,10 +70,14 @@ class ThreadedHash:
 
 class Measurer:
     """Feeds each section's bytes to the chains that measure it, as the EIF is written. A context
-    manager: leaving it ends the worker threads, whether or not `result` was reached."""
+    manager: leaving it ends the worker threads, whether or not `result` was reached. `app=False`
+    measures PCR1 only (the chains over the application ramdisks, two SHA-384 passes over most of
+    the EIF, are not run) and `result` gives "" for PCR0 and PCR2: a fetched EIF whose PCR1 is
+    checked against the local blob set while PCR0 and PCR2 are taken from its record."""
 
-    def __init__(self) -> None:
+    def __init__(self, app: bool = True) -> None:
         self.boot = hashlib.sha384()  # kernel ‖ cmdline ‖ ramdisk 0: small, hashed inline
+        self.measure_app = app
         self.all: ThreadedHash | None = None
         self.app: ThreadedHash | None = None
         self.ramdisks = 0
@@ -91,7 +95,7 @@ class Measurer:
 
     def start_ramdisk(self) -> None:
         self.ramdisks += 1
-        if self.ramdisks == 2:
+        if self.ramdisks == 2 and self.measure_app:
             # PCR0 continues from kernel ‖ cmdline ‖ ramdisk 0; PCR2 starts fresh
             self.all = ThreadedHash(self.boot.copy())
             self.app = ThreadedHash()
@@ -104,12 +108,16 @@ class Measurer:
         if self.ramdisks <= 1:
             self.boot.update(chunk)
             return
+        if not self.measure_app:
+            return
         assert self.all is not None and self.app is not None
         self.all.update(chunk)
         self.app.update(chunk)
 
     def result(self, pcr8: str | None = None) -> Measurements:
         boot = self.boot.digest()
+        if not self.measure_app:
+            return Measurements("", extend(boot), "", pcr8)
         everything = self.all.digest() if self.all else boot
         app = self.app.digest() if self.app else hashlib.sha384().digest()
         return Measurements(extend(everything), extend(boot), extend(app), pcr8)

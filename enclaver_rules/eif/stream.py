@@ -15,6 +15,10 @@ says so (`landed`: the digest, the byte count, the file's stat); that is recorde
 count is what this object saw. A caller uses the result for a file only when `describes` says it
 is that file, with that digest, unchanged since it landed (`rules/eif.check_fetched`), and reads
 the file itself otherwise.
+
+`pcrs=False` leaves out the two SHA-384 chains over the application ramdisks (PCR0 and PCR2, most
+of a fetch's CPU): the description then has PCR1 (and PCR8) only, no `SignatureCheck`, and
+`signature` for the caller to check against the PCR0 it is given instead (see rules/remote_cache.py).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from enclaver_rules.eif.format import (
 )
 from enclaver_rules.eif.measure import Measurements, Measurer
 from enclaver_rules.eif.pipeline import Worker
-from enclaver_rules.eif.sign import MAX_SIGNATURE_SECTION, read_signature
+from enclaver_rules.eif.sign import MAX_SIGNATURE_SECTION, SignatureInfo, read_signature
 from enclaver_rules.oci.digest import Digest
 
 _HEADER = struct.Struct(f">4sHHQQHH{MAX_SECTIONS}Q{MAX_SECTIONS}QII")
@@ -66,7 +70,7 @@ class StreamedEif:
     `update`: a malformed EIF is remembered and raised by `describe()`, so the stream is still read
     to its end (its digest verified, the transfer finished) whatever it holds."""
 
-    def __init__(self, name: str = "the streamed EIF") -> None:
+    def __init__(self, name: str = "the streamed EIF", *, pcrs: bool = True) -> None:
         self.name = name
         self.count = 0  # bytes fed
         #: set by `landed`: the digest the fetcher verified for exactly the bytes fed, and their count
@@ -90,7 +94,8 @@ class StreamedEif:
         self._signature: bytes | None = None
         self._oversized: dict[int, Section] = {}  # the first metadata/signature section, when too big
         self._done = False  # every declared section is in: what follows is not part of the EIF
-        self._measurer = Measurer()
+        self._measurer = Measurer(app=pcrs)
+        self.signature: SignatureInfo | None = None  # set by `describe` for a signed EIF
         self._crc = _Crc(0)
         self._crc_worker: Worker[bytes] | None = None
         self._measured: Measurements | None = None
@@ -260,8 +265,8 @@ class StreamedEif:
         signed = [s for s in self._sections if s.kind == SECTION_SIGNATURE]
         if signed:
             assert self._signature is not None
-            signature = read_signature(self._signature,
-                                       f"{self.name}: the signature section at offset {signed[0].offset}")
+            signature = self.signature = read_signature(
+                self._signature, f"{self.name}: the signature section at offset {signed[0].offset}")
         measurements = self._measured
         assert measurements is not None
         if signature is not None:

@@ -214,6 +214,7 @@ TOOL_VARIABLES = {
                              "(127.0.0.1 always may)",
     "ENC_REMOTE_CACHE": "REGISTRY/REPO sharing EIF builds (task eif:<name>; `enclaver build --remote-cache`)",
     "ENC_REMOTE_CACHE_READ_ONLY": "1: fetch from the remote cache, never store into it",
+    "ENC_REMOTE_CACHE_CHECK_PCRS": "1: recompute a fetched EIF's PCR0 and PCR2 instead of taking them from its record",
 }
 
 

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 #: Facts of this copy only, never in a remote entry: the EIF's size, mtime, inode and ctime (for the
 #: quick up-to-date check) and where the entry came from ("built", or "remote cache <location>").
 LOCAL = "local.json"
+PCR_VALUE = re.compile(r"[0-9a-f]{96}")  # a SHA-384, as nitro-cli prints it
 OUTPUTS = (OutputFile(EIF_RECORD, "application/vnd.enclaver.eif-record.v1+json"),
            OutputFile(MEASUREMENTS, "application/vnd.enclaver.measurements.v1+json"),
            OutputFile(EIF_FILE, "application/vnd.enclaver.eif.v1"))
@@ -152,7 +153,10 @@ def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[st
     verified as they were downloaded. `streamed`: the EIF as read while it downloaded (its PCRs,
     CRC, signature and metadata, computed beside its SHA-256), used instead of reading the file
     again only when it describes exactly this file: landed under the EIF's verified digest, same
-    inode and size, unchanged since (`StreamedEif.describes`); otherwise the file is read. Raises
+    inode and size, unchanged since (`StreamedEif.describes`); otherwise the file is read. PCR0 and
+    PCR2 are compared with the record only when they were recomputed (a stream made with
+    `pcrs=True`, or the file read again); otherwise they are taken from it (remote_cache.py: Trust),
+    checked for form, for agreement between the two records and against the signature. Raises
     Poisoned."""
     from enclaver_rules.eif.blobs import load_blobs
     from enclaver_rules.eif.build import boot_pcr1
@@ -193,8 +197,17 @@ def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[st
     actual = {k: v for k, v in described["Measurements"].items() if k.startswith("PCR")}
     if not described.get("CheckCRC"):
         raise refuse("the EIF's CRC does not match its contents")
-    if actual != record.get("measurements") or actual != claimed:
+    if record.get("measurements") != claimed:
+        raise refuse(f"its two records ({EIF_RECORD}, {MEASUREMENTS}) give different PCRs")
+    if set(claimed) != set(actual) | {"PCR0", "PCR2"} or \
+            not all(isinstance(v, str) and PCR_VALUE.fullmatch(v) for v in claimed.values()):
+        raise refuse(f"its PCRs are not PCR0, PCR1, PCR2{' and PCR8' if 'PCR8' in actual else ''} "
+                     "as 96 lowercase hex digits")
+    if any(claimed[k] != v for k, v in actual.items()):
         raise refuse("the PCRs recomputed from the EIF are not the ones it records")
+    signature_ok = described.get("SignatureCheck")
+    if "SignatureCheck" not in described and streamed is not None and streamed.signature is not None:
+        signature_ok = streamed.signature.valid and streamed.signature.signed_pcr0 == claimed["PCR0"]
     if resolved["settings"]["backend"] == "pure":  # nitro-cli brings its own blobs and metadata
         blobs = load_blobs(resolved["blobs"]["path"], resolved["blobs"]["arch"],
                            Digest.parse(resolved["blobs"]["digest"]))
@@ -206,7 +219,7 @@ def check_fetched(work: Path, key: str, resolved: dict[str, Any], layer: dict[st
     signing = resolved["settings"]["signing"]
     if signing:
         pcr8 = Signer.load(signing["certificate"], signing["key"]).pcr8
-        if actual.get("PCR8") != pcr8 or not described.get("SignatureCheck"):
+        if actual.get("PCR8") != pcr8 or not signature_ok:
             raise refuse("it is not signed with this build's certificate")
     elif "PCR8" in actual:
         raise refuse("it is signed, and this build is not")
@@ -250,13 +263,14 @@ def eif_enclave(manifest_path: str, name: str, cache_dir: str) -> dict[str, Any]
     if remote is not None:
         from enclaver_rules.eif.stream import StreamedEif
 
-        streamed = StreamedEif(str(work / EIF_FILE))
+        streamed = StreamedEif(str(work / EIF_FILE), pcrs=remote.check_pcrs)
         try:  # the EIF's PCRs, CRC, metadata and signature are read as it downloads, not afterwards
             digests = remote.fetch("eif", key, work, OUTPUTS, {EIF_FILE: streamed})
             if digests is not None:
                 check_fetched(work, key, resolved, layer, digests, streamed)
                 fetched = True
-                print(f"{name}: EIF {key} fetched from the remote cache {remote.location}")
+                print(f"{name}: EIF {key} fetched from the remote cache {remote.location}"
+                      f"{' (every PCR recomputed)' if remote.check_pcrs else ''}")
         except Poisoned as e:
             print(f"{name}: refused: {e}")
             for f in OUTPUTS:

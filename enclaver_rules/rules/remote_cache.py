@@ -11,12 +11,19 @@ Trust. Every byte fetched is verified against the digest that names it (the mani
 the digest the registry serves for the tag, each blob as it streams), but the registry itself
 chooses which manifest a tag points at. So an entry is a claim, and the caller (`eif`) checks
 what it can without rebuilding before it uses one, refusing it otherwise: the key and the
-inputs the entry records, the EIF's digest, its CRC and PCRs recomputed from its bytes (as they
-stream, beside the SHA-256, in worker threads: `Landing`, `eif/stream.py`), PCR1 against the
-local blob set and PCR8 and the signature against the local certificate. What those checks
-cannot prove is that the application ramdisk (PCR2) came from these inputs: only a rebuild can.
-Give write access to the cache repository to trusted CI only, read access to developers
-(`ENC_REMOTE_CACHE_READ_ONLY=1`), and run `doit verify` in CI.
+inputs the entry records, the EIF's digest, its structure and CRC (as it streams, beside the
+SHA-256, in worker threads: `Landing`, `eif/stream.py`), PCR1 recomputed and compared with the
+local blob set's, the metadata, PCR8 and the signature against the local certificate, and the
+two records' PCRs against each other. What no check short of a rebuild can prove is that the
+application ramdisk came from these inputs, so its PCR0 and PCR2 are taken from the record by
+default rather than recomputed: recomputing them costs two SHA-384 passes over the whole ramdisk
+(most of a build's hashing, so a fetch would cost nearly what a build does) and proves only that
+the record is consistent, which a writer able to forge an entry makes it anyway. A record whose
+PCR0 or PCR2 is wrong fails closed: a KMS key policy (or `attestation verify --expect`) pinning
+them refuses the EIF the hardware measures, and `doit verify` finds it. With
+`ENC_REMOTE_CACHE_CHECK_PCRS=1` they are recomputed too. Give write access to the cache
+repository to trusted CI only, read access to developers (`ENC_REMOTE_CACHE_READ_ONLY=1`), and
+run `doit verify` in CI.
 
 Failures to reach the cache never fail a build: it is an optimization, so an unreachable registry
 is reported and the step builds locally, and a failed upload is reported and the local result kept.
@@ -47,6 +54,7 @@ if TYPE_CHECKING:  # the registry client (requests, ~70 ms) is imported only whe
 
 ENV = "ENC_REMOTE_CACHE"
 ENV_READ_ONLY = "ENC_REMOTE_CACHE_READ_ONLY"
+ENV_CHECK_PCRS = "ENC_REMOTE_CACHE_CHECK_PCRS"
 STEP = "dev.enclaver.cache.step"
 KEY = "dev.enclaver.cache.key"
 #: An entry's files together: an EIF is as large as the app's root file system, and nothing
@@ -92,10 +100,12 @@ def entry_manifest(step: str, key: str, files: Sequence[tuple[OutputFile, Digest
 
 @dataclass(frozen=True)
 class RemoteCache:
-    """One cache repository. `location` is REGISTRY/REPO (e.g. registry.example.com/team/enclaver-cache)."""
+    """One cache repository. `location` is REGISTRY/REPO (e.g. registry.example.com/team/enclaver-cache);
+    `check_pcrs`: recompute a fetched EIF's PCR0 and PCR2 too (see Trust above)."""
 
     location: str
     read_only: bool = False
+    check_pcrs: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RemoteCache | None:
@@ -103,8 +113,7 @@ class RemoteCache:
         location = (env.get(ENV) or "").strip()
         if not location:
             return None
-        read_only = (env.get(ENV_READ_ONLY) or "").strip().lower() in ("1", "true", "yes")
-        return cls(location, read_only)
+        return cls(location, _yes(env.get(ENV_READ_ONLY)), _yes(env.get(ENV_CHECK_PCRS)))
 
     def _registry(self) -> tuple[Registry, str]:
         from enclaver_rules.oci.reference import Reference
@@ -271,6 +280,10 @@ class Landing(Store):
         if self.tap is not None:
             self.tap.landed(got, count, stat)
         return got
+
+
+def _yes(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
 
 
 def _open(path: Path) -> BinaryIO:
