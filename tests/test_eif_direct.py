@@ -142,3 +142,42 @@ def test_a_short_unaligned_write_is_an_error_not_a_misplaced_byte(where: Path,
         with pytest.raises(OSError, match="short O_DIRECT write"):
             sink.close()
     (where / "short").unlink()
+
+
+def test_a_small_file_skips_o_direct_and_a_large_one_uses_it(where: Path) -> None:
+    """A size hint below one buffer: the page cache (no buffers, no thread for a few bytes)."""
+    for size, direct in ((100, False), (BUFFER - 1, False), (BUFFER, True)):
+        target = where / f"hinted-{size}"
+        data = os.urandom(size)
+        with open(target, "wb") as f:
+            sink = FileSink(f, size)
+            assert sink.direct == direct
+            sink.write(data)
+            sink.close()
+        assert target.read_bytes() == data
+        target.unlink()
+
+
+def test_no_memory_for_the_buffers_falls_back_and_leaks_no_descriptor(where: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmap
+
+    real, made = mmap.mmap, []
+
+    def scarce(*args: object, **kwargs: object) -> mmap.mmap:
+        if made:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        made.append(real(*args, **kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    target = where / "scarce"
+    with open(target, "wb") as f:
+        before = sorted(os.listdir("/proc/self/fd"))
+        monkeypatch.setattr(mmap, "mmap", scarce)
+        sink = FileSink(f)
+        monkeypatch.undo()
+        assert not sink.direct and made and made[0].closed
+        assert sorted(os.listdir("/proc/self/fd")) == before  # the O_DIRECT descriptor was closed
+        sink.write(b"y" * 5000)
+        sink.close()
+    assert target.read_bytes() == b"y" * 5000

@@ -75,12 +75,18 @@ class DirectWriter:
             raise Unsupported(str(e)) from None
         self._target = fd
         self._offset = offset  # where the current buffer's first byte goes
-        self._buffers = [mmap.mmap(-1, BUFFER) for _ in range(DEPTH)]  # page-aligned, as O_DIRECT needs
+        self._buffers: list[mmap.mmap] = []
+        self._flusher: Worker[tuple[int, int, int]] | None = None
+        try:
+            for _ in range(DEPTH):
+                self._buffers.append(mmap.mmap(-1, BUFFER))  # page-aligned, as O_DIRECT needs
+        except OSError as e:  # out of memory or of mappings: the page cache needs neither
+            self.release()
+            raise Unsupported(f"no memory for the O_DIRECT buffers: {e}") from None
         self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(1, DEPTH):
             self._free.put(i)
         self._current, self._used = 0, 0
-        self._flusher: Worker[tuple[int, int, int]] | None = None
         try:  # the probe: zeros where the EIF's first bytes will be written over them
             with memoryview(self._buffers[0]) as view:
                 os.pwrite(self._fd, view[:ALIGN], offset)
@@ -157,14 +163,18 @@ class FileSink:
     file allows it, else through the page cache with the writeback started as it goes (writeback.py).
     One thread calls `write`; `close` finishes (raising a write's or a sync's error); `release`
     gives the resources back without finishing, after a failure. The caller still fsyncs `out`
-    (data written with O_DIRECT may sit in the disk's own cache until then)."""
+    (data written with O_DIRECT may sit in the disk's own cache until then). `size`, when known:
+    a file smaller than one buffer goes through the page cache (O_DIRECT's DEPTH buffers and its
+    thread would cost more than the copy they save)."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinaryIO, size: int | None = None) -> None:
         self._out = out
         self._direct: DirectWriter | None = None
         self._writeback: Writeback | None = None
         out.flush()
         try:
+            if size is not None and size < BUFFER:
+                raise Unsupported(f"{size} bytes: smaller than one buffer")
             self._direct = DirectWriter(out.fileno(), out.tell())
         except Unsupported:
             self._writeback = Writeback(out.fileno())

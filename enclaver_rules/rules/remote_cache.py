@@ -239,7 +239,7 @@ class Landing(Store):
         count = 0
         try:
             with open(tmp, "wb") as f:
-                sink = FileSink(f)
+                sink = FileSink(f, size)
                 writer, sha = Worker("fetch-write", sink.write), Worker("fetch-sha256", hasher.update)
                 try:
                     for chunk in chunks:
